@@ -1,0 +1,273 @@
+"""QueryBasis: per-layer query bases with their metadata, stored as safetensors + config.json.
+
+For every layer and KV head the basis holds ``U`` ([kv_heads, head_dim, r], orthonormal columns:
+the top-r eigenvectors of the pooled post-RoPE query second moment), the eigenvalues of that
+moment ([kv_heads, head_dim], descending) and the query mean. The side code is ``c = Uᵀ e``
+(``U`` is the *encoder*); the logit correction reads ``(q W)·ĉ`` with a *decoder* ``W`` that is
+``U`` itself unless a basis says otherwise (the wrong-sign control stores ``-U``).
+
+Only safetensors are read, never pickles. This module knows nothing of caches or attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import BasisFormatError, BasisMismatchError
+from .fingerprint import fingerprint_differences, model_fingerprint
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "basis.safetensors"
+_PER_LAYER = ("U", "eigenvalues", "query_mean")
+
+
+@dataclass
+class LayerBasis:
+    """One layer's tensors; ``decoder`` is ``None`` when it equals ``U``."""
+
+    U: torch.Tensor
+    eigenvalues: torch.Tensor
+    query_mean: torch.Tensor
+    decoder: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.U.shape[-1]
+
+    @property
+    def decoder_or_u(self) -> torch.Tensor:
+        return self.U if self.decoder is None else self.decoder
+
+
+@dataclass
+class QueryBasis:
+    """Calibrated query bases for every attention layer of one model.
+
+    Attributes:
+        layers: one :class:`LayerBasis` per decoder layer.
+        fingerprint: the model facts the basis depends on (see :func:`model_fingerprint`).
+        metadata: calibration details (model id, corpus, token count, sequence length, ...).
+        quantizer: the :class:`HeadQConfig` settings the basis was tuned for, as a dict.
+        kind: ``"query"`` for a calibrated basis, or the name of a control.
+    """
+
+    layers: list[LayerBasis]
+    fingerprint: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+    quantizer: dict[str, Any] = field(default_factory=dict)
+    kind: str = "query"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def rank(self) -> int:
+        return max((layer.rank for layer in self.layers), default=0)
+
+    # ----------------------------------------------------------------- checks
+    def validate(self) -> None:
+        """Refuse inconsistent tensors: wrong shapes, non-float, non-finite, non-orthonormal U."""
+        fp = self.fingerprint
+        heads, head_dim = fp.get("num_key_value_heads"), fp.get("head_dim")
+        if fp.get("num_hidden_layers") != len(self.layers):
+            raise BasisFormatError(
+                f"basis holds {len(self.layers)} layers but its fingerprint says {fp.get('num_hidden_layers')}"
+            )
+        for i, layer in enumerate(self.layers):
+            expected = {
+                "U": (heads, head_dim, layer.rank),
+                "eigenvalues": (heads, head_dim),
+                "query_mean": (heads, head_dim),
+                "decoder": (heads, head_dim, layer.rank),
+            }
+            for name, shape in expected.items():
+                t = getattr(layer, name)
+                if t is None:
+                    continue
+                if tuple(t.shape) != shape:
+                    raise BasisFormatError(f"layer {i} {name} has shape {tuple(t.shape)}, expected {shape}")
+                if not t.is_floating_point():
+                    raise BasisFormatError(f"layer {i} {name} has dtype {t.dtype}, expected a float dtype")
+                if not torch.isfinite(t).all():
+                    raise BasisFormatError(f"layer {i} {name} holds NaN or infinite values: the file is corrupt")
+            if orthonormality_error(layer.U) > 1e-3:
+                raise BasisFormatError(f"layer {i} U does not have orthonormal columns: the file is corrupt")
+
+    def check_model(self, model_or_config: Any) -> None:
+        """Raise :class:`BasisMismatchError` unless the basis fits this model (or config)."""
+        config = getattr(model_or_config, "config", model_or_config)
+        differences = fingerprint_differences(self.fingerprint, model_fingerprint(config))
+        if differences:
+            made_for = self.metadata.get("model_id", "another model")
+            raise BasisMismatchError(
+                f"this query basis was calibrated for {made_for} and does not fit the model:\n  "
+                + "\n  ".join(differences)
+                + "\nUse a basis calibrated for this model, or calibrate one with `headq calibrate`."
+            )
+
+    # ------------------------------------------------------------- variants
+    def with_rank(self, rank: int) -> QueryBasis:
+        """The leading ``rank`` directions of every layer (eigenvectors are sorted by eigenvalue)."""
+        if rank > self.rank:
+            raise ValueError(f"basis has rank {self.rank}; cannot raise it to {rank}")
+
+        def cut(layer: LayerBasis) -> LayerBasis:
+            dec = None if layer.decoder is None else layer.decoder[..., :rank]
+            return dataclasses.replace(layer, U=layer.U[..., :rank], decoder=dec)
+
+        return dataclasses.replace(self, layers=[cut(layer) for layer in self.layers])
+
+    def flipped(self) -> QueryBasis:
+        """Control: the same side code applied with the wrong sign (decoder ``-U``)."""
+        layers = [dataclasses.replace(layer, decoder=-layer.decoder_or_u) for layer in self.layers]
+        return dataclasses.replace(self, layers=layers, kind="wrong-sign")
+
+    @classmethod
+    def random(cls, like: QueryBasis, seed: int = 0) -> QueryBasis:
+        """Control: random orthonormal directions of the same rank (no calibration)."""
+        gen = torch.Generator().manual_seed(seed)
+        layers = []
+        for layer in like.layers:
+            h, d, r = layer.U.shape
+            q, _ = torch.linalg.qr(torch.randn(h, d, d, generator=gen, dtype=torch.float64))
+            layers.append(dataclasses.replace(layer, U=q[..., :r].float(), decoder=None))
+        return dataclasses.replace(like, layers=layers, kind="random")
+
+    # ------------------------------------------------------------------ I/O
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "library": "transformers-headq",
+            "kind": self.kind,
+            "rank": self.rank,
+            "ranks": [layer.rank for layer in self.layers],
+            "fingerprint": self.fingerprint,
+            "metadata": self.metadata,
+            "quantizer": self.quantizer,
+        }
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
+        """Write ``config.json`` and ``basis.safetensors`` into ``save_directory``."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
+            for name in (*_PER_LAYER, "decoder"):
+                t = getattr(layer, name)
+                if t is not None:
+                    tensors[f"layers.{i}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
+        save_file(tensors, str(path / WEIGHTS_NAME), metadata={"format": "pt", "library": "transformers-headq"})
+        (path / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike[str], **hub_kwargs: Any) -> QueryBasis:
+        """Load a basis from a local folder, or from a Hub repo id via ``huggingface_hub``."""
+        path = Path(path_or_repo_id)
+        if not path.is_dir():
+            path = _download(str(path_or_repo_id), **hub_kwargs)
+        return cls._load_folder(path)
+
+    @classmethod
+    def _load_folder(cls, path: Path) -> QueryBasis:
+        config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
+        if not weights_path.is_file():
+            pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+            hint = f" It holds {pickles}: pickle files are never loaded, for safety." if pickles else ""
+            raise BasisFormatError(f"no {WEIGHTS_NAME} in {path}.{hint} A basis is saved by QueryBasis.save_pretrained.")
+        try:
+            config = json.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise BasisFormatError(f"no {CONFIG_NAME} in {path}: not a HeadQ basis folder") from None
+        except json.JSONDecodeError as err:
+            raise BasisFormatError(f"{config_path} is not valid JSON ({err}): the file is corrupt") from None
+        version = config.get("format_version") if isinstance(config, dict) else None
+        if version != FORMAT_VERSION:
+            raise BasisFormatError(
+                f"{config_path} has format_version {version!r}; this library reads version {FORMAT_VERSION}. "
+                "Upgrade transformers-headq or re-save the basis."
+            )
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BasisFormatError(f"{weights_path} is not a readable safetensors file ({err}): the file is corrupt") from None
+        fingerprint = config.get("fingerprint") or {}
+        n_layers = fingerprint.get("num_hidden_layers")
+        if not isinstance(n_layers, int):
+            raise BasisFormatError(f"{config_path} has no fingerprint.num_hidden_layers: the file is corrupt")
+        layers = []
+        for i in range(n_layers):
+            missing = [n for n in _PER_LAYER if f"layers.{i}.{n}" not in tensors]
+            if missing:
+                raise BasisFormatError(f"{weights_path} lacks {missing} for layer {i}: the file is corrupt or truncated")
+            layers.append(
+                LayerBasis(
+                    U=tensors[f"layers.{i}.U"],
+                    eigenvalues=tensors[f"layers.{i}.eigenvalues"],
+                    query_mean=tensors[f"layers.{i}.query_mean"],
+                    decoder=tensors.get(f"layers.{i}.decoder"),
+                )
+            )
+        return cls(
+            layers=layers,
+            fingerprint=fingerprint,
+            metadata=config.get("metadata") or {},
+            quantizer=config.get("quantizer") or {},
+            kind=config.get("kind", "query"),
+        )
+
+
+def basis_from_second_moment(second_moment: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``rank`` eigenvectors (``[H, D, rank]``) and all eigenvalues (``[H, D]``, descending).
+
+    ``second_moment`` is ``E[q qᵀ]`` per KV head, ``[H, D, D]``; decomposed in float64. Eigenvector
+    signs are fixed (largest-magnitude entry positive) so that equal inputs give equal files.
+    """
+    evals, evecs = torch.linalg.eigh(second_moment.double())
+    evals, evecs = evals.flip(-1), evecs.flip(-1)
+    idx = evecs.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(evecs, -2, idx))
+    evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
+    return evecs[..., :rank].float(), evals.clamp_min(0).float()
+
+
+def _download(repo_id: str, **hub_kwargs: Any) -> Path:
+    """Fetch a basis repo's files (safetensors, config, card only) with ``huggingface_hub``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        folder = snapshot_download(
+            repo_id, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"], **hub_kwargs
+        )
+    except HFValidationError:
+        raise BasisFormatError(
+            f"{repo_id!r} is neither a local folder nor a valid Hub repo id (like 'org/name')"
+        ) from None
+    except Exception as err:  # network, offline mode, missing repo: all need the same advice
+        raise BasisFormatError(
+            f"could not get the basis {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
+            "Check the repo id and your network, or pass a local folder; offline, it must already be in the cache."
+        ) from None
+    return Path(folder)
+
+
+def orthonormality_error(U: torch.Tensor) -> float:
+    """Largest deviation of ``Uᵀ U`` from the identity (a diagnostic for tests and users)."""
+    gram = U.double().transpose(-1, -2) @ U.double()
+    return float((gram - torch.eye(U.shape[-1], dtype=torch.float64)).abs().max()) if U.shape[-1] else 0.0
+

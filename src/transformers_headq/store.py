@@ -1,0 +1,167 @@
+"""Append-only per-layer token stores: dense or packed-quantized, growing without O(T) copies.
+
+A store holds one stream of ``[B, H, T, C]`` token rows (keys, values or side codes). Tokens are
+appended in blocks and read back densely by token range. Buffers grow geometrically so that a
+decode step is amortised O(1) instead of the O(cache) concatenation ``DynamicCache`` does.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .quantize import GroupQuantizer, QuantizedTokens
+
+
+class TokenBuffer:
+    """A tensor growing along dim 2, with spare capacity so appends rarely reallocate."""
+
+    def __init__(self, template: torch.Tensor) -> None:
+        self._data = template[:, :, :0].clone()
+        self.length = 0
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The used part (a view, no copy)."""
+        return self._data[:, :, : self.length]
+
+    def append(self, rows: torch.Tensor) -> None:
+        needed = self.length + rows.shape[2]
+        if needed > self._data.shape[2]:
+            capacity = max(needed, 2 * self._data.shape[2], 16)
+            grown = self._data.new_empty((*self._data.shape[:2], capacity, *self._data.shape[3:]))
+            grown[:, :, : self.length] = self.data
+            self._data = grown
+        self._data[:, :, self.length : needed] = rows
+        self.length = needed
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
+        """Apply a batch-axis transform (select, repeat) to the used rows; drops spare capacity."""
+        self._data = fn(self.data).contiguous()
+
+    def nbytes_used(self) -> int:
+        d = self.data
+        return d.numel() * d.element_size()
+
+    def nbytes_allocated(self) -> int:
+        return self._data.numel() * self._data.element_size()
+
+
+class TokenStore(Protocol):
+    """What a layer needs from a stream of cached token rows."""
+
+    length: int
+
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        """Store ``rows`` ``[B, H, n, C]``; return what a reader will see for them, in rows' dtype."""
+
+    def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Dense rows ``[start, end)`` as the reader sees them."""
+
+    def truncate(self, length: int) -> None: ...
+
+    def map_batch(self, fn) -> None: ...  # type: ignore[no-untyped-def]
+
+    def buffers(self) -> list[TokenBuffer]: ...
+
+
+class DenseStore:
+    """Rows kept exactly, in the dtype they arrive in."""
+
+    def __init__(self) -> None:
+        self._buf: TokenBuffer | None = None
+        self.length = 0
+
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        if self._buf is None:
+            self._buf = TokenBuffer(rows)
+        self._buf.append(rows)
+        self.length = self._buf.length
+        return rows
+
+    def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        assert self._buf is not None
+        return self._buf.data[:, :, start:end].to(dtype)
+
+    def truncate(self, length: int) -> None:
+        if self._buf is not None:
+            self._buf.truncate(length)
+            self.length = self._buf.length
+
+    def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
+        if self._buf is not None:
+            self._buf.map_batch(fn)
+
+    def buffers(self) -> list[TokenBuffer]:
+        return [] if self._buf is None else [self._buf]
+
+
+class QuantizedStore:
+    """Rows held as packed codes plus scales and zero points (see :class:`GroupQuantizer`).
+
+    With channel grouping the scales are per block of ``quantizer.group`` tokens, so appends,
+    reads and truncations must be block-aligned; the cache layer guarantees that.
+    """
+
+    def __init__(self, quantizer: GroupQuantizer, n_channels: int) -> None:
+        self.quantizer = quantizer
+        self.n_channels = n_channels
+        self._codes: TokenBuffer | None = None
+        self._scale: TokenBuffer | None = None
+        self._zero: TokenBuffer | None = None
+        self.length = 0
+
+    @property
+    def _tokens_per_scale_row(self) -> int:
+        return self.quantizer.group if self.quantizer.grouping == "channel" else 1
+
+    def append(self, rows: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer.quantize(rows)
+        if self._codes is None:
+            self._codes, self._scale, self._zero = TokenBuffer(q.codes), TokenBuffer(q.scale), TokenBuffer(q.zero)
+        assert self._scale is not None and self._zero is not None
+        self._codes.append(q.codes)
+        self._scale.append(q.scale)
+        self._zero.append(q.zero)
+        self.length = self._codes.length
+        return self.quantizer.dequantize(q, self.n_channels, rows.dtype)
+
+    def _check_aligned(self, *positions: int) -> None:
+        per = self._tokens_per_scale_row
+        for p in positions:
+            if p % per and p != self.length:
+                raise ValueError(f"position {p} is not aligned to the {per}-token quantization blocks")
+
+    def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        assert self._codes is not None and self._scale is not None and self._zero is not None
+        self._check_aligned(start, end)
+        per = self._tokens_per_scale_row
+        s0, s1 = start // per, -(-end // per)
+        q = QuantizedTokens(
+            codes=self._codes.data[:, :, start:end],
+            scale=self._scale.data[:, :, s0:s1],
+            zero=self._zero.data[:, :, s0:s1],
+        )
+        return self.quantizer.dequantize(q, self.n_channels, dtype)
+
+    def truncate(self, length: int) -> None:
+        if self._codes is None:
+            return
+        assert self._scale is not None and self._zero is not None
+        self._check_aligned(length)
+        per = self._tokens_per_scale_row
+        self._codes.truncate(length)
+        self._scale.truncate(-(-length // per))
+        self._zero.truncate(-(-length // per))
+        self.length = self._codes.length
+
+    def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
+        for buf in self.buffers():
+            buf.map_batch(fn)
+
+    def buffers(self) -> list[TokenBuffer]:
+        return [b for b in (self._codes, self._scale, self._zero) if b is not None]
