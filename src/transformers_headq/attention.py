@@ -131,12 +131,19 @@ def _attend(qg: torch.Tensor, row_slots: torch.Tensor, chunks: list[_Chunk], mas
     assert acc is not None
     norm = torch.where(total > 0, total, torch.ones_like(total))
     if mass is not None:
-        safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
-        for chunk in chunks:
-            s = last_scores if len(chunks) == 1 else scores(chunk)
-            p = torch.exp(s - safe_max) / norm
-            mass[..., chunk.start : chunk.end] += p.square().sum(-2)
+        _accumulate_mass(chunks, scores, last_scores, running_max, norm, mass)
     return acc / norm
+
+
+@torch.no_grad()
+def _accumulate_mass(chunks: list[_Chunk], scores: Callable[[_Chunk], torch.Tensor], last_scores: torch.Tensor | None,
+                     running_max: torch.Tensor, norm: torch.Tensor, mass: torch.Tensor) -> None:
+    """Add each cached token's ``Σ p²`` over the query rows of this call (a second pass over chunks)."""
+    safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
+    for chunk in chunks:
+        s = last_scores if last_scores is not None and len(chunks) == 1 else scores(chunk)
+        p = torch.exp(s - safe_max) / norm
+        mass[..., chunk.start : chunk.end] += p.square().sum(-2)
 
 
 def headq_attention_forward(

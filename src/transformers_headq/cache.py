@@ -104,6 +104,8 @@ class HeadQLayer(CacheLayerMixin):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new tokens; return lazy key/value states for the attention function."""
+        # An inference cache: stored states never carry autograd history.
+        key_states, value_states = key_states.detach(), value_states.detach()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         else:
@@ -117,7 +119,9 @@ class HeadQLayer(CacheLayerMixin):
         if n_flush:
             fresh_keys, fresh_values = keys[:, :, :n_flush], values[:, :, :n_flush]
             self._flush(fresh_keys, fresh_values)
-        self.window_keys, self.window_values = keys[:, :, n_flush:], values[:, :, n_flush:]
+            # Copy the remainder out, or the window view would keep the flushed block alive.
+            keys, values = keys[:, :, n_flush:].clone(), values[:, :, n_flush:].clone()
+        self.window_keys, self.window_values = keys, values
         if self.attention_mass is not None:
             self.attention_mass.append(key_states.new_zeros(key_states.shape[:3], dtype=torch.float32))
         inputs = AttentionInputs(self, query_start, fresh_start, fresh_keys, fresh_values)
