@@ -6,6 +6,7 @@ import pytest
 
 from .helpers import tiny_model
 
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

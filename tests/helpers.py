@@ -55,5 +55,6 @@ def random_basis(model, rank: int, seed: int = 0) -> QueryBasis:
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     return basis_from_tensors(
-        model, [random_orthonormal(cfg.num_key_value_heads, head_dim, rank, seed + i) for i in range(cfg.num_hidden_layers)]
+        model,
+        [random_orthonormal(cfg.num_key_value_heads, head_dim, rank, seed + i) for i in range(cfg.num_hidden_layers)],
     )

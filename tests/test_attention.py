@@ -19,8 +19,14 @@ MODULE = torch.nn.Module().eval()
 
 
 def _fingerprint(heads: int, dim: int, layers: int = 1) -> dict:
-    return {"model_type": "llama", "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": heads, "head_dim": dim, "rope": {}}
+    return {
+        "model_type": "llama",
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "head_dim": dim,
+        "rope": {},
+    }
 
 
 def _basis(U: torch.Tensor) -> QueryBasis:
@@ -38,8 +44,16 @@ def _attend(cache: HeadQCache, keys, values, queries, prefix: int):
 
 
 @settings(max_examples=40, deadline=None)
-@given(batch=st.integers(1, 2), heads=st.integers(1, 3), groups=st.integers(1, 3), dim=st.sampled_from([4, 8, 16]),
-       tokens=st.integers(2, 40), queries=st.integers(1, 2), block=st.integers(1, 9), seed=st.integers(0, 10_000))
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    groups=st.integers(1, 3),
+    dim=st.sampled_from([4, 8, 16]),
+    tokens=st.integers(2, 40),
+    queries=st.integers(1, 2),
+    block=st.integers(1, 9),
+    seed=st.integers(0, 10_000),
+)
 def test_shared_key_translation_is_softmax_null(batch, heads, groups, dim, tokens, queries, block, seed):
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(batch, heads, tokens, dim, generator=gen, dtype=torch.float64).float()
@@ -57,7 +71,9 @@ def test_full_rank_lossless_side_code_recovers_exact_attention():
     gen = torch.Generator().manual_seed(0)
     keys, values = torch.randn(2, 2, 48, 16, generator=gen), torch.randn(2, 2, 48, 16, generator=gen)
     q = torch.randn(2, 4, 3, 16, generator=gen) * 3
-    exact = _attend(HeadQCache(config=HeadQConfig(key_bits=None, rank=0, block_size=8), num_layers=1), keys, values, q, 45)
+    exact = _attend(
+        HeadQCache(config=HeadQConfig(key_bits=None, rank=0, block_size=8), num_layers=1), keys, values, q, 45
+    )
     plain = _attend(HeadQCache(config=HeadQConfig(key_bits=2, rank=0, block_size=8), num_layers=1), keys, values, q, 45)
     basis = _basis(random_orthonormal(2, 16, 16))
     headq = _attend(HeadQCache(basis, HeadQConfig(key_bits=2, side_bits=None, block_size=8)), keys, values, q, 45)

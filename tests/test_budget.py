@@ -34,7 +34,9 @@ def _held_tensors(cache: HeadQCache) -> list[torch.Tensor]:
     return found
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"k{c.key_bits}{c.key_grouping}-v{c.value_bits}-s{c.side_bits}")
+@pytest.mark.parametrize(
+    "config", CONFIGS, ids=lambda c: f"k{c.key_bits}{c.key_grouping}-v{c.value_bits}-s{c.side_bits}"
+)
 @pytest.mark.parametrize("length", [1, 7, 8, 29])
 def test_memory_and_bits_match_held_bytes(config, length):
     model = tiny_model(dtype=torch.float16)

@@ -75,8 +75,9 @@ def test_half_precision_models_generate(dtype):
     model = tiny_model(dtype=dtype)
     enable_headq_attention(model)
     cache = HeadQCache(random_basis(model, 4), CONFIG)
-    out = model.generate(input_ids=torch.ones(2, 9, dtype=torch.long), max_new_tokens=6, do_sample=False,
-                         past_key_values=cache)
+    out = model.generate(
+        input_ids=torch.ones(2, 9, dtype=torch.long), max_new_tokens=6, do_sample=False, past_key_values=cache
+    )
     assert out.shape == (2, 15)
     assert cache.layers[0].effective_keys().dtype == dtype
 
@@ -86,6 +87,11 @@ def test_assisted_generation_runs_with_crop():
     assistant = tiny_model(seed=3)
     enable_headq_attention(model)
     ids = torch.randint(1, 97, (1, 11), generator=torch.Generator().manual_seed(2))
-    out = model.generate(input_ids=ids, assistant_model=assistant, max_new_tokens=8, do_sample=False,
-                         past_key_values=HeadQCache(random_basis(model, 4), CONFIG))
+    out = model.generate(
+        input_ids=ids,
+        assistant_model=assistant,
+        max_new_tokens=8,
+        do_sample=False,
+        past_key_values=HeadQCache(random_basis(model, 4), CONFIG),
+    )
     assert out.shape[1] == 19

@@ -32,8 +32,12 @@ def _inputs(batch: int = 3, length: int = 21, seed: int = 1):
 def _generate(model, cache, cache_kwarg, seed=0, **kwargs):
     torch.manual_seed(seed)
     return model.generate(
-        **_inputs(), max_new_tokens=12, output_logits=True, return_dict_in_generate=True,
-        **{cache_kwarg: cache}, **kwargs,
+        **_inputs(),
+        max_new_tokens=12,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **{cache_kwarg: cache},
+        **kwargs,
     )
 
 

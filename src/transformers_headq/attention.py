@@ -36,8 +36,14 @@ class _Chunk:
     readout: Callable[[torch.Tensor], torch.Tensor]  # probabilities [B, H, R, n] -> [B, H, R, Dv]
 
 
-def _quantized_chunk(inputs: AttentionInputs, qg: torch.Tensor, q_side: torch.Tensor | None,
-                     row_slots: torch.Tensor, start: int, end: int) -> _Chunk:
+def _quantized_chunk(
+    inputs: AttentionInputs,
+    qg: torch.Tensor,
+    q_side: torch.Tensor | None,
+    row_slots: torch.Tensor,
+    start: int,
+    end: int,
+) -> _Chunk:
     layer = inputs.layer
 
     def exact_mask() -> torch.Tensor | None:
@@ -97,8 +103,15 @@ def _grouped_mask(mask: torch.Tensor, heads: int, groups: int, q_len: int) -> to
     return mask.reshape(batch, heads, groups * q_len, kv)
 
 
-def _attend(qg: torch.Tensor, row_slots: torch.Tensor, chunks: list[_Chunk], mask: torch.Tensor | None,
-            scaling: float, softcap: float | None, mass: torch.Tensor | None) -> torch.Tensor:
+def _attend(
+    qg: torch.Tensor,
+    row_slots: torch.Tensor,
+    chunks: list[_Chunk],
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    mass: torch.Tensor | None,
+) -> torch.Tensor:
     """Online-softmax attention of grouped query rows ``qg`` [B, H, R, D] over ``chunks``."""
 
     def scores(chunk: _Chunk) -> torch.Tensor:
@@ -136,8 +149,14 @@ def _attend(qg: torch.Tensor, row_slots: torch.Tensor, chunks: list[_Chunk], mas
 
 
 @torch.no_grad()
-def _accumulate_mass(chunks: list[_Chunk], scores: Callable[[_Chunk], torch.Tensor], last_scores: torch.Tensor | None,
-                     running_max: torch.Tensor, norm: torch.Tensor, mass: torch.Tensor) -> None:
+def _accumulate_mass(
+    chunks: list[_Chunk],
+    scores: Callable[[_Chunk], torch.Tensor],
+    last_scores: torch.Tensor | None,
+    running_max: torch.Tensor,
+    norm: torch.Tensor,
+    mass: torch.Tensor,
+) -> None:
     """Add each cached token's ``Σ p²`` over the query rows of this call (a second pass over chunks)."""
     safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
     for chunk in chunks:

@@ -188,7 +188,9 @@ class QueryBasis:
         if not weights_path.is_file():
             pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
             hint = f" It holds {pickles}: pickle files are never loaded, for safety." if pickles else ""
-            raise BasisFormatError(f"no {WEIGHTS_NAME} in {path}.{hint} A basis is saved by QueryBasis.save_pretrained.")
+            raise BasisFormatError(
+                f"no {WEIGHTS_NAME} in {path}.{hint} A basis is saved by QueryBasis.save_pretrained."
+            )
         try:
             config = json.loads(config_path.read_text())
         except FileNotFoundError:
@@ -204,7 +206,9 @@ class QueryBasis:
         try:
             tensors = load_file(str(weights_path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise BasisFormatError(f"{weights_path} is not a readable safetensors file ({err}): the file is corrupt") from None
+            raise BasisFormatError(
+                f"{weights_path} is not a readable safetensors file ({err}): the file is corrupt"
+            ) from None
         fingerprint = config.get("fingerprint") or {}
         n_layers = fingerprint.get("num_hidden_layers")
         if not isinstance(n_layers, int):
@@ -213,7 +217,9 @@ class QueryBasis:
         for i in range(n_layers):
             missing = [n for n in _PER_LAYER if f"layers.{i}.{n}" not in tensors]
             if missing:
-                raise BasisFormatError(f"{weights_path} lacks {missing} for layer {i}: the file is corrupt or truncated")
+                raise BasisFormatError(
+                    f"{weights_path} lacks {missing} for layer {i}: the file is corrupt or truncated"
+                )
             layers.append(
                 LayerBasis(
                     U=tensors[f"layers.{i}.U"],
@@ -251,9 +257,7 @@ def _download(repo_id: str, **hub_kwargs: Any) -> Path:
     from huggingface_hub.errors import HFValidationError
 
     try:
-        folder = snapshot_download(
-            repo_id, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"], **hub_kwargs
-        )
+        folder = snapshot_download(repo_id, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"], **hub_kwargs)
     except HFValidationError:
         raise BasisFormatError(
             f"{repo_id!r} is neither a local folder nor a valid Hub repo id (like 'org/name')"
@@ -270,4 +274,3 @@ def orthonormality_error(U: torch.Tensor) -> float:
     """Largest deviation of ``Uᵀ U`` from the identity (a diagnostic for tests and users)."""
     gram = U.double().transpose(-1, -2) @ U.double()
     return float((gram - torch.eye(U.shape[-1], dtype=torch.float64)).abs().max()) if U.shape[-1] else 0.0
-

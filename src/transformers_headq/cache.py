@@ -62,7 +62,9 @@ class HeadQLayer(CacheLayerMixin):
         self.value_store = _store(cfg.value_quantizer(head_dim), head_dim)
         self.window_keys = key_states[:, :, :0]
         self.window_values = value_states[:, :, :0]
-        self.attention_mass = TokenBuffer(torch.zeros(batch, heads, 0, device=self.device)) if cfg.track_attention else None
+        self.attention_mass = (
+            TokenBuffer(torch.zeros(batch, heads, 0, device=self.device)) if cfg.track_attention else None
+        )
         self.is_initialized = True
 
     def _check_first_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -128,8 +130,9 @@ class HeadQLayer(CacheLayerMixin):
         shape = (*key_states.shape[:2], self.get_seq_length(), key_states.shape[3])
         return (
             HeadQStates(torch.Size(shape), self.dtype, self.device, inputs, self.effective_keys),
-            HeadQStates(torch.Size(shape[:3] + value_states.shape[3:]), self.dtype, self.device, inputs,
-                        self.effective_values),
+            HeadQStates(
+                torch.Size(shape[:3] + value_states.shape[3:]), self.dtype, self.device, inputs, self.effective_values
+            ),
         )
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -290,7 +293,9 @@ class HeadQCache(Cache):
             raise CacheInputError("pass a basis, or num_layers for a cache without side codes")
         self.config = config
         self.basis = basis
-        layers = [HeadQLayer(config, None if basis is None else basis.layers[i], i) for i in range(num_layers)]
+        layers: list[Any] = [
+            HeadQLayer(config, None if basis is None else basis.layers[i], i) for i in range(num_layers)
+        ]
         super().__init__(layers=layers)
 
     @classmethod

@@ -46,7 +46,10 @@ class QueryMoments:
 
 
 def basis_from_moments(
-    moments: list[QueryMoments], rank: int, fingerprint: dict[str, Any], metadata: dict[str, Any] | None = None,
+    moments: list[QueryMoments],
+    rank: int,
+    fingerprint: dict[str, Any],
+    metadata: dict[str, Any] | None = None,
     quantizer: dict[str, Any] | None = None,
 ) -> QueryBasis:
     """A :class:`QueryBasis` from one :class:`QueryMoments` per layer."""

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 
-from .quantize import GroupQuantizer, Grouping, check_bits, packed_row_bytes
+from .quantize import Grouping, GroupQuantizer, check_bits, packed_row_bytes
 
 SideScale = Literal["token", "block"]
 _META_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -51,8 +51,14 @@ class HeadQStates(torch.Tensor):
     _materialize: Callable[[], torch.Tensor]
 
     @staticmethod
-    def __new__(cls, dense_like: torch.Size, dtype: torch.dtype, device: torch.device,
-                inputs: AttentionInputs, materialize: Callable[[], torch.Tensor]) -> HeadQStates:
+    def __new__(
+        cls,
+        dense_like: torch.Size,
+        dtype: torch.dtype,
+        device: torch.device,
+        inputs: AttentionInputs,
+        materialize: Callable[[], torch.Tensor],
+    ) -> HeadQStates:
         states = torch.Tensor._make_wrapper_subclass(cls, dense_like, dtype=dtype, device=device)
         states.inputs = inputs
         states._materialize = materialize
@@ -75,7 +81,7 @@ class HeadQStates(torch.Tensor):
             return func(*tree_map(dense, args), **tree_map(dense, kwargs))
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
         def dense(x: Any) -> Any:
             return x._materialize() if isinstance(x, HeadQStates) else x
 
