@@ -158,16 +158,21 @@ class HeadQLayer(CacheLayerMixin):
     def read_values(self, start: int, end: int) -> torch.Tensor:
         return self.value_store.read(start, end, torch.float32)
 
-    def effective_keys(self) -> torch.Tensor:
-        """Dense ``k̂ + W ĉ`` for quantized slots, then the exact window: what attention sees."""
-        key_hat, side = self.read_keys(0, self.quantized_length)
+    def _effective_quantized(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense keys ``k̂ + W ĉ`` and values ``v̂`` of quantized slots ``[start, end)``, model dtype."""
+        key_hat, side = self.read_keys(start, end)
         if side is not None:
             assert self.decoder is not None
             key_hat = key_hat + torch.einsum("bhtr,hdr->bhtd", side, self.decoder)
-        return torch.cat([key_hat.to(self.dtype), self.window_keys], dim=-2)
+        return key_hat.to(self.dtype), self.read_values(start, end).to(self.dtype)
+
+    def effective_keys(self) -> torch.Tensor:
+        """Dense ``k̂ + W ĉ`` for quantized slots, then the exact window: what attention sees."""
+        keys, _ = self._effective_quantized(0, self.quantized_length)
+        return torch.cat([keys, self.window_keys], dim=-2)
 
     def effective_values(self) -> torch.Tensor:
-        values = self.read_values(0, self.quantized_length).to(self.dtype)
+        _, values = self._effective_quantized(0, self.quantized_length)
         return torch.cat([values, self.window_values], dim=-2)
 
     # ------------------------------------------------------ Cache protocol
@@ -221,16 +226,16 @@ class HeadQLayer(CacheLayerMixin):
         keep = max(keep, 0)
         if keep >= self.quantized_length:
             cut = keep - self.quantized_length
-            self.window_keys, self.window_values = self.window_keys[:, :, :cut], self.window_values[:, :, :cut]
+            window_keys, window_values = self.window_keys[:, :, :cut], self.window_values[:, :, :cut]
         else:
-            block = self.config.block_size
-            aligned = (keep // block) * block
-            partial_keys = self.effective_keys()[:, :, aligned:keep]
-            partial_values = self.effective_values()[:, :, aligned:keep]
+            aligned = (keep // self.config.block_size) * self.config.block_size
+            block_keys, block_values = self._effective_quantized(aligned, aligned + self.config.block_size)
+            window_keys, window_values = block_keys[:, :, : keep - aligned], block_values[:, :, : keep - aligned]
             for store in (self.key_store, self.side_store, self.value_store):
                 if store is not None:
                     store.truncate(aligned)
-            self.window_keys, self.window_values = partial_keys, partial_values
+        # Copies, so that the new window does not keep the larger tensors it was cut from alive.
+        self.window_keys, self.window_values = window_keys.clone(), window_values.clone()
         if self.attention_mass is not None:
             self.attention_mass.truncate(keep)
 
