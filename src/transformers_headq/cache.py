@@ -158,21 +158,20 @@ class HeadQLayer(CacheLayerMixin):
     def read_values(self, start: int, end: int) -> torch.Tensor:
         return self.value_store.read(start, end, torch.float32)
 
-    def _effective_quantized(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense keys ``k̂ + W ĉ`` and values ``v̂`` of quantized slots ``[start, end)``, model dtype."""
+    def _effective_quantized_keys(self, start: int, end: int) -> torch.Tensor:
+        """Dense ``k̂ + W ĉ`` of quantized slots ``[start, end)``, in the model dtype."""
         key_hat, side = self.read_keys(start, end)
         if side is not None:
             assert self.decoder is not None
             key_hat = key_hat + torch.einsum("bhtr,hdr->bhtd", side, self.decoder)
-        return key_hat.to(self.dtype), self.read_values(start, end).to(self.dtype)
+        return key_hat.to(self.dtype)
 
     def effective_keys(self) -> torch.Tensor:
         """Dense ``k̂ + W ĉ`` for quantized slots, then the exact window: what attention sees."""
-        keys, _ = self._effective_quantized(0, self.quantized_length)
-        return torch.cat([keys, self.window_keys], dim=-2)
+        return torch.cat([self._effective_quantized_keys(0, self.quantized_length), self.window_keys], dim=-2)
 
     def effective_values(self) -> torch.Tensor:
-        _, values = self._effective_quantized(0, self.quantized_length)
+        values = self.read_values(0, self.quantized_length).to(self.dtype)
         return torch.cat([values, self.window_values], dim=-2)
 
     # ------------------------------------------------------ Cache protocol
@@ -229,8 +228,9 @@ class HeadQLayer(CacheLayerMixin):
             window_keys, window_values = self.window_keys[:, :, :cut], self.window_values[:, :, :cut]
         else:
             aligned = (keep // self.config.block_size) * self.config.block_size
-            block_keys, block_values = self._effective_quantized(aligned, aligned + self.config.block_size)
-            window_keys, window_values = block_keys[:, :, : keep - aligned], block_values[:, :, : keep - aligned]
+            block_end = aligned + self.config.block_size
+            window_keys = self._effective_quantized_keys(aligned, block_end)[:, :, : keep - aligned]
+            window_values = self.read_values(aligned, block_end)[:, :, : keep - aligned].to(self.dtype)
             for store in (self.key_store, self.side_store, self.value_store):
                 if store is not None:
                     store.truncate(aligned)

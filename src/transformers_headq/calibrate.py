@@ -7,11 +7,9 @@ whatever the corpus size, and sums from several processes can simply be added (a
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .basis import LayerBasis, QueryBasis, basis_from_second_moment
+from .basis import LayerBasis, basis_from_second_moment
 
 
 class QueryMoments:
@@ -33,29 +31,9 @@ class QueryMoments:
         self.sum += pooled.sum(1)
         self.count += pooled.shape[1]
 
-    def tensors(self) -> list[torch.Tensor]:
-        """The accumulators, for an all-reduce across processes."""
-        return [self.sum_outer, self.sum, self.count]
-
     def to_layer_basis(self, rank: int) -> LayerBasis:
         if self.count == 0:
             raise ValueError("no queries were accumulated")
         second = (self.sum_outer / self.count).cpu()
         U, eigenvalues = basis_from_second_moment(second, rank)
         return LayerBasis(U=U, eigenvalues=eigenvalues, query_mean=(self.sum / self.count).float().cpu())
-
-
-def basis_from_moments(
-    moments: list[QueryMoments],
-    rank: int,
-    fingerprint: dict[str, Any],
-    metadata: dict[str, Any] | None = None,
-    quantizer: dict[str, Any] | None = None,
-) -> QueryBasis:
-    """A :class:`QueryBasis` from one :class:`QueryMoments` per layer."""
-    return QueryBasis(
-        layers=[m.to_layer_basis(rank) for m in moments],
-        fingerprint=fingerprint,
-        metadata=dict(metadata or {}),
-        quantizer=dict(quantizer or {}),
-    )

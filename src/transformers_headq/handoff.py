@@ -73,16 +73,14 @@ class HeadQStates(torch.Tensor):
         if getattr(func, "__name__", "") == "__get__" or func in (torch.Tensor.size, torch.Tensor.dim):
             with torch._C.DisableTorchFunctionSubclass():  # metadata: answer from the wrapper
                 return func(*args, **kwargs)
-
-        def dense(x: Any) -> Any:
-            return x._materialize() if isinstance(x, HeadQStates) else x
-
         with torch._C.DisableTorchFunctionSubclass():
-            return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+            return func(*tree_map(_dense, args), **tree_map(_dense, kwargs))
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:  # type: ignore[override]
-        def dense(x: Any) -> Any:
-            return x._materialize() if isinstance(x, HeadQStates) else x
+        return func(*tree_map(_dense, args), **tree_map(_dense, kwargs or {}))
 
-        return func(*tree_map(dense, args), **tree_map(dense, kwargs or {}))
+
+def _dense(x: Any) -> Any:
+    """Materialise a :class:`HeadQStates` argument; leave anything else as it is."""
+    return x._materialize() if isinstance(x, HeadQStates) else x
