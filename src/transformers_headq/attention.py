@@ -103,16 +103,11 @@ def _grouped_mask(mask: torch.Tensor, heads: int, groups: int, q_len: int) -> to
     return mask.reshape(batch, heads, groups * q_len, kv)
 
 
-def _attend(
-    qg: torch.Tensor,
-    row_slots: torch.Tensor,
-    chunks: list[_Chunk],
-    mask: torch.Tensor | None,
-    scaling: float,
-    softcap: float | None,
-    mass: torch.Tensor | None,
-) -> torch.Tensor:
-    """Online-softmax attention of grouped query rows ``qg`` [B, H, R, D] over ``chunks``."""
+Scorer = Callable[[_Chunk], torch.Tensor]
+
+
+def _scorer(mask: torch.Tensor | None, row_slots: torch.Tensor, scaling: float, softcap: float | None) -> Scorer:
+    """Scaled, soft-capped, masked logits of a chunk, ``[B, H, R, n]``."""
 
     def scores(chunk: _Chunk) -> torch.Tensor:
         s = chunk.logits() * scaling
@@ -126,11 +121,28 @@ def _attend(
             return s.masked_fill(~part, float("-inf"))
         return s + part.float()
 
+    return scores
+
+
+@dataclass
+class _Softmax:
+    """Per-row softmax statistics over all chunks: ``p = exp(s - max) / total``."""
+
+    max: torch.Tensor
+    total: torch.Tensor
+
+    def probabilities(self, s: torch.Tensor) -> torch.Tensor:
+        safe_max = torch.where(torch.isinf(self.max), torch.zeros_like(self.max), self.max)
+        norm = torch.where(self.total > 0, self.total, torch.ones_like(self.total))
+        return torch.exp(s - safe_max) / norm
+
+
+def _attend(qg: torch.Tensor, chunks: list[_Chunk], scores: Scorer) -> tuple[torch.Tensor, _Softmax]:
+    """Online-softmax attention of grouped query rows ``qg`` [B, H, R, D] over ``chunks``."""
     batch, heads, rows, _ = qg.shape
     running_max = qg.new_full((batch, heads, rows, 1), float("-inf"))
     total = qg.new_zeros((batch, heads, rows, 1))
     acc: torch.Tensor | None = None
-    last_scores = None
     for chunk in chunks:
         s = scores(chunk)
         new_max = torch.maximum(running_max, s.amax(-1, keepdim=True))
@@ -140,29 +152,97 @@ def _attend(
         total = total * rescale + p.sum(-1, keepdim=True)
         part = chunk.readout(p)
         acc = part if acc is None else acc * rescale + part
-        running_max, last_scores = new_max, s
+        running_max = new_max
     assert acc is not None
-    norm = torch.where(total > 0, total, torch.ones_like(total))
-    if mass is not None:
-        _accumulate_mass(chunks, scores, last_scores, running_max, norm, mass)
-    return acc / norm
+    return acc / torch.where(total > 0, total, torch.ones_like(total)), _Softmax(running_max, total)
 
 
 @torch.no_grad()
-def _accumulate_mass(
-    chunks: list[_Chunk],
-    scores: Callable[[_Chunk], torch.Tensor],
-    last_scores: torch.Tensor | None,
-    running_max: torch.Tensor,
-    norm: torch.Tensor,
-    mass: torch.Tensor,
-) -> None:
-    """Add each cached token's ``Σ p²`` over the query rows of this call (a second pass over chunks)."""
-    safe_max = torch.where(torch.isinf(running_max), torch.zeros_like(running_max), running_max)
+def _softmax_stats(qg: torch.Tensor, chunks: list[_Chunk], scores: Scorer) -> _Softmax:
+    """The softmax statistics alone (a logits-only pass, for choices needed before any readout)."""
+    batch, heads, rows, _ = qg.shape
+    running_max = qg.new_full((batch, heads, rows, 1), float("-inf"))
+    total = qg.new_zeros((batch, heads, rows, 1))
     for chunk in chunks:
-        s = last_scores if last_scores is not None and len(chunks) == 1 else scores(chunk)
-        p = torch.exp(s - safe_max) / norm
-        mass[..., chunk.start : chunk.end] += p.square().sum(-2)
+        s = scores(chunk)
+        new_max = torch.maximum(running_max, s.amax(-1, keepdim=True))
+        safe_max = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
+        total = total * torch.exp(running_max - safe_max) + torch.exp(s - safe_max).sum(-1, keepdim=True)
+        running_max = new_max
+    return _Softmax(running_max, total)
+
+
+@torch.no_grad()
+def _add_squared_attention(
+    chunks: list[_Chunk],
+    scores: Scorer,
+    softmax: _Softmax,
+    mass: torch.Tensor,
+    offset: int,
+    row_filter: Callable[[int, int], torch.Tensor] | None = None,
+) -> None:
+    """Add ``Σ_rows p²`` into ``mass`` [B, H, n], whose entry 0 is cached slot ``offset``.
+
+    ``row_filter(start, end)`` ([R, end - start] bool) limits which rows count for each slot.
+    """
+    for chunk in chunks:
+        lo, hi = max(chunk.start, offset), min(chunk.end, offset + mass.shape[-1])
+        if lo >= hi:
+            continue
+        p = softmax.probabilities(scores(chunk))[..., lo - chunk.start : hi - chunk.start]
+        if row_filter is not None:
+            p = p * row_filter(lo, hi)
+        mass[..., lo - offset : hi - offset] += p.square().sum(-2)
+
+
+def _layer_chunks(inputs: AttentionInputs, qg: torch.Tensor, row_slots: torch.Tensor) -> list[_Chunk]:
+    layer = inputs.layer
+    q_side = None if layer.decoder is None else torch.einsum("bhrd,hdk->bhrk", qg, layer.decoder)
+    step = -(-layer.config.chunk_size // layer.config.block_size) * layer.config.block_size
+    chunks = [
+        _quantized_chunk(inputs, qg, q_side, row_slots, s, min(s + step, layer.quantized_length))
+        for s in range(0, layer.quantized_length, step)
+    ]
+    if layer.window_keys.shape[-2]:
+        chunks.append(_dense_chunk(qg, layer.window_keys, layer.window_values, layer.quantized_length))
+    return chunks
+
+
+def _attend_layer(
+    inputs: AttentionInputs,
+    qg: torch.Tensor,
+    q_len: int,
+    groups: int,
+    mask: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention over a HeadQ layer, with the A² bookkeeping the layer asks for."""
+    layer = inputs.layer
+    row_slots = (inputs.query_start + torch.arange(q_len, device=qg.device)).repeat(groups)
+    chunks = _layer_chunks(inputs, qg, row_slots)
+    scores = _scorer(mask, row_slots, scaling, softcap)
+    kept = layer.kept
+    if kept is not None and kept.pending is not None:
+        # Blocks quantized in this call: rank their tokens (A²) before any row reads them quantized.
+        extra = None
+        if kept.by_attention:
+            lo, hi = kept.pending_range
+            extra = qg.new_zeros((*qg.shape[:2], hi - lo))
+            block = layer.config.block_size
+
+            def exact_readers(start: int, end: int) -> torch.Tensor:
+                last = (torch.arange(start, end, device=qg.device) // block + 1) * block - 1
+                return (row_slots[:, None] < last[None, :]).float()
+
+            _add_squared_attention(chunks, scores, _softmax_stats(qg, chunks, scores), extra, lo, exact_readers)
+        kept.choose(extra)
+    out, softmax = _attend(qg, chunks, scores)
+    if layer.attention_mass is not None:
+        _add_squared_attention(chunks, scores, softmax, layer.attention_mass.data, 0)
+    if kept is not None and kept.window_mass is not None:
+        _add_squared_attention(chunks, scores, softmax, kept.window_mass.data, layer.quantized_length)
+    return out
 
 
 def headq_attention_forward(
@@ -192,28 +272,12 @@ def headq_attention_forward(
     qg = query.float().reshape(batch, kv_heads, groups * q_len, head_dim)
     mask = None if attention_mask is None else _grouped_mask(attention_mask, kv_heads, groups, q_len)
 
-    if isinstance(key, HeadQStates):
-        inputs = key.inputs
-        layer = inputs.layer
-        row_slots = (inputs.query_start + torch.arange(q_len, device=query.device)).repeat(groups)
-        q_side = None
-        if layer.decoder is not None:
-            q_side = torch.einsum("bhrd,hdk->bhrk", qg, layer.decoder)
-        step = -(-layer.config.chunk_size // layer.config.block_size) * layer.config.block_size
-        chunks = [
-            _quantized_chunk(inputs, qg, q_side, row_slots, s, min(s + step, layer.quantized_length))
-            for s in range(0, layer.quantized_length, step)
-        ]
-        if layer.window_keys.shape[-2]:
-            chunks.append(_dense_chunk(qg, layer.window_keys, layer.window_values, layer.quantized_length))
-        mass = None if layer.attention_mass is None else layer.attention_mass.data
-    else:
+    if not isinstance(key, HeadQStates):
         kv_len = key.shape[-2]
         row_slots = (kv_len - q_len + torch.arange(q_len, device=query.device)).repeat(groups)
-        chunks = [_dense_chunk(qg, key, value, 0)]
-        mass = None
-
-    out = _attend(qg, row_slots, chunks, mask, scaling, softcap, mass)
+        out, _ = _attend(qg, [_dense_chunk(qg, key, value, 0)], _scorer(mask, row_slots, scaling, softcap))
+    else:
+        out = _attend_layer(key.inputs, qg, q_len, groups, mask, scaling, softcap)
     out = out.reshape(batch, q_heads, q_len, -1).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 

@@ -20,6 +20,7 @@ from .config import BitsPerElement, HeadQConfig
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates
 from .store import DenseStore, QuantizedStore, TokenBuffer, TokenStore
+from .values import KeptValues
 
 _MODEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,6 +66,7 @@ class HeadQLayer(CacheLayerMixin):
         self.attention_mass = (
             TokenBuffer(torch.zeros(batch, heads, 0, device=self.device)) if cfg.track_attention else None
         )
+        self.kept = KeptValues(cfg, value_states) if cfg.value_keep else None
         self.is_initialized = True
 
     def _check_first_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -116,6 +118,8 @@ class HeadQLayer(CacheLayerMixin):
         fresh_start = self.key_store.length
         keys = torch.cat([self.window_keys, key_states], dim=-2)
         values = torch.cat([self.window_values, value_states], dim=-2)
+        if self.kept is not None:
+            self.kept.grow_window(key_states.shape[-2])
         n_flush = (keys.shape[-2] // self.config.block_size) * self.config.block_size
         fresh_keys = fresh_values = None
         if n_flush:
@@ -144,6 +148,8 @@ class HeadQLayer(CacheLayerMixin):
             side = torch.einsum("bhtd,hdr->bhtr", error, self.encoder)
             self.side_store.append(side.to(self.dtype) if isinstance(self.side_store, DenseStore) else side)
         self.value_store.append(values)
+        if self.kept is not None:
+            self.kept.hold(self.value_store.length - values.shape[-2], values)
 
     # ---------------------------------------------------------------- reads
     @property
@@ -156,7 +162,9 @@ class HeadQLayer(CacheLayerMixin):
         return self.key_store.read(start, end, torch.float32), side
 
     def read_values(self, start: int, end: int) -> torch.Tensor:
-        return self.value_store.read(start, end, torch.float32)
+        """Values of quantized slots ``[start, end)`` (float32), kept tokens in full precision."""
+        values = self.value_store.read(start, end, torch.float32)
+        return values if self.kept is None else self.kept.apply(values, start, end)
 
     def _effective_quantized_keys(self, start: int, end: int) -> torch.Tensor:
         """Dense ``k̂ + W ĉ`` of quantized slots ``[start, end)``, in the model dtype."""
@@ -171,6 +179,8 @@ class HeadQLayer(CacheLayerMixin):
         return torch.cat([self._effective_quantized_keys(0, self.quantized_length), self.window_keys], dim=-2)
 
     def effective_values(self) -> torch.Tensor:
+        if self.kept is not None:
+            self.kept.choose()  # another attention function read the cache: no A² mass this call
         values = self.read_values(0, self.quantized_length).to(self.dtype)
         return torch.cat([values, self.window_values], dim=-2)
 
@@ -188,7 +198,15 @@ class HeadQLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized = False
-        for name in ("key_store", "side_store", "value_store", "window_keys", "window_values", "attention_mass"):
+        for name in (
+            "key_store",
+            "side_store",
+            "value_store",
+            "window_keys",
+            "window_values",
+            "attention_mass",
+            "kept",
+        ):
             self.__dict__.pop(name, None)
 
     def _map_batch(self, fn: Any) -> None:
@@ -199,6 +217,8 @@ class HeadQLayer(CacheLayerMixin):
                 store.map_batch(fn)
         if self.attention_mass is not None:
             self.attention_mass.map_batch(fn)
+        if self.kept is not None:
+            self.kept.map_batch(fn)
         self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
         self.shape = (self.window_keys.shape[0], *self.shape[1:])
 
@@ -223,6 +243,8 @@ class HeadQLayer(CacheLayerMixin):
         if not self.is_initialized or keep >= length:
             return
         keep = max(keep, 0)
+        if self.kept is not None:
+            self.kept.choose()
         if keep >= self.quantized_length:
             cut = keep - self.quantized_length
             window_keys, window_values = self.window_keys[:, :, :cut], self.window_values[:, :, :cut]
@@ -238,6 +260,8 @@ class HeadQLayer(CacheLayerMixin):
         self.window_keys, self.window_values = window_keys.clone(), window_values.clone()
         if self.attention_mass is not None:
             self.attention_mass.truncate(keep)
+        if self.kept is not None:
+            self.kept.truncate(self.quantized_length, self.window_keys.shape[-2])
 
     # --------------------------------------------------------------- memory
     def key_nbytes(self) -> int:
@@ -255,6 +279,8 @@ class HeadQLayer(CacheLayerMixin):
         used = sum(buf.nbytes_used() for buf in self.value_store.buffers())
         if self.attention_mass is not None:
             used += self.attention_mass.nbytes_used()
+        if self.kept is not None:
+            used += sum(buf.nbytes_used() for buf in self.kept.buffers())
         return used + self.window_values.numel() * self.window_values.element_size()
 
     def nbytes_allocated(self) -> int:
@@ -263,6 +289,7 @@ class HeadQLayer(CacheLayerMixin):
             return 0
         stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
         bufs = [b for s in stores for b in s.buffers()] + ([self.attention_mass] if self.attention_mass else [])
+        bufs += self.kept.buffers() if self.kept is not None else []
         window = sum(t.numel() * t.element_size() for t in (self.window_keys, self.window_values))
         return sum(b.nbytes_allocated() for b in bufs) + window
 

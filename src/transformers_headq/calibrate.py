@@ -1,19 +1,34 @@
-"""Streaming query statistics and the query basis they define.
+"""Calibration: capture post-RoPE queries, accumulate their second moment, write a QueryBasis.
 
-The second moment ``Σ_q = E[q qᵀ]`` of post-RoPE queries is accumulated per layer and KV head
-(query heads sharing a KV head are pooled) in float64, one batch at a time, so memory is bounded
-whatever the corpus size, and sums from several processes can simply be added (all-reduced).
+The second moment ``Σ_q = E[q qᵀ]`` is accumulated per layer and KV head (query heads sharing a
+KV head are pooled) in float64, one batch at a time, so memory is bounded whatever the corpus
+size. Sums are plain sums, so several processes (``torch.distributed``, e.g. launched by
+``accelerate launch``) each read their share of the text and all-reduce the sums before the
+eigendecomposition: the result equals one process reading everything, up to float error.
+
+Queries are captured in the attention function itself (a registered wrapper around SDPA), which
+receives them after RoPE exactly as attention uses them, for every model that routes attention
+through transformers' ``AttentionInterface``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 import torch
 
-from .basis import LayerBasis, basis_from_second_moment
+from .basis import LayerBasis, QueryBasis, basis_from_second_moment
+from .fingerprint import check_supported, model_fingerprint, text_config
+
+CAPTURE_ATTENTION = "headq_capture"
+AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
+_observers: list[AttentionObserver] = []
 
 
 class QueryMoments:
-    """Running ``Σ q qᵀ``, ``Σ q`` and counts for one layer, per KV head, in float64."""
+    """Running ``Σ x xᵀ``, ``Σ x`` and counts for one layer, per KV head, in float64."""
 
     def __init__(self, kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> None:
         self.sum_outer = torch.zeros(kv_heads, head_dim, head_dim, dtype=torch.float64, device=device)
@@ -31,9 +46,112 @@ class QueryMoments:
         self.sum += pooled.sum(1)
         self.count += pooled.shape[1]
 
-    def to_layer_basis(self, rank: int) -> LayerBasis:
+    def all_reduce(self) -> None:
+        """Sum the statistics over all processes of the default ``torch.distributed`` group."""
+        import torch.distributed as dist
+
+        for tensor in (self.sum_outer, self.sum, self.count):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def to_layer_basis(self, rank: int, centered: bool = False) -> LayerBasis:
+        """Eigenbasis of ``E[x xᵀ]`` (or of the covariance when ``centered``, as key PCA uses)."""
         if self.count == 0:
-            raise ValueError("no queries were accumulated")
-        second = (self.sum_outer / self.count).cpu()
-        U, eigenvalues = basis_from_second_moment(second, rank)
-        return LayerBasis(U=U, eigenvalues=eigenvalues, query_mean=(self.sum / self.count).float().cpu())
+            raise ValueError("no vectors were accumulated")
+        mean = self.sum / self.count
+        second = self.sum_outer / self.count
+        if centered:
+            second = second - mean[:, :, None] * mean[:, None, :]
+        U, eigenvalues = basis_from_second_moment(second.cpu(), rank)
+        return LayerBasis(U=U, eigenvalues=eigenvalues, query_mean=mean.float().cpu())
+
+
+def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    for observe in _observers:
+        observe(int(module.layer_idx), query, key)
+    return sdpa_attention_forward(module, query, key, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def observe_attention(model: Any, observer: AttentionObserver) -> Iterator[None]:
+    """Within the block, call ``observer(layer_idx, query, key)`` at every attention call.
+
+    ``query`` is ``[B, q_heads, T, D]`` and ``key`` ``[B, kv_heads, K, D]``, both after RoPE.
+    The model's attention implementation is restored on exit.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_ATTENTION, _capture_forward)
+    AttentionMaskInterface.register(CAPTURE_ATTENTION, sdpa_mask)
+    previous = text_config(model.config)._attn_implementation or "sdpa"
+    model.set_attn_implementation(CAPTURE_ATTENTION)
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+        model.set_attn_implementation(previous)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def accumulate_moments(
+    model: Any, batches: Iterable[torch.Tensor], progress: bool = False
+) -> tuple[list[QueryMoments], list[QueryMoments]]:
+    """Per-layer query and key moments over ``batches`` of token ids (``[B, T]``, no padding).
+
+    Under ``torch.distributed`` each process passes its own share of batches; sums are all-reduced.
+    """
+    config = text_config(model.config)
+    fp = model_fingerprint(model.config)
+    device = next(model.parameters()).device
+    shape = (fp["num_key_value_heads"], fp["head_dim"])
+    queries = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
+    keys = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
+
+    def observe(layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        queries[layer_idx].add(query)
+        keys[layer_idx].add(key)
+
+    items: Iterable[torch.Tensor] = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(batches, desc="calibrating", unit="batch")
+    with observe_attention(model, observe), torch.no_grad():
+        for ids in items:
+            model(input_ids=ids.to(device), use_cache=False)
+    if _distributed():
+        for moments in (*queries, *keys):
+            moments.all_reduce()
+    return queries, keys
+
+
+def calibrate(
+    model: Any,
+    batches: Iterable[torch.Tensor],
+    rank: int | None = None,
+    metadata: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> dict[str, QueryBasis]:
+    """Calibrate a query basis (and the key-PCA control) on ``batches`` of token ids.
+
+    Returns ``{"query": ..., "key-pca": ...}``. ``rank`` defaults to the head dimension (a full
+    eigenbasis: pick a smaller rank later with :meth:`QueryBasis.with_rank` or the cache settings).
+    """
+    check_supported(model.config)
+    fp = model_fingerprint(model.config)
+    rank = fp["head_dim"] if rank is None else rank
+    queries, keys = accumulate_moments(model, batches, progress)
+    meta = dict(metadata or {})
+    meta["calibration_tokens"] = int(
+        queries[0].count.item() // (fp["num_attention_heads"] // fp["num_key_value_heads"])
+    )
+    return {
+        "query": QueryBasis([m.to_layer_basis(rank) for m in queries], fp, meta, kind="query"),
+        "key-pca": QueryBasis([m.to_layer_basis(rank, centered=True) for m in keys], fp, meta, kind="key-pca"),
+    }

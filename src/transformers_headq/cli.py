@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -11,6 +14,8 @@ from rich.table import Table
 
 from .basis import QueryBasis
 from .config import HeadQConfig, bits_per_element
+from .corpus import DEFAULT_CORPUS
+from .loading import DEFAULT_MODEL
 
 app = typer.Typer(help="HeadQ: 2-bit KV-cache quantization with score-space side codes.", no_args_is_help=True)
 console = Console()
@@ -60,6 +65,143 @@ def bits(
             cost = bits_per_element(config, head_dim, rank, seq_len, torch.float16)
             table.add_row(str(rank), str(side or "-"), f"{cost.key:.3f}", f"{cost.value:.3f}")
     console.print(table)
+
+
+ModelOption = Annotated[
+    str, typer.Option(help="'smollm2' (embedded default), a Hub id, a model folder or a .gguf file")
+]
+CorpusOption = Annotated[str, typer.Option(help="'shakespeare', 'pydoc', 'hf:NAME[:CONFIG]' or a text file")]
+
+
+def _load(model: str, device: str):  # type: ignore[no-untyped-def]
+    from .loading import load_model
+
+    with console.status(f"loading {model}"):
+        return load_model(model, device=device)
+
+
+def _windows(tokenizer, corpus: str, split: str, seq_len: int, windows: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    from .corpus import load_corpus, token_windows
+
+    text = load_corpus(corpus, split)  # type: ignore[arg-type]
+    return token_windows(tokenizer, text.text, seq_len, windows)
+
+
+@app.command()
+def calibrate(
+    output: Annotated[Path, typer.Option(help="folder to write the basis to (key-PCA control in OUTPUT/key-pca)")],
+    model: ModelOption = DEFAULT_MODEL,
+    corpus: CorpusOption = DEFAULT_CORPUS,
+    seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
+    windows: Annotated[int, typer.Option(help="calibration windows (all processes together)")] = 64,
+    batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
+    rank: Annotated[int, typer.Option(help="directions stored per KV head (0: head dim)")] = 32,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ... (under accelerate launch: each process' own)")] = "cpu",
+) -> None:
+    """Calibrate a query basis on the calibration split of a corpus.
+
+    Runs on one device, or on several processes with `accelerate launch -m transformers_headq.cli calibrate ...`:
+    each process reads its share of the windows and the sums are all-reduced.
+    """
+    from .calibrate import calibrate as run_calibration
+    from .corpus import batches
+
+    rank_id, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        from accelerate import PartialState
+
+        state = PartialState()
+        rank_id, device = state.process_index, str(state.device)
+    loaded = _load(model, device)
+    ids = _windows(loaded.tokenizer, corpus, "calibration", seq_len, windows)
+    metadata = {"model_id": loaded.name, "corpus": corpus, "sequence_length": seq_len, "processes": world}
+    bases = run_calibration(
+        loaded.model, batches(ids[rank_id::world], batch_size), rank or None, metadata, progress=rank_id == 0
+    )
+    if rank_id == 0:
+        bases["query"].save_pretrained(output)
+        bases["key-pca"].save_pretrained(output / "key-pca")
+        console.print(f"wrote {output} ({bases['query'].metadata['calibration_tokens']} tokens)")
+
+
+@app.command(name="eval")
+def evaluate(
+    model: ModelOption = DEFAULT_MODEL,
+    basis: Annotated[str, typer.Option(help="basis folder or Hub id ('shipped': the packaged one)")] = "shipped",
+    corpus: CorpusOption = DEFAULT_CORPUS,
+    seq_len: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
+    windows: Annotated[int, typer.Option(help="evaluation windows")] = 4,
+    full: Annotated[bool, typer.Option("--full", help="all rows (ranks, side bits, blocks), 16 windows")] = False,
+    batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
+    plot: Annotated[Path, typer.Option(help="PNG of PPL against bits per element")] = Path("headq-eval.png"),
+    markdown: Annotated[Path | None, typer.Option(help="write the markdown table here too")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Decode-exact perplexity of HeadQ, plain quantizers, quanto and the controls, with bits per element."""
+    from .evaluate import EvalSetup, headline, markdown_table, plot_results, run_evaluation, standard_methods
+    from .shipped import resolve_basis
+
+    loaded = _load(model, device)
+    query_basis = resolve_basis(basis)
+    query_basis.check_model(loaded.model)
+    key_pca = _key_pca_beside(basis)
+    n_windows = 16 if full and windows == 4 else windows
+    ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
+    setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size)
+    methods = standard_methods("full" if full else "quick")
+    if key_pca is None:
+        methods = [m for m in methods if m.basis_kind != "key-pca"]
+    rows = run_evaluation(setup, methods)
+    table = markdown_table(rows)
+    console.print(f"\n{loaded.name} on {corpus} (evaluation split), {ids.shape[0]} x {seq_len} tokens\n")
+    console.print(table, markup=False)
+    for line in headline(rows):
+        console.print(line, markup=False)
+    plot_results(rows, str(plot))
+    console.print(f"plot: {plot}")
+    if markdown is not None:
+        markdown.write_text(table + "\n")
+    if json_path is not None:
+        json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+
+
+def _key_pca_beside(basis: str) -> QueryBasis | None:
+    from .shipped import resolve_basis
+
+    try:
+        return resolve_basis(basis, control="key-pca")
+    except Exception:  # a basis without its key-PCA control: that row is skipped
+        return None
+
+
+@app.command()
+def diagnose(
+    model: ModelOption = DEFAULT_MODEL,
+    corpus: CorpusOption = DEFAULT_CORPUS,
+    seq_len: Annotated[int, typer.Option(help="tokens per window")] = 512,
+    windows: Annotated[int, typer.Option(help="windows")] = 4,
+    key_bits: Annotated[int, typer.Option(help="bits of the plain key quantizer")] = 2,
+    key_grouping: Annotated[str, typer.Option(help="'channel' or 'token'")] = "channel",
+    plot: Annotated[Path, typer.Option(help="PNG of KL against each measure")] = Path("headq-diagnose.png"),
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+) -> None:
+    """Per layer and head: attention KL against key MSE, score error and Fisher error (Spearman ρ)."""
+    from .diagnose import correlations, plot_diagnosis
+    from .diagnose import diagnose as run_diagnosis
+
+    loaded = _load(model, device)
+    ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, windows)
+    config = HeadQConfig(key_bits=key_bits, key_grouping=key_grouping, rank=0)  # type: ignore[arg-type]
+    rows = run_diagnosis(loaded.model, ids, config)
+    table = Table(title=f"Spearman correlation with attention KL over {len(rows)} (layer, KV head) pairs")
+    table.add_column("measure")
+    table.add_column("Spearman ρ", justify="right")
+    for measure, rho in correlations(rows).items():
+        table.add_row(measure, f"{rho:.3f}")
+    console.print(table)
+    plot_diagnosis(rows, str(plot))
+    console.print(f"plot: {plot}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 from .quantize import Grouping, GroupQuantizer, check_bits, packed_row_bytes
 
 SideScale = Literal["token", "block"]
+ValuePolicy = Literal["a2", "position"]
 _META_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -35,7 +36,12 @@ class HeadQConfig:
         side_scale: ``"token"`` (a scale and zero per token and head over its ``rank`` entries)
             or ``"block"`` (per basis direction, shared by the ``block_size`` tokens of a block).
         meta_dtype: dtype of stored scales and zero points.
-        track_attention: accumulate ``Σ p²`` per cached token (the A² value statistic).
+        value_keep: value tokens per block and KV head kept in full precision beside the codes
+            (the A² value policy; 0 turns it off).
+        value_policy: how the kept tokens are chosen: ``"a2"``, the largest mean ``p²`` over the
+            queries that read the block before it was quantized, or ``"position"`` (a control:
+            the first ``value_keep`` tokens of each block).
+        track_attention: accumulate ``Σ p²`` per cached token for every token (a diagnostic).
         chunk_size: cached tokens processed at once by the reference attention path.
     """
 
@@ -49,6 +55,8 @@ class HeadQConfig:
     side_bits: int | None = 4
     side_scale: SideScale = "token"
     meta_dtype: str = "float16"
+    value_keep: int = 0
+    value_policy: ValuePolicy = "a2"
     track_attention: bool = False
     chunk_size: int = 4096
 
@@ -69,6 +77,12 @@ class HeadQConfig:
             raise ValueError(f"meta_dtype must be one of {sorted(_META_DTYPES)}, got {self.meta_dtype!r}")
         if self.block_size < 1 or self.chunk_size < 1:
             raise ValueError("block_size and chunk_size must be >= 1")
+        if self.value_policy not in ("a2", "position"):
+            raise ValueError(f"value_policy must be 'a2' or 'position', got {self.value_policy!r}")
+        if not 0 <= self.value_keep <= self.block_size:
+            raise ValueError(f"value_keep must be between 0 and block_size={self.block_size}, got {self.value_keep}")
+        if self.value_keep and self.value_bits is None:
+            raise ValueError("value_keep needs quantized values (value_bits); dense values are already exact")
         if self.rank is not None and self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
 
@@ -147,6 +161,11 @@ def cache_bytes_per_head(
     if rank:
         key += _stream_bytes(config.side_quantizer(rank), quantized, rank, dense)
     value = _stream_bytes(config.value_quantizer(head_dim), quantized, head_dim, dense) + window * head_dim * dense
+    if config.value_keep:
+        # kept tokens: values in the model dtype plus an int16 offset inside their block
+        value += (quantized // config.block_size) * config.value_keep * (head_dim * dense + 2)
+        if config.value_policy == "a2":
+            value += window * 4  # the float32 Σp² of window tokens the policy still has to rank
     if config.track_attention:
         value += seq_len * 4  # the float32 Σp² accumulator
     return key, value
