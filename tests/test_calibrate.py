@@ -1,0 +1,101 @@
+"""Calibration captures post-RoPE queries, pools GQA heads, and reduces exactly across processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from transformers_headq.basis import orthonormality_error
+from transformers_headq.calibrate import QueryMoments, calibrate, observe_attention
+from transformers_headq.corpus import batches
+
+from .helpers import tiny_model
+
+IDS = torch.randint(1, 97, (6, 24), generator=torch.Generator().manual_seed(3))
+
+
+def _expected_query_moment(model, ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """E[q qᵀ] per KV head, with queries rebuilt by hand from the layer's projections and RoPE."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    captured = {}
+    attn = model.model.layers[layer].self_attn
+    handle = attn.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    handle.remove()
+    hidden = captured["hidden_states"]
+    q = attn.q_proj(hidden).view(*hidden.shape[:2], -1, attn.head_dim).transpose(1, 2)
+    cos, sin = captured["position_embeddings"]
+    q, _ = apply_rotary_pos_emb(q, q, cos, sin)
+    kv = model.config.num_key_value_heads
+    pooled = (
+        q.double()
+        .reshape(ids.shape[0], kv, -1, ids.shape[1], attn.head_dim)
+        .transpose(0, 1)
+        .reshape(kv, -1, attn.head_dim)
+    )
+    return pooled.transpose(1, 2) @ pooled / pooled.shape[1]
+
+
+def test_captured_queries_are_post_rope_and_pooled():
+    model = tiny_model()
+    moments = QueryMoments(2, 16)
+    with observe_attention(model, lambda layer, q, k: moments.add(q) if layer == 1 else None):
+        with torch.no_grad():
+            model(input_ids=IDS, use_cache=False)
+    torch.testing.assert_close(moments.sum_outer / moments.count, _expected_query_moment(model, IDS, 1))
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+def test_calibrated_basis_is_the_eigenbasis():
+    model = tiny_model()
+    bases = calibrate(model, batches(IDS, 4), metadata={"corpus": "random ids"})
+    layer = bases["query"].layers[1]
+    second = _expected_query_moment(model, IDS, 1).float()
+    assert orthonormality_error(layer.U) < 1e-5
+    # U diagonalises E[q qᵀ] with the stored eigenvalues, in descending order.
+    torch.testing.assert_close(
+        layer.U.transpose(1, 2) @ second @ layer.U, torch.diag_embed(layer.eigenvalues), atol=1e-3, rtol=1e-4
+    )
+    assert (layer.eigenvalues[:, :-1] >= layer.eigenvalues[:, 1:]).all()
+    assert bases["query"].metadata["calibration_tokens"] == IDS.numel()
+    assert bases["key-pca"].kind == "key-pca"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = tiny_model()
+        bases = calibrate(model, batches(IDS[rank::world], 2))
+        if rank == 0:
+            bases["query"].save_pretrained(out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_calibration_equals_single_process(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    from transformers_headq import QueryBasis
+
+    two = QueryBasis.from_pretrained(tmp_path / "two")
+    one = calibrate(tiny_model(), batches(IDS, 2))["query"]
+    for a, b in zip(one.layers, two.layers, strict=True):
+        torch.testing.assert_close(a.eigenvalues, b.eigenvalues, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(a.query_mean, b.query_mean, atol=1e-6, rtol=1e-6)
+        # Same subspaces (eigenvector signs are fixed, so the vectors themselves agree).
+        torch.testing.assert_close(a.U, b.U, atol=1e-5, rtol=0)
+    assert two.metadata["calibration_tokens"] == IDS.numel()

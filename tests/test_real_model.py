@@ -1,0 +1,80 @@
+"""The embedded SmolLM2 on real text: HeadQ must keep beating plain 2-bit keys, controls must lose.
+
+A few hundred tokens of the shipped model and corpus, so a quality regression fails CI. Orderings
+only, no hard-coded perplexities: the full figures come from `headq eval`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_headq import HeadQConfig, QueryBasis
+from transformers_headq.calibrate import calibrate
+from transformers_headq.corpus import batches, load_corpus, token_windows
+from transformers_headq.evaluate import EvalSetup, Method, evaluate_method
+from transformers_headq.loading import load_model
+from transformers_headq.shipped import shipped_path
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def shipped() -> QueryBasis:
+    return QueryBasis.from_pretrained(shipped_path())
+
+
+def test_headq_beats_plain_two_bit_and_controls_are_worse(smollm2, shipped):
+    windows = token_windows(smollm2.tokenizer, load_corpus("shakespeare", "evaluation").text, 256, 2)
+    setup = EvalSetup(smollm2.model, "smollm2", "shakespeare", windows, shipped, None, batch_size=2)
+    headq = HeadQConfig(rank=16, side_bits=3, side_scale="block")
+    ppl = {
+        name: evaluate_method(setup, method).ppl
+        for name, method in {
+            "fp": Method("k-only", "full-precision"),
+            "plain": Method("k-only", "plain", "channel", headq.replace(rank=0)),
+            "headq": Method("k-only", "headq", "channel", headq, "query"),
+            "random": Method("k-only", "random", "channel", headq, "random"),
+            "wrong-sign": Method("k-only", "wrong-sign", "channel", headq, "wrong-sign"),
+        }.items()
+    }
+    assert ppl["fp"] < ppl["headq"] < ppl["random"] < ppl["plain"] < ppl["wrong-sign"], ppl
+    assert (ppl["plain"] - ppl["headq"]) / (ppl["plain"] - ppl["fp"]) > 0.5, ppl
+
+
+def test_a_fresh_calibration_agrees_with_the_shipped_basis(smollm2, shipped):
+    """A small calibration on other windows of the same split spans nearly the shipped subspace."""
+    text = load_corpus("shakespeare", "calibration").text
+    windows = token_windows(smollm2.tokenizer, text[len(text) // 2 :], 256, 4)
+    fresh = calibrate(smollm2.model, batches(windows, 2), rank=8)["query"]
+    overlaps = []
+    for a, b in zip(fresh.layers, shipped.with_rank(8).layers, strict=True):
+        overlaps.append((a.U.transpose(1, 2) @ b.U).square().sum((1, 2)) / 8)  # mean cos² of principal angles
+    overlap = torch.cat(overlaps)
+    assert overlap.mean() > 0.8 and overlap.min() > 0.5, overlap
+
+
+def test_main_job_cli_runs_end_to_end(tmp_path):
+    """`headq eval` (the README's main job) on a short window: every row, the table, plot and JSON."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from transformers_headq.cli import app
+    from transformers_headq.evaluate import standard_methods
+
+    out = tmp_path / "rows.json"
+    args = ["eval", "--seq-len", "128", "--windows", "1", "--json", str(out), "--plot", str(tmp_path / "p.png")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert len(rows) == len(standard_methods("quick"))
+    required = {"model", "corpus", "mode", "method", "grouping", "rank", "key_bits", "value_bits", "ppl", "tokens"}
+    assert all(required <= row.keys() for row in rows)
+    assert {row["method"] for row in rows} >= {"full-precision", "plain", "headq", "quanto", "wrong-sign", "random"}
+    assert "| k-only | headq |" in result.output and (tmp_path / "p.png").stat().st_size > 10_000
