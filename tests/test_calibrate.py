@@ -46,9 +46,8 @@ def _expected_query_moment(model, ids: torch.Tensor, layer: int) -> torch.Tensor
 def test_captured_queries_are_post_rope_and_pooled():
     model = tiny_model()
     moments = QueryMoments(2, 16)
-    with observe_attention(model, lambda layer, q, k: moments.add(q) if layer == 1 else None):
-        with torch.no_grad():
-            model(input_ids=IDS, use_cache=False)
+    with observe_attention(model, lambda layer, q, k: moments.add(q) if layer == 1 else None), torch.no_grad():
+        model(input_ids=IDS, use_cache=False)
     torch.testing.assert_close(moments.sum_outer / moments.count, _expected_query_moment(model, IDS, 1))
     assert model.config._attn_implementation == "sdpa"  # restored
 

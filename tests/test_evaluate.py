@@ -13,6 +13,8 @@ from transformers_headq.evaluate import (
     Method,
     Row,
     evaluate_method,
+    fair_budget_losses,
+    fair_budget_summary,
     headline,
     markdown_table,
     pareto_front,
@@ -110,3 +112,24 @@ def test_headline_pareto_table_json_and_plot(tmp_path):
     json.dumps([r.to_dict() for r in rows])
     plot_results(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def _row(method: str, key_bits: float, ppl: float) -> Row:
+    setting = f"{method}@{key_bits}"
+    return Row("m", "c", "k-only", method, setting, setting, "channel", 0, None, key_bits, 16.0, ppl, 10)
+
+
+def test_fair_budget_finds_the_budgets_where_plain_wins():
+    rows = [
+        _row("plain", 2.5, 70.0),
+        _row("plain", 3.25, 56.6),
+        _row("headq", 2.75, 60.0),
+        _row("headq", 3.2, 57.3),
+        _row("headq", 3.375, 56.4),
+    ]
+    losses = fair_budget_losses(rows)
+    summary = [(a, b, p.ppl, None if h is None else h.ppl) for a, b, p, h in losses]
+    # from 2.5 to 2.75 bits HeadQ has no row at or below the budget; from 3.25 plain K3 is better
+    assert summary == [(2.5, 2.75, 70.0, None), (3.25, 3.375, 56.6, 57.3)]
+    assert "[3.250, 3.375)" in fair_budget_summary(rows)
+    assert fair_budget_losses([r for r in rows if r.key_bits not in (2.5, 3.25)]) == []

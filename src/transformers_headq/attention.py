@@ -227,7 +227,9 @@ def _attend_layer(
         # Blocks quantized in this call: rank their tokens (A²) before any row reads them quantized.
         extra = None
         if kept.by_attention:
-            lo, hi = kept.pending_range
+            pending = kept.pending_range
+            assert pending is not None  # set whenever blocks are pending
+            lo, hi = pending
             extra = qg.new_zeros((*qg.shape[:2], hi - lo))
             block = layer.config.block_size
 

@@ -14,8 +14,9 @@ through transformers' ``AttentionInterface``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -69,7 +70,7 @@ def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     for observe in _observers:
-        observe(int(module.layer_idx), query, key)
+        observe(int(cast(int, module.layer_idx)), query, key)
     return sdpa_attention_forward(module, query, key, *args, **kwargs)
 
 
@@ -146,8 +147,12 @@ def calibrate(
     check_supported(model.config)
     fp = model_fingerprint(model.config)
     rank = fp["head_dim"] if rank is None else rank
+    started = time.perf_counter()
     queries, keys = accumulate_moments(model, batches, progress)
+    if queries[0].sum.is_cuda:
+        torch.cuda.synchronize()
     meta = dict(metadata or {})
+    meta["calibration_seconds"] = round(time.perf_counter() - started, 3)  # forwards + all-reduce, not loading
     meta["calibration_tokens"] = int(
         queries[0].count.item() // (fp["num_attention_heads"] // fp["num_key_value_heads"])
     )

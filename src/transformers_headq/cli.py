@@ -78,11 +78,16 @@ ModelOption = Annotated[
 CorpusOption = Annotated[str, typer.Option(help="'shakespeare', 'pydoc', 'hf:NAME[:CONFIG]' or a text file")]
 
 
-def _load(model: str, device: str):  # type: ignore[no-untyped-def]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _load(model: str, device: str, dtype: str = "float32"):  # type: ignore[no-untyped-def]
     from .loading import load_model
 
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     with console.status(f"loading {model}"):
-        return load_model(model, device=device)
+        return load_model(model, dtype=DTYPES[dtype], device=device)
 
 
 def _windows(tokenizer, corpus: str, split: str, seq_len: int, windows: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -90,6 +95,23 @@ def _windows(tokenizer, corpus: str, split: str, seq_len: int, windows: int) -> 
 
     text = load_corpus(corpus, split)  # type: ignore[arg-type]
     return token_windows(tokenizer, text.text, seq_len, windows)
+
+
+def _join_process_group(world: int) -> tuple[int, str]:
+    """Join the process group that `accelerate launch` / torchrun set up: ``(rank, device)``.
+
+    accelerate picks each process's GPU and starts NCCL; on CPUs it may leave the group to us
+    (torchrun without an accelerate config), so gloo is started here when it did not.
+    """
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    state = PartialState()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if state.device.type == "cuda" else "gloo")
+    if dist.get_world_size() != world:
+        raise typer.BadParameter(f"WORLD_SIZE is {world} but the process group has {dist.get_world_size()} processes")
+    return dist.get_rank(), str(state.device)
 
 
 @app.command()
@@ -103,8 +125,9 @@ def calibrate(
     rank: Annotated[int, typer.Option(help="directions stored per KV head (0: head dim)")] = 32,
     use_rank: Annotated[int, typer.Option(help="side-code rank a cache uses by default (0: head dim / 4)")] = 0,
     side_bits: Annotated[int, typer.Option(help="side-code bits a cache uses by default")] = 3,
-    side_scale: Annotated[str, typer.Option(help="side-code scales a cache uses by default: 'block' or 'token'")] = "block",
+    side_scale: Annotated[str, typer.Option(help="side-code scales by default: 'block' or 'token'")] = "block",
     device: Annotated[str, typer.Option(help="cpu, cuda, ... (under accelerate launch: each process' own)")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="model weights: float32, bfloat16 or float16")] = "float32",
 ) -> None:
     """Calibrate a query basis on the calibration split of a corpus.
 
@@ -116,11 +139,8 @@ def calibrate(
 
     rank_id, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        from accelerate import PartialState
-
-        state = PartialState()
-        rank_id, device = state.process_index, str(state.device)
-    loaded = _load(model, device)
+        rank_id, device = _join_process_group(world)
+    loaded = _load(model, device, dtype)
     ids = _windows(loaded.tokenizer, corpus, "calibration", seq_len, windows)
     metadata = {"model_id": loaded.name, "corpus": corpus, "sequence_length": seq_len, "processes": world}
     bases = run_calibration(
@@ -133,7 +153,9 @@ def calibrate(
             basis.quantizer = settings.to_dict()
         bases["query"].save_pretrained(output)
         bases["key-pca"].save_pretrained(output / "key-pca")
-        console.print(f"wrote {output} ({bases['query'].metadata['calibration_tokens']} tokens)")
+        meta = bases["query"].metadata
+        tokens, seconds = meta["calibration_tokens"], meta["calibration_seconds"]
+        console.print(f"wrote {output}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
 
 
 @app.command(name="eval")
@@ -151,7 +173,15 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
     """Decode-exact perplexity of HeadQ, plain quantizers, quanto and the controls, with bits per element."""
-    from .evaluate import EvalSetup, headline, markdown_table, plot_results, run_evaluation, standard_methods
+    from .evaluate import (
+        EvalSetup,
+        fair_budget_summary,
+        headline,
+        markdown_table,
+        plot_results,
+        run_evaluation,
+        standard_methods,
+    )
     from .shipped import resolve_basis
 
     loaded = _load(model, device)
@@ -169,7 +199,7 @@ def evaluate(
     console.print(f"\n{loaded.name} on {corpus} (evaluation split), {ids.shape[0]} x {seq_len} tokens\n")
     typer.echo(table)
     typer.echo(BITS_NOTE)
-    for line in headline(rows):
+    for line in [*headline(rows), fair_budget_summary(rows)]:
         typer.echo(line)
     plot_results(rows, str(plot))
     console.print(f"plot: {plot}")

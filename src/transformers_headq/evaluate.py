@@ -24,6 +24,7 @@ from .basis import QueryBasis
 from .cache import HeadQCache
 from .config import HeadQConfig, bits_per_element
 from .fingerprint import model_fingerprint
+from .loading import cache_kwargs
 
 Mode = Literal["k-only", "full-kv"]
 Profile = Literal["quick", "full"]
@@ -112,12 +113,17 @@ def standard_methods(profile: Profile = "quick") -> list[Method]:
             methods.append(Method("k-only", "plain", "channel", HeadQConfig(key_bits=bits, rank=0, block_size=block)))
     for bits in (2, 3):
         methods.append(Method("k-only", "plain", "token", HeadQConfig(key_bits=bits, key_grouping="token", rank=0)))
+    # (key bits, block, rank, side bits): 2-bit keys with side codes of growing rank, and a small side
+    # code on 3-bit keys for the top of the 2.5-3.5 bit range, where plain 3-bit keys are strong.
     if profile == "quick":
-        grid = [(64, 4, 4), (64, 8, 4), (64, 12, 3), (64, 16, 3), (128, 4, 2), (128, 12, 2), (128, 16, 3), (128, 24, 3)]
+        grid = [(2, 64, 4, 4), (2, 64, 8, 4), (2, 64, 12, 3), (2, 64, 16, 3), (2, 128, 4, 2), (2, 128, 12, 2)]
+        grid += [(2, 128, 16, 3), (2, 128, 24, 3), (3, 128, 4, 2)]
     else:
-        grid = [(b, r, s) for b in blocks for r in (2, 4, 8, 12, 16, 24, 32) for s in (2, 3, 4)]
-    for block, rank, side_bits in grid:
-        methods.append(Method("k-only", "headq", "channel", _headq(rank, side_bits, block), "query"))
+        grid = [(2, b, r, s) for b in blocks for r in (2, 4, 8, 12, 16, 24, 32) for s in (2, 3, 4)]
+        grid += [(3, b, r, s) for b in blocks for r in (2, 4, 8) for s in (2, 3)]
+    for key_bits, block, rank, side_bits in grid:
+        config = _headq(rank, side_bits, block, key_bits=key_bits)
+        methods.append(Method("k-only", "headq", "channel", config, "query"))
     methods.append(Method("k-only", "headq", "token", _headq(8, 4, key_grouping="token"), "query"))
     for kind in ("random", "key-pca", "wrong-sign"):
         methods.append(Method("k-only", kind, "channel", _headq(16, 3), kind))
@@ -161,16 +167,15 @@ def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def forward_nll(model: Any, ids: torch.Tensor, cache: Any | None) -> torch.Tensor:
     """Summed next-token NLL of ``ids`` [B, T] in one forward through ``cache`` (None: no cache)."""
-    out = model(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
+    out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=cache is not None)
     return _nll(out.logits, ids)
 
 
 @torch.no_grad()
 def decode_nll(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
     """Summed next-token NLL of ``ids`` [B, T] fed one token at a time through ``cache``."""
-    logits = [
-        model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(ids.shape[1])
-    ]
+    kwargs = cache_kwargs(model, cache)
+    logits = [model(input_ids=ids[:, t : t + 1], **kwargs, use_cache=True).logits for t in range(ids.shape[1])]
     return _nll(torch.cat(logits, dim=1), ids)
 
 
@@ -362,3 +367,39 @@ def headline(rows: list[Row]) -> list[str]:
         change = f"{base.ppl:.2f} -> {r.ppl:.2f}"
         lines.append(f"{r.setting}: removes {100 * share:.1f}% of the excess PPL of plain {base.setting} ({change})")
     return lines
+
+
+def fair_budget_losses(
+    rows: list[Row], low: float = 2.5, high: float = 3.5
+) -> list[tuple[float, float, Row, Row | None]]:
+    """Key-bit budgets in ``[low, high]`` where HeadQ's best K-only row at or below the budget does
+    not beat the best plain row at or below it, as ``(from, to, best plain, best headq or None)``."""
+    k_only = [r for r in rows if r.mode == "k-only" and r.method in ("plain", "headq")]
+    budgets = sorted({low} | {r.key_bits for r in k_only if low <= r.key_bits < high})
+    losses: list[tuple[float, float, Row, Row | None]] = []
+    for start, end in zip(budgets, [*budgets[1:], high], strict=True):
+        plain = _best(k_only, "plain", start)
+        headq = _best(k_only, "headq", start)
+        if plain is None or (headq is not None and headq.ppl < plain.ppl):
+            continue
+        if losses and losses[-1][1] == start and losses[-1][2] is plain and losses[-1][3] is headq:
+            losses[-1] = (losses[-1][0], end, plain, headq)
+        else:
+            losses.append((start, end, plain, headq))
+    return losses
+
+
+def _best(rows: list[Row], method: str, budget: float) -> Row | None:
+    return min((r for r in rows if r.method == method and r.key_bits <= budget), key=lambda r: r.ppl, default=None)
+
+
+def fair_budget_summary(rows: list[Row], low: float = 2.5, high: float = 3.5) -> str:
+    """One line: where, in ``[low, high]`` key bits, HeadQ's front is below the plain front or not."""
+    losses = fair_budget_losses(rows, low, high)
+    if not losses:
+        return f"Fair budget: at every key budget in [{low}, {high}] bits HeadQ's best row beats the best plain row."
+    parts = []
+    for start, end, plain, headq in losses:
+        theirs = "no HeadQ row" if headq is None else f"HeadQ {headq.setting} {headq.ppl:.2f}"
+        parts.append(f"[{start:.3f}, {end:.3f}) bits: plain {plain.setting} {plain.ppl:.2f} vs {theirs}")
+    return f"Fair budget: HeadQ's best row beats the best plain row in [{low}, {high}] bits except " + "; ".join(parts)

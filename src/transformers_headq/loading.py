@@ -8,6 +8,7 @@ load (it needs the ``gguf`` package).
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,4 +72,13 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, de
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
-    return LoadedModel(model.to(device).eval(), tokenizer, name)
+    placed: Any = model  # PreTrainedModel.to's decorator confuses mypy about its argument
+    return LoadedModel(placed.to(device).eval(), tokenizer, name)
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """The keyword that passes ``cache`` to ``model``'s forward: ``cache`` on transformers >= 5.24,
+    ``past_key_values`` before (5.24 still accepts the old name but warns on every call)."""
+    forward = getattr(model, "forward", model)
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return {name: cache}
