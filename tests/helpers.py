@@ -58,3 +58,16 @@ def random_basis(model, rank: int, seed: int = 0) -> QueryBasis:
         model,
         [random_orthonormal(cfg.num_key_value_heads, head_dim, rank, seed + i) for i in range(cfg.num_hidden_layers)],
     )
+
+
+def save_tiny_model_folder(path, text: str) -> None:
+    """A tiny Llama and a word-level tokenizer over ``text``'s words, saved as a model folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted(set(text.split()))
+    vocab = {"[UNK]": 0, **{word: i + 1 for i, word in enumerate(words[:96])}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
+    tiny_model().save_pretrained(path)

@@ -10,11 +10,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from transformers_headq import QueryBasis
 from transformers_headq.basis import orthonormality_error
 from transformers_headq.calibrate import QueryMoments, calibrate, observe_attention
 from transformers_headq.corpus import batches
 
-from .helpers import tiny_model
+from .helpers import save_tiny_model_folder, tiny_model
 
 IDS = torch.randint(1, 97, (6, 24), generator=torch.Generator().manual_seed(3))
 
@@ -98,3 +99,30 @@ def test_two_process_calibration_equals_single_process(tmp_path):
         # Same subspaces (eigenvector signs are fixed, so the vectors themselves agree).
         torch.testing.assert_close(a.U, b.U, atol=1e-5, rtol=0)
     assert two.metadata["calibration_tokens"] == IDS.numel()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_through_the_cli_equal_one(tmp_path):
+    """`headq calibrate` under torchrun (2 CPU processes, gloo) writes the single-process basis."""
+    import subprocess
+    import sys
+
+    text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(4000))
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(text[i : i + 200] for i in range(0, len(text), 200)))
+    save_tiny_model_folder(tmp_path / "model", text)
+    args = ["calibrate", "--model", str(tmp_path / "model"), "--corpus", str(corpus), "--seq-len", "32"]
+    args += ["--windows", "8", "--batch-size", "2", "--rank", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cli = [sys.executable, "-m", "transformers_headq.cli"]
+    subprocess.run([*cli, *args, "--output", str(tmp_path / "one")], check=True, env=env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    torchrun += ["--master_port", str(_free_port()), "-m", "transformers_headq.cli"]
+    subprocess.run([*torchrun, *args, "--output", str(tmp_path / "two")], check=True, env=env)
+    one, two = (QueryBasis.from_pretrained(tmp_path / name) for name in ("one", "two"))
+    assert one.metadata["calibration_tokens"] == two.metadata["calibration_tokens"] == 8 * 32
+    assert (one.metadata["processes"], two.metadata["processes"]) == (1, 2)
+    for a, b in zip(one.layers, two.layers, strict=True):
+        signs = torch.sign((a.U * b.U).sum(-2, keepdim=True))
+        torch.testing.assert_close(b.U * signs, a.U, rtol=0, atol=1e-6)
+        torch.testing.assert_close(b.eigenvalues, a.eigenvalues, rtol=1e-9, atol=0)
