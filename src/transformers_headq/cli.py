@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -166,6 +167,7 @@ def evaluate(
     seq_len: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
     windows: Annotated[int, typer.Option(help="evaluation windows")] = 4,
     full: Annotated[bool, typer.Option("--full", help="all rows (ranks, side bits, blocks), 16 windows")] = False,
+    profile: Annotated[str, typer.Option(help="rows: 'quick', 'full' (= --full) or 'core' (5 rows)")] = "quick",
     batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     plot: Annotated[Path, typer.Option(help="PNG of PPL against bits per element")] = Path("headq-eval.png"),
@@ -188,10 +190,13 @@ def evaluate(
     query_basis = resolve_basis(basis)
     query_basis.check_model(loaded.model)
     key_pca = _key_pca_beside(basis)
-    n_windows = 16 if full and windows == 4 else windows
+    profile = "full" if full else profile
+    if profile not in ("core", "quick", "full"):
+        raise typer.BadParameter(f"--profile must be 'core', 'quick' or 'full', not {profile!r}")
+    n_windows = 16 if profile == "full" and windows == 4 else windows
     ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
     setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size)
-    methods = standard_methods("full" if full else "quick")
+    methods = standard_methods(profile)  # type: ignore[arg-type]
     if key_pca is None:
         methods = [m for m in methods if m.basis_kind != "key-pca"]
     rows = run_evaluation(setup, methods)
@@ -227,6 +232,7 @@ def diagnose(
     key_bits: Annotated[int, typer.Option(help="bits of the plain key quantizer")] = 2,
     key_grouping: Annotated[str, typer.Option(help="'channel' or 'token'")] = "channel",
     plot: Annotated[Path, typer.Option(help="PNG of KL against each measure")] = Path("headq-diagnose.png"),
+    json_path: Annotated[Path | None, typer.Option("--json", help="write per-head rows and correlations")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
 ) -> None:
     """Per layer and head: attention KL against key MSE, score error and Fisher error (Spearman ρ)."""
@@ -240,11 +246,32 @@ def diagnose(
     table = Table(title=f"Spearman correlation with attention KL over {len(rows)} (layer, KV head) pairs")
     table.add_column("measure")
     table.add_column("Spearman ρ", justify="right")
-    for measure, rho in correlations(rows).items():
+    rhos = correlations(rows)
+    for measure, rho in rhos.items():
         table.add_row(measure, f"{rho:.3f}")
     console.print(table)
+    if json_path is not None:
+        heads = [dataclasses.asdict(row) for row in rows]
+        json_path.write_text(json.dumps({"spearman_vs_kl": rhos, "heads": heads}, indent=2) + "\n")
     plot_diagnosis(rows, str(plot))
     console.print(f"plot: {plot}")
+
+
+@app.command()
+def card(
+    basis: Annotated[Path, typer.Argument(help="basis folder: README.md is written into it")],
+    repo_id: Annotated[str, typer.Option(help="the Hub repo id the card names")],
+    base_model: Annotated[str | None, typer.Option(help="Hub id of the model the basis is for")] = None,
+    quality: Annotated[Path | None, typer.Option(help="rows of `headq eval --json` measured with this basis")] = None,
+    license: Annotated[str, typer.Option(help="licence of the basis")] = "apache-2.0",
+) -> None:
+    """Write a model card (Hub metadata, how the basis was made, measured quality, usage)."""
+    from .model_card import basis_model_card
+
+    loaded = QueryBasis.from_pretrained(basis)
+    rows = json.loads(quality.read_text()) if quality is not None else None
+    basis_model_card(loaded, repo_id, base_model, rows, license).save(basis / "README.md")
+    console.print(f"wrote {basis / 'README.md'}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from .fingerprint import model_fingerprint
 from .loading import cache_kwargs
 
 Mode = Literal["k-only", "full-kv"]
-Profile = Literal["quick", "full"]
+Profile = Literal["core", "quick", "full"]
 DEPLOY_DTYPE = torch.float16
 QUANTO_GROUP = 64
 QUANTO_RESIDUAL = 128
@@ -101,11 +101,20 @@ def _headq(rank: int, side_bits: int, block: int = 64, **changes: Any) -> HeadQC
 
 
 def standard_methods(profile: Profile = "quick") -> list[Method]:
-    """The rows ``headq eval`` runs: the quick profile is the README's main job.
+    """The rows ``headq eval`` runs: the quick profile is the README's main job, ``full`` adds every
+    rank, side-code width and block, ``core`` is the handful a transfer check needs.
 
     Plain and HeadQ rows span 2.4-3.5 bits per key element (blocks of 64 and 128 tokens) so that a
     Pareto front can be drawn; the controls share one HeadQ setting.
     """
+    if profile == "core":  # the rows a transfer or regression check needs, in under a minute
+        return [
+            Method("k-only", "full-precision"),
+            Method("k-only", "plain", "channel", HeadQConfig(key_bits=2, rank=0)),
+            Method("k-only", "headq", "channel", _headq(8, 4), "query"),
+            Method("k-only", "headq", "channel", _headq(16, 3), "query"),
+            Method("k-only", "random", "channel", _headq(16, 3), "random"),
+        ]
     methods = [Method("k-only", "full-precision")]
     blocks = (64, 128) if profile == "quick" else (32, 64, 128)
     for block in blocks:
