@@ -114,18 +114,18 @@ def test_headline_pareto_table_json_and_plot(tmp_path):
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
-def _row(method: str, key_bits: float, ppl: float) -> Row:
+def _k_only_row(method: str, key_bits: float, ppl: float) -> Row:
     setting = f"{method}@{key_bits}"
     return Row("m", "c", "k-only", method, setting, setting, "channel", 0, None, key_bits, 16.0, ppl, 10)
 
 
 def test_fair_budget_finds_the_budgets_where_plain_wins():
     rows = [
-        _row("plain", 2.5, 70.0),
-        _row("plain", 3.25, 56.6),
-        _row("headq", 2.75, 60.0),
-        _row("headq", 3.2, 57.3),
-        _row("headq", 3.375, 56.4),
+        _k_only_row("plain", 2.5, 70.0),
+        _k_only_row("plain", 3.25, 56.6),
+        _k_only_row("headq", 2.75, 60.0),
+        _k_only_row("headq", 3.2, 57.3),
+        _k_only_row("headq", 3.375, 56.4),
     ]
     losses = fair_budget_losses(rows)
     summary = [(a, b, p.ppl, None if h is None else h.ppl) for a, b, p, h in losses]

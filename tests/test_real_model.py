@@ -48,15 +48,23 @@ def test_headq_beats_plain_two_bit_and_controls_are_worse(smollm2, shipped):
 
 
 def test_a_fresh_calibration_agrees_with_the_shipped_basis(smollm2, shipped):
-    """A small calibration on other windows of the same split spans nearly the shipped subspace."""
+    """A small calibration on other plays captures nearly all the query energy of the shipped top-8.
+
+    Measured: the captured share is 0.95 on average (0.89 at worst) with 4 windows, 0.96 with 16. The
+    exact 8-dim subspaces overlap less (mean cos² 0.74, 0.76 with 16 windows: the weaker directions
+    have close eigenvalues and differ between plays), which is why energy, what the side code relies
+    on, is the quantity checked. Energy along shipped directions past rank 32 is not counted, so the
+    share is a lower bound.
+    """
     text = load_corpus("shakespeare", "calibration").text
     windows = token_windows(smollm2.tokenizer, text[len(text) // 2 :], 256, 4)
     fresh = calibrate(smollm2.model, batches(windows, 2), rank=8)["query"]
-    overlaps = []
-    for a, b in zip(fresh.layers, shipped.with_rank(8).layers, strict=True):
-        overlaps.append((a.U.transpose(1, 2) @ b.U).square().sum((1, 2)) / 8)  # mean cos² of principal angles
-    overlap = torch.cat(overlaps)
-    assert overlap.mean() > 0.8 and overlap.min() > 0.5, overlap
+    shares = []
+    for a, b in zip(fresh.layers, shipped.layers, strict=True):
+        along = (a.U.transpose(1, 2) @ b.U).square().sum(1)  # [heads, 32]: |U_freshᵀ u_i|²
+        shares.append((along * b.eigenvalues[..., : b.rank]).sum(-1) / b.eigenvalues[..., :8].sum(-1))
+    share = torch.cat(shares)
+    assert share.mean() > 0.9 and share.min() > 0.85, share
 
 
 def test_main_job_cli_runs_end_to_end(tmp_path):

@@ -175,15 +175,50 @@ class QueryBasis:
         return path
 
     @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike[str], **hub_kwargs: Any) -> QueryBasis:
-        """Load a basis from a local folder, or from a Hub repo id via ``huggingface_hub``."""
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike[str],
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        force_download: bool = False,
+    ) -> QueryBasis:
+        """Load a basis from a local folder, or from a Hub repo id into the standard HF cache.
+
+        Hub downloads honour ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``; ``revision`` may be a branch,
+        tag or commit hash. A download that is not a valid basis is removed from the cache.
+        """
+        from .hub import download_basis, load_downloaded
+
         path = Path(path_or_repo_id)
-        if not path.is_dir():
-            path = _download(str(path_or_repo_id), **hub_kwargs)
-        return cls._load_folder(path)
+        if path.is_dir():
+            return cls.from_folder(path)
+        repo_id = str(path_or_repo_id)
+        snapshot = download_basis(
+            repo_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            force_download=force_download,
+        )
+        return load_downloaded(repo_id, snapshot, cache_dir)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload this basis and a generated model card to ``repo_id`` in one commit.
+
+        Keyword arguments are those of :func:`transformers_headq.hub.push_basis` (``commit_message``,
+        ``private``, ``token``, ``branch``, ``create_pr``, ``base_model``, ``quality_rows``, ...).
+        """
+        from .hub import push_basis
+
+        return push_basis(self, repo_id, **kwargs)
 
     @classmethod
-    def _load_folder(cls, path: Path) -> QueryBasis:
+    def from_folder(cls, path: Path) -> QueryBasis:
+        """Load and validate a basis folder (``config.json`` + ``basis.safetensors``)."""
         config_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
         if not weights_path.is_file():
             pickles = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
@@ -249,25 +284,6 @@ def basis_from_second_moment(second_moment: torch.Tensor, rank: int) -> tuple[to
     signs = torch.sign(torch.gather(evecs, -2, idx))
     evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
     return evecs[..., :rank].float(), evals.clamp_min(0).float()
-
-
-def _download(repo_id: str, **hub_kwargs: Any) -> Path:
-    """Fetch a basis repo's files (safetensors, config, card only) with ``huggingface_hub``."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        folder = snapshot_download(repo_id, allow_patterns=[WEIGHTS_NAME, CONFIG_NAME, "README.md"], **hub_kwargs)
-    except HFValidationError:
-        raise BasisFormatError(
-            f"{repo_id!r} is neither a local folder nor a valid Hub repo id (like 'org/name')"
-        ) from None
-    except Exception as err:  # network, offline mode, missing repo: all need the same advice
-        raise BasisFormatError(
-            f"could not get the basis {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {err}). "
-            "Check the repo id and your network, or pass a local folder; offline, it must already be in the cache."
-        ) from None
-    return Path(folder)
 
 
 def orthonormality_error(U: torch.Tensor) -> float:

@@ -336,11 +336,17 @@ class HeadQCache(Cache):
         path_or_repo_id: str | os.PathLike[str] | QueryBasis,
         model: Any,
         *,
-        hub_kwargs: dict[str, Any] | None = None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
         **overrides: Any,
     ) -> HeadQCache:
         """Load a basis (local folder or Hub repo id), check it against ``model``, switch the
-        model to the ``headq`` attention, and return an empty cache for one generation."""
+        model to the ``headq`` attention, and return an empty cache for one generation.
+
+        ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` go to the Hub download;
+        other keywords override the cache settings stored with the basis (``rank=8``, ...)."""
         from .attention import enable_headq_attention
         from .fingerprint import check_supported
 
@@ -348,7 +354,9 @@ class HeadQCache(Cache):
         if isinstance(path_or_repo_id, QueryBasis):
             basis = path_or_repo_id
         else:
-            basis = QueryBasis.from_pretrained(path_or_repo_id, **(hub_kwargs or {}))
+            basis = QueryBasis.from_pretrained(
+                path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
+            )
         basis.check_model(model)
         enable_headq_attention(model)
         return cls(basis, **overrides)

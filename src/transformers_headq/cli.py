@@ -129,6 +129,7 @@ def calibrate(
     side_scale: Annotated[str, typer.Option(help="side-code scales by default: 'block' or 'token'")] = "block",
     device: Annotated[str, typer.Option(help="cpu, cuda, ... (under accelerate launch: each process' own)")] = "cpu",
     dtype: Annotated[str, typer.Option(help="model weights: float32, bfloat16 or float16")] = "float32",
+    push_to_hub: Annotated[str | None, typer.Option(help="also push the basis to this Hub repo")] = None,
 ) -> None:
     """Calibrate a query basis on the calibration split of a corpus.
 
@@ -157,6 +158,8 @@ def calibrate(
         meta = bases["query"].metadata
         tokens, seconds = meta["calibration_tokens"], meta["calibration_seconds"]
         console.print(f"wrote {output}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
+        if push_to_hub is not None:
+            _push(output, push_to_hub)
 
 
 @app.command(name="eval")
@@ -272,6 +275,70 @@ def card(
     rows = json.loads(quality.read_text()) if quality is not None else None
     basis_model_card(loaded, repo_id, base_model, rows, license).save(basis / "README.md")
     console.print(f"wrote {basis / 'README.md'}")
+
+
+@app.command()
+def push(
+    basis: Annotated[Path, typer.Argument(help="basis folder written by `headq calibrate`")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo to create or update, 'org/name'")],
+    message: Annotated[str | None, typer.Option(help="commit message")] = None,
+    private: Annotated[bool, typer.Option(help="create the repo private")] = False,
+    branch: Annotated[str | None, typer.Option(help="branch to commit to (default: main)")] = None,
+    create_pr: Annotated[bool, typer.Option(help="open a pull request instead of committing")] = False,
+    base_model: Annotated[str | None, typer.Option(help="Hub id of the model, for the card")] = None,
+    quality: Annotated[Path | None, typer.Option(help="`headq eval --json` rows for the card")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token (default: `hf auth login`'s)")] = None,
+) -> None:
+    """Upload a basis (and its key-PCA control, if present) with a model card, in one commit."""
+    _push(basis, repo_id, message, private, branch, create_pr, base_model, quality, token)
+
+
+def _push(
+    basis: Path,
+    repo_id: str,
+    message: str | None = None,
+    private: bool = False,
+    branch: str | None = None,
+    create_pr: bool = False,
+    base_model: str | None = None,
+    quality: Path | None = None,
+    token: str | None = None,
+) -> None:
+    loaded = QueryBasis.from_folder(basis)
+    extra = {"key-pca": QueryBasis.from_folder(basis / "key-pca")} if (basis / "key-pca").is_dir() else {}
+    rows = json.loads(quality.read_text()) if quality is not None else None
+    commit = loaded.push_to_hub(
+        repo_id,
+        commit_message=message,
+        private=private or None,
+        token=token,
+        branch=branch,
+        create_pr=create_pr,
+        base_model=base_model,
+        quality_rows=rows,
+        extra_folders=extra,
+    )
+    console.print(f"pushed {basis} to {repo_id}: commit {commit.oid} ({commit.commit_url})")
+
+
+@app.command()
+def pull(
+    repo_id: Annotated[str, typer.Argument(help="Hub repo of a basis, 'org/name'")],
+    revision: Annotated[str | None, typer.Option(help="branch, tag or commit hash")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="HF cache folder (default: the standard one)")] = None,
+    token: Annotated[str | None, typer.Option(help="Hub token for private repos")] = None,
+) -> None:
+    """Download a basis into the HF cache (for offline use later) and check that it loads."""
+    from .hub import download_basis, load_downloaded
+
+    path = download_basis(repo_id, revision=revision, cache_dir=cache_dir, token=token)
+    loaded = load_downloaded(repo_id, path, cache_dir)
+    fp = loaded.fingerprint
+    console.print(
+        f"{repo_id} -> {path}\n  {fp['model_type']}, {fp['num_hidden_layers']} layers, "
+        f"{fp['num_key_value_heads']} KV heads, head dim {fp['head_dim']}, rank {loaded.rank}; "
+        f"calibrated for {loaded.metadata.get('model_id', '?')} on {loaded.metadata.get('corpus', '?')}"
+    )
 
 
 if __name__ == "__main__":
