@@ -3,35 +3,54 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import AutoModelForCausalLM
 
 from transformers_headq import QueryBasis
 from transformers_headq.basis import LayerBasis
 from transformers_headq.fingerprint import model_fingerprint
 
-FAMILIES = {
-    "llama": LlamaConfig,
-    "mistral": MistralConfig,
-    "qwen2": Qwen2Config,
+_GQA = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+# Tiny random configs, one per supported decoder family, each with what makes the family different.
+FAMILIES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", _GQA),
+    "mistral": ("MistralConfig", {**_GQA, "sliding_window": None}),
+    "mistral-sliding": ("MistralConfig", {**_GQA, "sliding_window": 8}),  # every layer slides
+    "qwen2": ("Qwen2Config", {**_GQA, "sliding_window": None}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {**_GQA, "head_dim": 16, "sliding_window": None}),  # q/k RMS norms
+    "gemma2": (  # alternating sliding/global layers, logit soft-capping, head dim 256, MQA
+        "Gemma2Config",
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 8,
+         "max_position_embeddings": 512, "query_pre_attn_scalar": 256},
+    ),
+    "gemma3": (  # five sliding layers per global one, q/k norms, MQA
+        "Gemma3TextConfig",
+        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 8,
+         "max_position_embeddings": 512, "query_pre_attn_scalar": 256},
+    ),
+    "phi3": ("Phi3Config", {**_GQA, "bos_token_id": 1, "eos_token_id": 2}),  # fused qkv projection
+    "gpt_neox": ("GPTNeoXConfig", {"num_attention_heads": 4, "rotary_pct": 0.25, "max_position_embeddings": 512}),
+    "gpt2": ("GPT2Config", {"n_head": 4, "n_positions": 512, "bos_token_id": 1, "eos_token_id": 2}),  # learned positions, Conv1D attention
 }
+HYBRID_LAYERS = {"gemma2": 2, "gemma3": 6}  # enough layers to hold both kinds
 
 
-def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, layers: int = 2, seed: int = 0):
-    """A random model with GQA (4 query heads sharing 2 KV heads, head dim 16), in eval mode."""
+def tiny_config(family: str = "llama", layers: int = 2):
+    """A tiny config of ``family`` (vocab 97, hidden 64)."""
+    import transformers
+
+    name, extra = FAMILIES[family]
+    sizes = {"vocab_size": 97, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers}
+    if family == "gpt2":
+        sizes = {"vocab_size": 97, "n_embd": 64, "n_inner": 96, "n_layer": layers}
+    return getattr(transformers, name)(**sizes, **extra, pad_token_id=0, tie_word_embeddings=False)
+
+
+def tiny_model(family: str = "llama", dtype: torch.dtype = torch.float32, layers: int | None = None, seed: int = 0):
+    """A random model of ``family`` in eval mode (GQA or MQA where the family has it)."""
     torch.manual_seed(seed)
-    config = FAMILIES[family](
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        sliding_window=None,
-    )
+    config = tiny_config(family, layers or HYBRID_LAYERS.get(family, 2))
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation("eager" if family == "gemma2" else "sdpa")  # Gemma 2 has no sdpa path
     model.generation_config.pad_token_id = 0
     return model
 
@@ -52,11 +71,10 @@ def random_orthonormal(heads: int, dim: int, rank: int, seed: int = 0) -> torch.
 
 
 def random_basis(model, rank: int, seed: int = 0) -> QueryBasis:
-    cfg = model.config
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    fp = model_fingerprint(model.config)
+    heads, head_dim = fp["num_key_value_heads"], fp["head_dim"]
     return basis_from_tensors(
-        model,
-        [random_orthonormal(cfg.num_key_value_heads, head_dim, rank, seed + i) for i in range(cfg.num_hidden_layers)],
+        model, [random_orthonormal(heads, head_dim, rank, seed + i) for i in range(fp["num_hidden_layers"])]
     )
 
 

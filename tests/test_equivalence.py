@@ -1,4 +1,8 @@
-"""Identity settings (no quantization, rank 0) must reproduce DynamicCache + sdpa exactly."""
+"""Identity settings (no quantization, rank 0) must reproduce DynamicCache + sdpa exactly.
+
+Every supported family, with prompts and generations longer than the tiny sliding windows (8
+tokens), so sliding layers evict blocks while generating, as transformers' own cache does.
+"""
 
 from __future__ import annotations
 
@@ -53,9 +57,12 @@ MODES = {
 @pytest.mark.parametrize("cache_kwarg", CACHE_KWARGS)
 def test_identity_settings_reproduce_dynamic_cache(family, mode, cache_kwarg):
     model = tiny_model(family)
-    reference = _generate(model, DynamicCache(), cache_kwarg, **MODES[mode])
+    reference = _generate(model, DynamicCache(config=model.config), cache_kwarg, **MODES[mode])
     enable_headq_attention(model)
-    ours = _generate(model, HeadQCache(config=IDENTITY, num_layers=2), cache_kwarg, **MODES[mode])
+    cache = HeadQCache(config=IDENTITY, model_config=model.config)
+    ours = _generate(model, cache, cache_kwarg, **MODES[mode])
+    if any(layer.is_sliding for layer in cache.layers):  # the window really slid: old blocks are gone
+        assert all(layer.stored_length <= 8 + IDENTITY.block_size for layer in cache.layers if layer.is_sliding)
     assert torch.equal(reference.sequences, ours.sequences)
     for ref_step, our_step in zip(reference.logits, ours.logits, strict=True):
         torch.testing.assert_close(our_step, ref_step, atol=1e-5, rtol=0)

@@ -12,6 +12,7 @@ from .basis import LayerBasis, QueryBasis
 from .cache import HeadQCache, HeadQLayer
 from .config import BitsPerElement, HeadQConfig, bits_per_element
 from .errors import BasisFormatError, BasisMismatchError, CacheInputError, HeadQError, UnsupportedModelError
+from .factory import HeadQCacheFactory
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "BitsPerElement",
     "CacheInputError",
     "HeadQCache",
+    "HeadQCacheFactory",
     "HeadQConfig",
     "HeadQError",
     "HeadQLayer",

@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .basis import LayerBasis, QueryBasis
 from .config import BitsPerElement, HeadQConfig
 from .errors import CacheInputError
+from .fingerprint import sliding_windows
 from .handoff import AttentionInputs, HeadQStates
 from .store import DenseStore, QuantizedStore, TokenBuffer, TokenStore
 from .values import KeptValues
@@ -32,18 +33,23 @@ def _store(quantizer: Any, n_channels: int) -> TokenStore:
 class HeadQLayer(CacheLayerMixin):
     """One attention layer's HeadQ storage."""
 
-    is_sliding = False
     is_compileable = False
     # Rolling back into already-quantized blocks moves their kept tokens back into the window as
     # the states attention saw (see `crop`), so outputs up to the crop point are reproduced.
     is_croppable = True
 
-    def __init__(self, config: HeadQConfig, basis: LayerBasis | None, layer_idx: int) -> None:
+    def __init__(
+        self, config: HeadQConfig, basis: LayerBasis | None, layer_idx: int, sliding_window: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.basis = basis
         self.layer_idx = layer_idx
         self.rank = 0 if basis is None else basis.rank
+        # A sliding-window layer forgets whole quantized blocks that no future query can see.
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.evicted = 0
 
     # --------------------------------------------------------------- set-up
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -67,6 +73,7 @@ class HeadQLayer(CacheLayerMixin):
             TokenBuffer(torch.zeros(batch, heads, 0, device=self.device)) if cfg.track_attention else None
         )
         self.kept = KeptValues(cfg, value_states) if cfg.value_keep else None
+        self.evicted = 0
         self.is_initialized = True
 
     def _check_first_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -114,7 +121,8 @@ class HeadQLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         else:
             self._check_next_states(key_states, value_states)
-        query_start = self.get_seq_length()
+            self._evict(self._evictable())
+        query_start = self.stored_length
         fresh_start = self.key_store.length
         keys = torch.cat([self.window_keys, key_states], dim=-2)
         values = torch.cat([self.window_values, value_states], dim=-2)
@@ -131,7 +139,7 @@ class HeadQLayer(CacheLayerMixin):
         if self.attention_mass is not None:
             self.attention_mass.append(key_states.new_zeros(key_states.shape[:3], dtype=torch.float32))
         inputs = AttentionInputs(self, query_start, fresh_start, fresh_keys, fresh_values)
-        shape = (*key_states.shape[:2], self.get_seq_length(), key_states.shape[3])
+        shape = (*key_states.shape[:2], self.stored_length, key_states.shape[3])
         return (
             HeadQStates(torch.Size(shape), self.dtype, self.device, inputs, self.effective_keys),
             HeadQStates(
@@ -151,10 +159,42 @@ class HeadQLayer(CacheLayerMixin):
         if self.kept is not None:
             self.kept.hold(self.value_store.length - values.shape[-2], values)
 
+    # ------------------------------------------------------ sliding window
+    def _evictable(self) -> int:
+        """Tokens (whole quantized blocks) that no query from now on can see through the window.
+
+        The next query is at absolute position ``get_seq_length()`` and sees keys after
+        ``position - sliding_window``; blocks wholly before that are dropped. Computed the same
+        way by :meth:`get_mask_sizes` before the forward and by :meth:`update` in it.
+        """
+        if self.sliding_window is None or not self.is_initialized:
+            return 0
+        first_visible = self.get_seq_length() - self.sliding_window + 1
+        block = self.config.block_size
+        return min(max(first_visible - self.evicted, 0) // block * block, self.quantized_length)
+
+    def _evict(self, tokens: int) -> None:
+        if not tokens:
+            return
+        for store in (self.key_store, self.side_store, self.value_store):
+            if store is not None:
+                store.drop_front(tokens)
+        if self.kept is not None:
+            self.kept.drop_front_blocks(tokens // self.config.block_size)
+        if self.attention_mass is not None:
+            self.attention_mass.drop_front(tokens)
+        self.evicted += tokens
+
     # ---------------------------------------------------------------- reads
     @property
     def quantized_length(self) -> int:
+        """Quantized tokens held (after any sliding-window eviction)."""
         return self.key_store.length
+
+    @property
+    def stored_length(self) -> int:
+        """Tokens held: quantized plus the full-precision window. Slots run from 0 to this."""
+        return self.quantized_length + self.window_keys.shape[-2] if self.is_initialized else 0
 
     def read_keys(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Dequantized keys ``k̂`` and side codes ``ĉ`` (float32) of quantized slots ``[start, end)``."""
@@ -186,18 +226,20 @@ class HeadQLayer(CacheLayerMixin):
 
     # ------------------------------------------------------ Cache protocol
     def get_seq_length(self) -> int:
-        if not self.is_initialized:
-            return 0
-        return self.quantized_length + self.window_keys.shape[-2]
+        """Tokens seen so far, evicted ones included (what positions are counted from)."""
+        return self.evicted + self.stored_length
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.get_seq_length() + query_length, 0
+        """``(kv_length, kv_offset)`` of the next call, after the eviction its update will do."""
+        evict = self._evictable()
+        return self.stored_length - evict + query_length, self.evicted + evict
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.sliding_window is None else self.sliding_window
 
     def reset(self) -> None:
         self.is_initialized = False
+        self.evicted = 0
         for name in (
             "key_store",
             "side_store",
@@ -242,7 +284,12 @@ class HeadQLayer(CacheLayerMixin):
         keep = tokens_to_remove if tokens_to_remove > 0 else length + tokens_to_remove
         if not self.is_initialized or keep >= length:
             return
-        keep = max(keep, 0)
+        if keep < self.evicted:
+            raise CacheInputError(
+                f"HeadQCache layer {self.layer_idx} slides: tokens before {self.evicted} are gone, so it cannot "
+                f"be cropped to {max(keep, 0)} tokens. Start a new cache instead."
+            )
+        keep = max(keep, 0) - self.evicted
         if self.kept is not None:
             self.kept.choose()
         if keep >= self.quantized_length:
@@ -308,8 +355,16 @@ class HeadQCache(Cache):
         config: HeadQConfig | None = None,
         *,
         num_layers: int | None = None,
+        model_config: Any = None,
         **overrides: Any,
     ) -> None:
+        """``model_config`` (the model's config) tells which layers slide and over how many tokens;
+        without it every layer keeps all its tokens (still correct: the mask hides old ones)."""
+        if model_config is not None:
+            windows = sliding_windows(model_config)
+            if num_layers is not None and num_layers != len(windows):
+                raise CacheInputError(f"num_layers={num_layers} but the model config has {len(windows)} layers")
+            num_layers = len(windows)
         if config is None:
             config = HeadQConfig.from_dict(basis.quantizer) if basis is not None else HeadQConfig()
         config = config.replace(**overrides)
@@ -325,8 +380,9 @@ class HeadQCache(Cache):
             raise CacheInputError("pass a basis, or num_layers for a cache without side codes")
         self.config = config
         self.basis = basis
+        windows = sliding_windows(model_config) if model_config is not None else [None] * num_layers
         layers: list[Any] = [
-            HeadQLayer(config, None if basis is None else basis.layers[i], i) for i in range(num_layers)
+            HeadQLayer(config, None if basis is None else basis.layers[i], i, windows[i]) for i in range(num_layers)
         ]
         super().__init__(layers=layers)
 
@@ -347,19 +403,18 @@ class HeadQCache(Cache):
 
         ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` go to the Hub download;
         other keywords override the cache settings stored with the basis (``rank=8``, ...)."""
-        from .attention import enable_headq_attention
-        from .fingerprint import check_supported
+        from .factory import HeadQCacheFactory
 
-        check_supported(model.config)
-        if isinstance(path_or_repo_id, QueryBasis):
-            basis = path_or_repo_id
-        else:
-            basis = QueryBasis.from_pretrained(
-                path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
-            )
-        basis.check_model(model)
-        enable_headq_attention(model)
-        return cls(basis, **overrides)
+        factory = HeadQCacheFactory.from_pretrained(
+            path_or_repo_id,
+            model,
+            revision=revision,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            token=token,
+            **overrides,
+        )
+        return factory()
 
     # ---------------------------------------------------------- reporting
     def memory_bytes(self) -> int:
@@ -377,7 +432,7 @@ class HeadQCache(Cache):
             assert isinstance(layer, HeadQLayer)
             if layer.is_initialized:
                 batch, heads, head_dim = layer.shape
-                elements += batch * heads * layer.get_seq_length() * head_dim
+                elements += batch * heads * layer.stored_length * head_dim
                 key += layer.key_nbytes()
                 value += layer.value_nbytes()
         if not elements:

@@ -71,6 +71,10 @@ def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
 
     for observe in _observers:
         observe(int(cast(int, module.layer_idx)), query, key)
+    if kwargs.get("softcap") is not None:  # sdpa cannot soft-cap logits (Gemma 2); the exact torch path can
+        from .attention import headq_attention_forward
+
+        return headq_attention_forward(module, query, key, *args, **kwargs)
     return sdpa_attention_forward(module, query, key, *args, **kwargs)
 
 

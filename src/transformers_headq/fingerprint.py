@@ -13,7 +13,18 @@ from .errors import UnsupportedModelError
 
 # Model types whose attention calls `cache.update` with post-RoPE keys and then the registered
 # attention function with the returned states, with a plain dot-product score. Tested in the suite.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "gemma3",
+    "phi3",
+    "gpt_neox",
+    "gpt2",
+)
 
 _ROPE_KEYS = ("rope_type", "rope_theta", "partial_rotary_factor", "factor")
 
@@ -65,3 +76,25 @@ def fingerprint_differences(expected: dict[str, Any], actual: dict[str, Any]) ->
         if expected.get(key) != actual.get(key):
             lines.append(f"{key}: basis has {expected.get(key)!r}, model has {actual.get(key)!r}")
     return lines
+
+
+def sliding_windows(config: Any) -> list[int | None]:
+    """Per decoder layer, its sliding window in tokens, or ``None`` for a global layer.
+
+    Follows ``config.layer_types`` where the config has it, else ``sliding_window`` for every layer,
+    as transformers' own caches do. Chunked attention (Llama 4) is refused: its mask is not a window.
+    """
+    cfg = text_config(config)
+    window = getattr(cfg, "sliding_window", None)
+    if getattr(cfg, "use_sliding_window", True) is False:
+        window = None
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        chunked = getattr(cfg, "attention_chunk_size", None) is not None
+        types = ["chunked_attention" if chunked else "sliding_attention" if window else "full_attention"]
+        types = types * cfg.num_hidden_layers
+    if "chunked_attention" in types:
+        raise UnsupportedModelError(
+            f"model type {cfg.model_type!r} uses chunked attention, which HeadQCache does not support yet"
+        )
+    return [window if kind == "sliding_attention" else None for kind in types]

@@ -15,33 +15,46 @@ from .quantize import GroupQuantizer, QuantizedTokens
 
 
 class TokenBuffer:
-    """A tensor growing along dim 2, with spare capacity so appends rarely reallocate."""
+    """A tensor growing along dim 2, with spare capacity so appends rarely reallocate.
+
+    Rows can also be dropped from the front (sliding-window layers); the freed space is reclaimed
+    at the next reallocation, which copies only the live rows, so memory stays bounded.
+    """
 
     def __init__(self, template: torch.Tensor) -> None:
         self._data = template[:, :, :0].clone()
+        self._start = 0
         self.length = 0
 
     @property
     def data(self) -> torch.Tensor:
         """The used part (a view, no copy)."""
-        return self._data[:, :, : self.length]
+        return self._data[:, :, self._start : self._start + self.length]
 
     def append(self, rows: torch.Tensor) -> None:
-        needed = self.length + rows.shape[2]
-        if needed > self._data.shape[2]:
-            capacity = max(needed, 2 * self._data.shape[2], 16)
+        new = rows.shape[2]
+        if self._start + self.length + new > self._data.shape[2]:
+            capacity = max(self.length + new, 2 * self.length, 16)
             grown = self._data.new_empty((*self._data.shape[:2], capacity, *self._data.shape[3:]))
             grown[:, :, : self.length] = self.data
-            self._data = grown
-        self._data[:, :, self.length : needed] = rows
-        self.length = needed
+            self._data, self._start = grown, 0
+        end = self._start + self.length
+        self._data[:, :, end : end + new] = rows
+        self.length += new
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
 
+    def drop_front(self, rows: int) -> None:
+        """Forget the oldest ``rows`` rows."""
+        rows = min(rows, self.length)
+        self._start += rows
+        self.length -= rows
+
     def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
         """Apply a batch-axis transform (select, repeat) to the used rows; drops spare capacity."""
         self._data = fn(self.data).contiguous()
+        self._start = 0
 
     def nbytes_used(self) -> int:
         d = self.data
@@ -63,6 +76,9 @@ class TokenStore(Protocol):
         """Dense rows ``[start, end)`` as the reader sees them."""
 
     def truncate(self, length: int) -> None: ...
+
+    def drop_front(self, rows: int) -> None:
+        """Forget the oldest ``rows`` rows (block-aligned for quantized stores)."""
 
     def map_batch(self, fn) -> None: ...  # type: ignore[no-untyped-def]
 
@@ -90,6 +106,11 @@ class DenseStore:
     def truncate(self, length: int) -> None:
         if self._buf is not None:
             self._buf.truncate(length)
+            self.length = self._buf.length
+
+    def drop_front(self, rows: int) -> None:
+        if self._buf is not None:
+            self._buf.drop_front(rows)
             self.length = self._buf.length
 
     def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
@@ -157,6 +178,18 @@ class QuantizedStore:
         self._codes.truncate(length)
         self._scale.truncate(-(-length // per))
         self._zero.truncate(-(-length // per))
+        self.length = self._codes.length
+
+    def drop_front(self, rows: int) -> None:
+        if self._codes is None:
+            return
+        assert self._scale is not None and self._zero is not None
+        per = self._tokens_per_scale_row
+        if rows % per:
+            raise ValueError(f"can only drop whole {per}-token quantization blocks, not {rows} tokens")
+        self._codes.drop_front(rows)
+        self._scale.drop_front(rows // per)
+        self._zero.drop_front(rows // per)
         self.length = self._codes.length
 
     def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]

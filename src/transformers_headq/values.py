@@ -119,6 +119,12 @@ class KeptValues:
             self.window_mass = _filled(mass)
             self.grow_window(window_length - mass.shape[2])
 
+    def drop_front_blocks(self, blocks: int) -> None:
+        """Forget the kept tokens of the oldest ``blocks`` quantized blocks (sliding-window eviction)."""
+        self.choose()
+        self.offsets.drop_front(blocks * self.keep)
+        self.values.drop_front(blocks * self.keep)
+
     def map_batch(self, fn: Any) -> None:
         self.choose()
         for buf in self.buffers():
