@@ -19,17 +19,30 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "qwen3": ("Qwen3Config", {**_GQA, "head_dim": 16, "sliding_window": None}),  # q/k RMS norms
     "gemma2": (  # alternating sliding/global layers, logit soft-capping, head dim 256, MQA
         "Gemma2Config",
-        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 8,
-         "max_position_embeddings": 512, "query_pre_attn_scalar": 256},
+        {
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "sliding_window": 8,
+            "max_position_embeddings": 512,
+            "query_pre_attn_scalar": 256,
+        },
     ),
     "gemma3": (  # five sliding layers per global one, q/k norms, MQA
         "Gemma3TextConfig",
-        {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "sliding_window": 8,
-         "max_position_embeddings": 512, "query_pre_attn_scalar": 256},
+        {
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "head_dim": 256,
+            "sliding_window": 8,
+            "max_position_embeddings": 512,
+            "query_pre_attn_scalar": 256,
+        },
     ),
     "phi3": ("Phi3Config", {**_GQA, "bos_token_id": 1, "eos_token_id": 2}),  # fused qkv projection
     "gpt_neox": ("GPTNeoXConfig", {"num_attention_heads": 4, "rotary_pct": 0.25, "max_position_embeddings": 512}),
-    "gpt2": ("GPT2Config", {"n_head": 4, "n_positions": 512, "bos_token_id": 1, "eos_token_id": 2}),  # learned positions, Conv1D attention
+    # learned positions, Conv1D attention
+    "gpt2": ("GPT2Config", {"n_head": 4, "n_positions": 512, "bos_token_id": 1, "eos_token_id": 2}),
 }
 HYBRID_LAYERS = {"gemma2": 2, "gemma3": 6}  # enough layers to hold both kinds
 
