@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import BloomConfig, BloomForCausalLM
 
 from transformers_headq import (
     BasisFormatError,
@@ -62,8 +62,9 @@ def test_rope_mismatch_is_refused(saved_basis):
 
 
 def test_unsupported_model_type_is_named():
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
-    with pytest.raises(UnsupportedModelError, match="'gpt2'"):
+    """Bloom adds ALiBi biases to the scores: not a plain dot-product attention HeadQ can correct."""
+    model = BloomForCausalLM(BloomConfig(n_layer=1, hidden_size=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="'bloom'"):
         HeadQCache.from_pretrained("unused", model=model)
 
 

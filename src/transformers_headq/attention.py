@@ -279,7 +279,10 @@ def headq_attention_forward(
         row_slots = (kv_len - q_len + torch.arange(q_len, device=query.device)).repeat(groups)
         out, _ = _attend(qg, [_dense_chunk(qg, key, value, 0)], _scorer(mask, row_slots, scaling, softcap))
     else:
-        out = _attend_layer(key.inputs, qg, q_len, groups, mask, scaling, softcap)
+        from .kernels import fused_decode_attention
+
+        fused = fused_decode_attention(key.inputs.layer, query, attention_mask, scaling, softcap)
+        out = fused if fused is not None else _attend_layer(key.inputs, qg, q_len, groups, mask, scaling, softcap)
     out = out.reshape(batch, q_heads, q_len, -1).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 

@@ -117,6 +117,11 @@ class DenseStore:
         if self._buf is not None:
             self._buf.map_batch(fn)
 
+    def rows(self) -> torch.Tensor:
+        """All stored rows ``[B, H, T, C]`` (a strided view, no copy), for fused kernels."""
+        assert self._buf is not None
+        return self._buf.data
+
     def buffers(self) -> list[TokenBuffer]:
         return [] if self._buf is None else [self._buf]
 
@@ -195,6 +200,11 @@ class QuantizedStore:
     def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
         for buf in self.buffers():
             buf.map_batch(fn)
+
+    def packed(self) -> QuantizedTokens:
+        """All stored codes, scales and zeros (strided views, no copy), for fused kernels."""
+        assert self._codes is not None and self._scale is not None and self._zero is not None
+        return QuantizedTokens(self._codes.data, self._scale.data, self._zero.data)
 
     def buffers(self) -> list[TokenBuffer]:
         return [b for b in (self._codes, self._scale, self._zero) if b is not None]

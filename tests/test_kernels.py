@@ -1,0 +1,85 @@
+"""The fused decode kernel computes what the torch reference path computes.
+
+On CPU the Triton kernel runs under its interpreter (``TRITON_INTERPRET=1``, set by conftest;
+exact float32 arithmetic), so the tolerance is float32 summation order: 1e-5 relative. On a GPU
+(`benchmarks/decode_bench.py --check`) its dot products use TF32, which is checked at 2e-3.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_headq import HeadQCache, HeadQConfig
+from transformers_headq.attention import headq_attention_forward
+
+from .helpers import basis_from_tensors, random_orthonormal
+from .test_attention import MODULE
+
+pytest.importorskip("triton", reason="the kernels need Triton: pip install transformers-headq[gpu]")
+
+CASES = {
+    "k2-dense-values": HeadQConfig(key_bits=2, block_size=16, rank=0),
+    "k2-r4s4-block-v2": HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=4, side_bits=4, side_scale="block"),
+    "k2-r8s2-token-v4": HeadQConfig(key_bits=2, value_bits=4, block_size=16, rank=8, side_bits=2, side_scale="token"),
+    "k4-r12s8-v1-fp32meta": HeadQConfig(
+        key_bits=4, value_bits=1, block_size=32, rank=12, side_bits=8, side_scale="block", meta_dtype="float32"
+    ),
+}
+
+
+def _filled_cache(config: HeadQConfig, tokens: int, seed: int) -> tuple[HeadQCache, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(3, 2, tokens, 16, generator=gen) * torch.linspace(0.2, 3, 16)  # channel outliers
+    values = torch.randn(3, 2, tokens, 16, generator=gen)
+    rank = config.rank or 0
+    basis = basis_from_tensors_for(rank, seed) if rank else None
+    cache = HeadQCache(basis, config) if basis is not None else HeadQCache(config=config, num_layers=1)
+    split = tokens - 5
+    cache.update(keys[:, :, :split], values[:, :, :split], 0)
+    for t in range(split, tokens):
+        cache.update(keys[:, :, t : t + 1], values[:, :, t : t + 1], 0)
+    return cache, torch.randn(3, 4, 1, 16, generator=gen)
+
+
+def basis_from_tensors_for(rank: int, seed: int):
+    class _Config:  # the fingerprint of a one-layer model with 2 KV heads of dim 16
+        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim = "llama", 1, 4, 2, 16
+
+    return basis_from_tensors(type("M", (), {"config": _Config()})(), [random_orthonormal(2, 16, rank, seed)])
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap):
+    from transformers_headq.kernels import fused_decode_attention
+
+    config = CASES[name]
+    cache, query = _filled_cache(config, tokens=71, seed=len(name))
+    layer = cache.layers[0]
+    mask = None
+    if padded:  # left padding of 0, 9 and 40 tokens
+        mask = torch.ones(3, 1, 1, layer.stored_length, dtype=torch.bool)
+        mask[1, ..., :9] = False
+        mask[2, ..., :40] = False
+    key, value = cache.update(torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16), 0)
+    if mask is not None:
+        mask = torch.cat([mask, torch.ones(3, 1, 1, 1, dtype=torch.bool)], dim=-1)
+    fused = fused_decode_attention(layer, query, mask, 0.25, softcap)
+    assert fused is not None, "the kernel should cover this layer"
+    monkeypatch.setenv("HEADQ_KERNELS", "0")  # the torch reference path
+    reference, _ = headq_attention_forward(MODULE, query, key, value, mask, scaling=0.25, softcap=softcap)
+    torch.testing.assert_close(fused.transpose(1, 2).reshape(reference.shape), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_uncovered_settings_fall_back():
+    from transformers_headq.kernels import fused_decode_attention
+
+    for config in (
+        HeadQConfig(key_bits=3, block_size=16, rank=0),  # 3-bit codes straddle bytes
+        HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=0, value_keep=1),  # A² kept values
+        HeadQConfig(key_bits=2, key_grouping="token", block_size=16, rank=0),
+    ):
+        cache, query = _filled_cache(config, tokens=40, seed=0)
+        assert fused_decode_attention(cache.layers[0], query, None, 0.25, None) is None
