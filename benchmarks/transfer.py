@@ -37,7 +37,10 @@ def main() -> None:
     pydoc = calibrate(loaded.model, batches(windows, 4), rank=shipped.rank, metadata=metadata, progress=True)["query"]
     bases = {"shakespeare": shipped, "pydoc": pydoc}
 
-    rows, lines = [], ["| calibrated on | evaluated on | setting | PPL fp | PPL plain K2 | PPL HeadQ | excess removed |"]
+    rows, lines = (
+        [],
+        ["| calibrated on | evaluated on | setting | PPL fp | PPL plain K2 | PPL HeadQ | excess removed |"],
+    )
     lines.append("|---|---|---|---:|---:|---:|---:|")
     for corpus in ("shakespeare", "pydoc"):
         ids = token_windows(loaded.tokenizer, load_corpus(corpus, "evaluation").text, 512, args.windows)

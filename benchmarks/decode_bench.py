@@ -1,0 +1,324 @@
+"""GPU decode speed of HeadQCache against DynamicCache (bf16, sdpa) and quanto 2-bit.
+
+Shapes of Llama-3-8B (32 query heads, 8 KV heads, head dim 128; random weights are fine for
+timing). Caches are filled with random states directly (a 32k x 32 prefill through the model would
+only measure prefill), then one decode step is timed:
+
+- ``attention``: one layer's decode attention per step, as ratios to bf16 sdpa on dense K/V in the
+  same run (HeadQ: the fused kernel with its window merge and ``qW``; quanto: what its cache does
+  per step, a dequantization of the cache then sdpa);
+- ``e2e``: a whole-model decode step (32 layers) with each cache, tokens per second;
+- KV bytes per token, achieved bandwidth as a share of the copy bandwidth measured here, and the
+  largest batch x context that fits a memory budget for each cache.
+
+    python benchmarks/decode_bench.py --check --json benchmarks/decode-bench.json --markdown benchmarks/decode-bench.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from transformers_headq import HeadQCache, HeadQConfig
+from transformers_headq.attention import headq_attention_forward
+from transformers_headq.kernels import fused_decode_attention
+
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
+HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=4, side_scale="block")
+
+
+class _Module(torch.nn.Module):
+    training = False
+
+
+def bench(fn, warmup: int = 5, rep: int = 20) -> float:
+    """Median milliseconds of ``fn`` timed with CUDA events."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a large device-to-device copy (read + write), the achievable ceiling."""
+    src = torch.empty(2 * 1024**3, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms / 1e3)
+
+
+def random_basis(rank: int):
+    from transformers_headq.basis import LayerBasis, QueryBasis
+
+    fp = {
+        "model_type": "llama",
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": Q_HEADS,
+        "num_key_value_heads": KV_HEADS,
+        "head_dim": HEAD_DIM,
+        "rope": {},
+    }
+    layers = []
+    for i in range(LAYERS):
+        gen = torch.Generator().manual_seed(i)
+        u, _ = torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, generator=gen, dtype=torch.float64))
+        layers.append(
+            LayerBasis(u[..., :rank].float(), torch.ones(KV_HEADS, HEAD_DIM), torch.zeros(KV_HEADS, HEAD_DIM))
+        )
+    return QueryBasis(layers, fp)
+
+
+def fill_headq_layer(layer, batch: int, context: int, chunk: int = 4096) -> None:
+    """Append ``context`` random tokens (keys with channel outliers) in chunks, as a prefill would."""
+    scale = torch.linspace(0.3, 4.0, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    done = 0
+    while done < context:
+        n = min(chunk, context - done)
+        k = torch.randn(batch, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16) * scale
+        v = torch.randn(batch, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        layer.update(k, v)
+        done += n
+
+
+def check(contexts=(1000, 4100), batches=(1, 3)) -> list[dict[str, Any]]:
+    """Kernel against the torch reference path on the GPU (TF32 dot products: 2e-3 relative)."""
+    rows = []
+    basis = random_basis(16)
+    module = _Module()
+    configs = {
+        "K2 r16 s4/block V2": HEADQ,
+        "K2 r8 s2/token dense V": HEADQ.replace(value_bits=None, rank=8, side_bits=2, side_scale="token"),
+        "K2 no side, V4": HEADQ.replace(rank=0, value_bits=4),
+    }
+    for name, config in configs.items():
+        for context in contexts:
+            for batch in batches:
+                cache = HeadQCache(basis, config)
+                layer = cache.layers[0]
+                fill_headq_layer(layer, batch, context)
+                q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                k, v = layer.update(
+                    torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16),
+                    torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16),
+                )
+                fused = fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None)
+                assert fused is not None
+                os.environ["HEADQ_KERNELS"] = "0"
+                reference, _ = headq_attention_forward(module, q, k, v, None)
+                os.environ["HEADQ_KERNELS"] = "1"
+                reference = reference.float().transpose(1, 2)
+                err = ((fused - reference).norm() / reference.norm()).item()
+                rows.append({"config": name, "context": context, "batch": batch, "rel_error": err})
+                print(f"check {name:26s} T={context:6d} B={batch}: rel error {err:.2e}", flush=True)
+                assert err < 2e-3, err
+    return rows
+
+
+def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str, Any]:
+    """One layer's decode attention per step for one cache kind."""
+    q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    dense_bytes_per_token = 2 * KV_HEADS * HEAD_DIM * 2
+    if cache == "dynamic-bf16":
+        k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        bytes_per_token, read = dense_bytes_per_token, 2 * k.numel() * 2
+    elif cache == "headq":
+        layer = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ).layers[0]
+        fill_headq_layer(layer, batch, context)
+        ms = bench(lambda: fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
+        bytes_per_token = (layer.key_nbytes() + layer.value_nbytes()) / (batch * context)
+        read = bytes_per_token * batch * context
+    else:  # quanto: the cache dequantizes everything it holds at each update, then sdpa
+        from transformers import LlamaConfig, QuantizedCache
+
+        shape = LlamaConfig(
+            hidden_size=4096, num_hidden_layers=1, num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS
+        )
+        qc = QuantizedCache(backend="quanto", config=shape, nbits=2, q_group_size=64, residual_length=128)
+        k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        qc.update(k, torch.randn_like(k), 0)
+        del k
+        one = torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+
+        def step() -> None:  # the cache grows by one token per call: negligible against ``context``
+            keys, values = qc.update(one, one, 0)
+            F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+
+        ms = bench(step, warmup=2, rep=10)
+        layer = qc.layers[0]
+        held = sum(t.numel() * t.element_size() for t in _tensors(layer))
+        bytes_per_token = held / (batch * context)
+        read = held
+    return {
+        "cache": cache,
+        "context": context,
+        "batch": batch,
+        "attn_ms_per_step": ms,
+        "kv_bytes_per_token": bytes_per_token,
+        "kv_bytes_ratio_to_bf16": bytes_per_token / dense_bytes_per_token,
+        "bandwidth_fraction": read / (ms / 1e3) / peak,
+    }
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    found = []
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
+            found.extend(t for t in vars(value).values() if isinstance(t, torch.Tensor))
+    return found
+
+
+def e2e_rows(batch: int, context: int, steps: int = 8) -> list[dict[str, Any]]:
+    """Whole-model decode steps (random Llama-3-8B shapes, bf16) with each cache."""
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from transformers_headq import enable_headq_attention
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=Q_HEADS,
+        num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=131072,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    rows = []
+    for cache_kind in ("dynamic-bf16", "headq"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        if cache_kind == "headq":
+            enable_headq_attention(model)
+            cache: Any = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
+            for layer in cache.layers:
+                fill_headq_layer(layer, batch, context)
+        else:
+            model.set_attn_implementation("sdpa")
+            cache = DynamicCache()
+            for i in range(LAYERS):
+                k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                cache.update(k, torch.randn_like(k), i)
+        token = torch.randint(0, 1000, (batch, 1), device="cuda")
+        with torch.no_grad():
+            for _ in range(2):
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(steps):
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - started) / steps
+        rows.append(
+            {
+                "cache": cache_kind,
+                "context": context,
+                "batch": batch,
+                "decode_ms_per_step": seconds * 1e3,
+                "decode_tokens_per_s": batch / seconds,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        )
+        print(f"e2e {cache_kind:13s} T={context} B={batch}: {seconds * 1e3:.1f} ms/step", flush=True)
+        del cache
+    return rows
+
+
+def fits(bytes_per_token: float, budget_gib: float) -> str:
+    """Largest batch x context (tokens) of KV cache for all layers within ``budget_gib``."""
+    tokens = budget_gib * 2**30 / (bytes_per_token * LAYERS)
+    return f"{tokens / 1e6:.2f} M tokens"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", default="4096,16384,32768,65536,131072")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--caches", default="dynamic-bf16,headq,quanto")
+    parser.add_argument("--check", action="store_true", help="compare the kernel with the torch path first")
+    parser.add_argument("--e2e", default="32768x8", help="CONTEXTxBATCH pairs for whole-model decode, ',' separated")
+    parser.add_argument("--budget-gib", type=float, default=40.0)
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--markdown", type=Path, required=True)
+    args = parser.parse_args()
+
+    gpu = torch.cuda.get_device_name()
+    checks = check() if args.check else []
+    peak = copy_bandwidth()
+    print(f"{gpu}: device-to-device copy {peak / 1e12:.2f} TB/s", flush=True)
+    rows = []
+    for context in map(int, args.contexts.split(",")):
+        for batch in map(int, args.batches.split(",")):
+            dense_gib = 2 * batch * context * KV_HEADS * HEAD_DIM * 2 / 2**30
+            for cache in args.caches.split(","):
+                if dense_gib * (3 if cache == "quanto" else 1.2) > 60:
+                    continue  # one layer's dense states (quanto: plus its dequantized copies) must fit
+                try:
+                    row = attention_row(cache, batch, context, peak)
+                except torch.OutOfMemoryError:
+                    print(f"{cache} T={context} B={batch}: out of memory", flush=True)
+                    continue
+                finally:
+                    torch.cuda.empty_cache()
+                row["gpu"] = gpu
+                rows.append(row)
+                print(
+                    f"attn {cache:13s} T={context:6d} B={batch:2d}: {row['attn_ms_per_step']:.3f} ms, "
+                    f"{row['kv_bytes_per_token']:.0f} B/token, {100 * row['bandwidth_fraction']:.0f}% of copy BW",
+                    flush=True,
+                )
+    e2e = []
+    for pair in filter(None, args.e2e.split(",")):
+        context, batch = map(int, pair.split("x"))
+        e2e += [{**r, "gpu": gpu} for r in e2e_rows(batch, context)]
+    for r in rows:  # end-to-end tokens/s where measured for this (cache, context, batch)
+        key = (r["cache"], r["context"], r["batch"])
+        match = next((e for e in e2e if (e["cache"], e["context"], e["batch"]) == key), None)
+        r["decode_tokens_per_s"] = None if match is None else match["decode_tokens_per_s"]
+    args.json.write_text(
+        json.dumps({"attention": rows, "e2e": e2e, "checks": checks, "copy_bandwidth": peak}, indent=2)
+    )
+    args.markdown.write_text(markdown(rows, e2e, checks, gpu, peak, args.budget_gib) + "\n")
+    print(markdown(rows, e2e, checks, gpu, peak, args.budget_gib))
+
+
+def markdown(rows, e2e, checks, gpu, peak, budget) -> str:  # type: ignore[no-untyped-def]
+    lines = [f"GPU: {gpu}; copy bandwidth {peak / 1e12:.2f} TB/s; torch {torch.__version__}", ""]
+    lines += ["| cache | context | batch | attn ms/step | vs bf16 sdpa | KV bytes/token | vs bf16 | BW share | fits in "
+              f"{budget:.0f} GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        same = [b for b in rows if (b["context"], b["batch"]) == (r["context"], r["batch"])]
+        base = next((b for b in same if b["cache"] == "dynamic-bf16"), None)
+        speed = f"{base['attn_ms_per_step'] / r['attn_ms_per_step']:.2f}x" if base else "-"
+        lines.append(
+            f"| {r['cache']} | {r['context']} | {r['batch']} | {r['attn_ms_per_step']:.3f} | {speed} | "
+            f"{r['kv_bytes_per_token']:.0f} | {r['kv_bytes_ratio_to_bf16']:.3f} | "
+            f"{100 * r['bandwidth_fraction']:.0f}% | {fits(r['kv_bytes_per_token'], budget)} |"
+        )
+    if e2e:
+        lines += [
+            "",
+            "| cache | context | batch | decode ms/step | tokens/s | peak GiB |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in e2e:
+            lines.append(
+                f"| {r['cache']} | {r['context']} | {r['batch']} | {r['decode_ms_per_step']:.1f} | "
+                f"{r['decode_tokens_per_s']:.1f} | {r['peak_gib']:.1f} |"
+            )
+    if checks:
+        worst = max(c["rel_error"] for c in checks)
+        lines += [
+            "",
+            f"Kernel vs torch reference on this GPU: largest relative error {worst:.2e} over {len(checks)} cases.",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
