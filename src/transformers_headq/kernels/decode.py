@@ -7,7 +7,10 @@ the packed side codes with their scales, and the packed value codes with their p
 and zero (or dense values), and never writes a dequantized tensor:
 
     s = (q ⊙ scale_k) · codes_kᵀ + q · zero_k  +  (qW ⊙ scale_c) · codes_cᵀ + qW · zero_c
-    acc += (p ⊙ scale_v) · codes_v + (p · zero_v)
+    acc += p · (codes_v ⊙ scale_v + zero_v)
+
+Score products run as three TF32 passes (``tf32x3``, about float32 accuracy: the two terms of a
+logit are large and partly cancel); the value product is plain TF32 on dequantized values.
 
 Each split returns its running max, normaliser and unnormalised output; the caller merges the
 splits with the full-precision window in float32 (:func:`merge_partials`). Logits are scaled and
@@ -117,18 +120,18 @@ def headq_decode_kernel(
         kc = _unpack(kc_ptr + b * s_kc_b + h * s_kc_h, rows, s_kc_t, D, D, KEY_BITS, row_mask).to(tl.float32)
         ks = tl.load(ks_ptr + b * s_ks_b + h * s_ks_h + block * s_ks_t + d).to(tl.float32)
         kz = tl.load(kz_ptr + b * s_ks_b + h * s_ks_h + block * s_ks_t + d).to(tl.float32)
-        s = tl.dot(q * ks[None, :], tl.trans(kc)) + tl.sum(q * kz[None, :], axis=1)[:, None]
+        s = tl.dot(q * ks[None, :], tl.trans(kc), input_precision="tf32x3") + tl.sum(q * kz[None, :], axis=1)[:, None]
         if R > 0:
             cc = _unpack(cc_ptr + b * s_cc_b + h * s_cc_h, rows, s_cc_t, R_PAD, R, SIDE_BITS, row_mask).to(tl.float32)
             if SIDE_PER_TOKEN:  # a scale and zero per token over its R entries
                 cs = tl.load(cs_ptr + b * s_cs_b + h * s_cs_h + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_ptr + b * s_cs_b + h * s_cs_h + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                s += tl.dot(qw, tl.trans(cc)) * cs[None, :] + tl.sum(qw, axis=1)[:, None] * cz[None, :]
+                s += tl.dot(qw, tl.trans(cc), input_precision="tf32x3") * cs[None, :] + tl.sum(qw, axis=1)[:, None] * cz[None, :]
             else:  # a scale and zero per direction, shared by the block
                 cs = tl.load(cs_ptr + b * s_cs_b + h * s_cs_h + block * s_cs_t + rr, mask=r_mask, other=0.0)
                 cz = tl.load(cz_ptr + b * s_cs_b + h * s_cs_h + block * s_cs_t + rr, mask=r_mask, other=0.0)
                 cs, cz = cs.to(tl.float32), cz.to(tl.float32)
-                s += tl.dot(qw * cs[None, :], tl.trans(cc)) + tl.sum(qw * cz[None, :], axis=1)[:, None]
+                s += tl.dot(qw * cs[None, :], tl.trans(cc), input_precision="tf32x3") + tl.sum(qw * cz[None, :], axis=1)[:, None]
         s = s * scaling
         if SOFTCAP:
             s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
@@ -147,7 +150,9 @@ def headq_decode_kernel(
             vc = _unpack(vc_ptr + b * s_vc_b + h * s_vc_h, rows, s_vc_t, D, D, VALUE_BITS, row_mask).to(tl.float32)
             vs = tl.load(vs_ptr + b * s_vs_b + h * s_vs_h + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
             vz = tl.load(vz_ptr + b * s_vs_b + h * s_vs_h + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
-            acc += tl.dot(p * vs[None, :], vc) + tl.sum(p * vz[None, :], axis=1)[:, None]
+            # dequantize before the product: (p*scale)·codes + p·zero would cancel two large terms
+            # (the zero point is about minus the scale times the mid code) and amplify TF32 rounding
+            acc += tl.dot(p, vc * vs[:, None] + vz[:, None])
         else:
             v_ptrs = vc_ptr + b * s_vc_b + h * s_vc_h + rows[:, None] * s_vc_t + d[None, :]
             v = tl.load(v_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
