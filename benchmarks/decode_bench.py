@@ -153,10 +153,11 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
             F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
 
         ms = bench(step, warmup=2, rep=10)
-        layer = qc.layers[0]
-        held = sum(t.numel() * t.element_size() for t in _tensors(layer))
-        bytes_per_token = held / (batch * context)
-        read = held
+        from transformers_headq.evaluate import quanto_bits_per_element
+
+        key_bits, value_bits = quanto_bits_per_element(qc)  # codes, group scales and shifts, residual
+        bytes_per_token = KV_HEADS * HEAD_DIM * (key_bits + value_bits) / 8
+        read = bytes_per_token * batch * context
     return {
         "cache": cache,
         "context": context,
@@ -166,16 +167,6 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
         "kv_bytes_ratio_to_bf16": bytes_per_token / dense_bytes_per_token,
         "bandwidth_fraction": read / (ms / 1e3) / peak,
     }
-
-
-def _tensors(obj: Any) -> list[torch.Tensor]:
-    found = []
-    for value in vars(obj).values():
-        if isinstance(value, torch.Tensor):
-            found.append(value)
-        elif hasattr(value, "__dict__") and not isinstance(value, torch.nn.Module):
-            found.extend(t for t in vars(value).values() if isinstance(t, torch.Tensor))
-    return found
 
 
 def e2e_rows(batch: int, context: int, steps: int = 8) -> list[dict[str, Any]]:
