@@ -31,6 +31,7 @@ from transformers_headq.attention import headq_attention_forward
 from transformers_headq.kernels import fused_decode_attention
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
+DATASHEET_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM datasheets; else the measured copy
 HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=4, side_scale="block")
 
 
@@ -43,6 +44,19 @@ def bench(fn, warmup: int = 5, rep: int = 20) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def _graph_ms(fn) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (what the kernels cost without Python/launch overhead)."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return bench(graph.replay)
 
 
 def copy_bandwidth() -> float:
@@ -125,6 +139,7 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
     """One layer's decode attention per step for one cache kind."""
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     dense_bytes_per_token = 2 * KV_HEADS * HEAD_DIM * 2
+    graph_ms = None
     if cache == "dynamic-bf16":
         k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
@@ -134,6 +149,7 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
         layer = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ).layers[0]
         fill_headq_layer(layer, batch, context)
         ms = bench(lambda: fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
+        graph_ms = _graph_ms(lambda: fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
         bytes_per_token = (layer.key_nbytes() + layer.value_nbytes()) / (batch * context)
         read = bytes_per_token * batch * context
     else:  # quanto: the cache dequantizes everything it holds at each update, then sdpa
@@ -163,9 +179,11 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
         "context": context,
         "batch": batch,
         "attn_ms_per_step": ms,
+        "attn_ms_cuda_graph": graph_ms,  # the same step replayed from a CUDA graph: no launch overhead
         "kv_bytes_per_token": bytes_per_token,
         "kv_bytes_ratio_to_bf16": bytes_per_token / dense_bytes_per_token,
         "bandwidth_fraction": read / (ms / 1e3) / peak,
+        "kernel_bandwidth_fraction": None if graph_ms is None else read / (graph_ms / 1e3) / peak,
     }
 
 
@@ -241,8 +259,9 @@ def main() -> None:
 
     gpu = torch.cuda.get_device_name()
     checks = check() if args.check else []
-    peak = copy_bandwidth()
-    print(f"{gpu}: device-to-device copy {peak / 1e12:.2f} TB/s", flush=True)
+    copy = copy_bandwidth()
+    peak = DATASHEET_BANDWIDTH.get(next((k for k in DATASHEET_BANDWIDTH if k in gpu), ""), copy)
+    print(f"{gpu}: device-to-device copy {copy / 1e12:.2f} TB/s, peak taken as {peak / 1e12:.2f} TB/s", flush=True)
     rows = []
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
@@ -259,8 +278,9 @@ def main() -> None:
                     torch.cuda.empty_cache()
                 row["gpu"] = gpu
                 rows.append(row)
+                graph = f" (graph {row['attn_ms_cuda_graph']:.3f})" if row["attn_ms_cuda_graph"] else ""
                 print(
-                    f"attn {cache:13s} T={context:6d} B={batch:2d}: {row['attn_ms_per_step']:.3f} ms, "
+                    f"attn {cache:13s} T={context:6d} B={batch:2d}: {row['attn_ms_per_step']:.3f} ms{graph}, "
                     f"{row['kv_bytes_per_token']:.0f} B/token, {100 * row['bandwidth_fraction']:.0f}% of copy BW",
                     flush=True,
                 )
@@ -280,17 +300,20 @@ def main() -> None:
 
 
 def markdown(rows, e2e, checks, gpu, peak, budget) -> str:  # type: ignore[no-untyped-def]
-    lines = [f"GPU: {gpu}; copy bandwidth {peak / 1e12:.2f} TB/s; torch {torch.__version__}", ""]
-    lines += ["| cache | context | batch | attn ms/step | vs bf16 sdpa | KV bytes/token | vs bf16 | BW share | fits in "
-              f"{budget:.0f} GiB |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [f"GPU: {gpu}; peak bandwidth {peak / 1e12:.2f} TB/s; torch {torch.__version__}", ""]
+    lines += ["| cache | context | batch | attn ms/step | vs bf16 sdpa | graph ms | KV bytes/token | vs bf16 | BW share "
+              f"| kernel BW share | fits in {budget:.0f} GiB |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         same = [b for b in rows if (b["context"], b["batch"]) == (r["context"], r["batch"])]
         base = next((b for b in same if b["cache"] == "dynamic-bf16"), None)
         speed = f"{base['attn_ms_per_step'] / r['attn_ms_per_step']:.2f}x" if base else "-"
+        graph = "-" if r["attn_ms_cuda_graph"] is None else f"{r['attn_ms_cuda_graph']:.3f}"
+        kernel_bw = "-" if r["kernel_bandwidth_fraction"] is None else f"{100 * r['kernel_bandwidth_fraction']:.0f}%"
         lines.append(
-            f"| {r['cache']} | {r['context']} | {r['batch']} | {r['attn_ms_per_step']:.3f} | {speed} | "
+            f"| {r['cache']} | {r['context']} | {r['batch']} | {r['attn_ms_per_step']:.3f} | {speed} | {graph} | "
             f"{r['kv_bytes_per_token']:.0f} | {r['kv_bytes_ratio_to_bf16']:.3f} | "
-            f"{100 * r['bandwidth_fraction']:.0f}% | {fits(r['kv_bytes_per_token'], budget)} |"
+            f"{100 * r['bandwidth_fraction']:.0f}% | {kernel_bw} | {fits(r['kv_bytes_per_token'], budget)} |"
         )
     if e2e:
         lines += [
