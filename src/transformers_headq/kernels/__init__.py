@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from ..cache import HeadQLayer
 
 _PACKABLE_BITS = (1, 2, 4, 8)
+# Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
+LAUNCH = {"num_warps": 4, "num_stages": 3, "tile": 64}
+last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
 
 def kernels_enabled(device: torch.device) -> bool:
@@ -107,7 +110,7 @@ def fused_decode_attention(
     acc = torch.empty(batch * kv_heads, n_splits, block_g, head_dim, device=query.device, dtype=torch.float32)
     validity = valid.view(torch.uint8) if valid is not None else m
     window_keys, window_values = layer.window_keys, layer.window_values
-    headq_decode_kernel[(batch * kv_heads, n_splits)](
+    compiled = headq_decode_kernel[(batch * kv_heads, n_splits)](
         query, decoder,
         keys.codes, keys.scale, keys.zero,
         side.codes, side.scale, side.zero,
@@ -125,8 +128,12 @@ def fused_decode_attention(
         H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim,
         R=rank, R_PAD=max(16, next_power_of_2(rank)), KEY_BITS=cfg.key_bits, SIDE_BITS=cfg.side_bits or 8,
         SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
+        TILE=min(LAUNCH["tile"], cfg.block_size),
         HAS_MASK=valid is not None, SOFTCAP=softcap is not None,
+        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
+    global last_compiled
+    last_compiled = compiled
     out = torch.empty(batch, q_heads, 1, head_dim, device=query.device, dtype=torch.float32)
     headq_merge_kernel[(batch * kv_heads,)](
         m, norm, acc, out, n_splits, G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=max(2, next_power_of_2(n_splits))

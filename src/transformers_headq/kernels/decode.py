@@ -6,16 +6,17 @@ reads the packed key codes with the block's per-channel scale and zero, the pack
 their scales, and the packed value codes with their per-token scale and zero (or dense values);
 nothing dequantized is ever written to memory:
 
-    s = (q ⊙ scale_k) · codes_kᵀ + q · zero_k  +  (qW ⊙ scale_c) · codes_cᵀ + qW · zero_c
+    s = q · (codes_k ⊙ scale_k + zero_k)ᵀ  +  qW · (codes_c ⊙ scale_c + zero_c)ᵀ
     acc += p · (codes_v ⊙ scale_v + zero_v)
 
 ``qW`` is computed in the program from the decoder ``W``. The last split also reads the
 full-precision window (fewer than ``BLOCK_N`` tokens, exact keys and values). Each split writes its
 running max, normaliser and unnormalised output; :func:`headq_merge_kernel` combines them.
 
-Packed rows are loaded as whole bytes (coalesced) and expanded in registers. Score products run as
-three TF32 passes (``tf32x3``, about float32 accuracy: the two terms of a logit are large and partly
-cancel); the value product is plain TF32 on dequantized values (so nothing cancels). Logits are
+Packed rows are loaded as whole bytes (coalesced) and expanded in registers. Keys, side codes and
+values are dequantized in registers before their products (``(q ⊙ scale)·codes + q·zero`` would
+cancel two large terms and amplify rounding), and the products run on TF32 tensor cores; tiles of
+``TILE`` tokens keep the registers in bounds (see ``benchmarks/kernel_tuning.py``). Logits are
 scaled and optionally soft-capped as transformers does; padded keys are masked by a validity row.
 The torch path in ``attention.py`` is the oracle: the tests compare the two under
 ``TRITON_INTERPRET=1`` on CPU, and ``benchmarks/decode_bench.py --check`` on the GPU.
@@ -57,7 +58,7 @@ def headq_decode_kernel(
     s_valid_b,
     H_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     R: tl.constexpr, R_PAD: tl.constexpr, KEY_BITS: tl.constexpr, SIDE_BITS: tl.constexpr,
-    SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
@@ -92,27 +93,24 @@ def headq_decode_kernel(
     vz_base = vz_ptr + b * s_vs_b + h * s_vs_h
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, n_tokens)
-    for tile in range(start, end, BLOCK_N):
-        rows = tile + tl.arange(0, BLOCK_N)
+    for tile in range(start, end, TILE):  # TILE divides BLOCK_N: one scale row of keys per tile
+        rows = tile + tl.arange(0, TILE)
         row_mask = rows < end
         block = tile // BLOCK_N
         kc = _codes(kc_base, rows, s_kc_t, row_mask, D * KEY_BITS // 8, D * KEY_BITS // 8, KEY_BITS)
         ks = tl.load(ks_base + block * s_ks_t + d).to(tl.float32)
         kz = tl.load(kz_base + block * s_ks_t + d).to(tl.float32)
-        s = tl.dot(q * ks[None, :], tl.trans(kc), input_precision="tf32x3")
-        s += tl.sum(q * kz[None, :], axis=1)[:, None]
+        s = tl.dot(q, tl.trans(kc * ks[None, :] + kz[None, :]))  # dequantized first: nothing cancels
         if R > 0:
             cc = _codes(cc_base, rows, s_cc_t, row_mask, R_PAD * SIDE_BITS // 8, R * SIDE_BITS // 8, SIDE_BITS)
             if SIDE_PER_TOKEN:  # a scale and zero per token over its R entries
                 cs = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                s += tl.dot(qw, tl.trans(cc), input_precision="tf32x3") * cs[None, :]
-                s += tl.sum(qw, axis=1)[:, None] * cz[None, :]
+                s += tl.dot(qw, tl.trans(cc * cs[:, None] + cz[:, None]))
             else:  # a scale and zero per direction, shared by the block
                 cs = tl.load(cs_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
-                s += tl.dot(qw * cs[None, :], tl.trans(cc), input_precision="tf32x3")
-                s += tl.sum(qw * cz[None, :], axis=1)[:, None]
+                s += tl.dot(qw, tl.trans(cc * cs[None, :] + cz[None, :]))
         if VALUE_BITS > 0:  # per-token scale and zero over the whole head
             vc = _codes(vc_base, rows, s_vc_t, row_mask, D * VALUE_BITS // 8, D * VALUE_BITS // 8, VALUE_BITS)
             vs = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
@@ -132,7 +130,7 @@ def headq_decode_kernel(
         wv_ptrs = wv_ptr + b * s_wv_b + h * s_wv_h + w_idx[:, None] * s_wv_t + d[None, :]
         wk = tl.load(wk_ptrs, mask=w_mask[:, None], other=0.0)
         wv = tl.load(wv_ptrs, mask=w_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(wk.to(tl.float32)), input_precision="tf32x3")
+        s = tl.dot(q, tl.trans(wk.to(tl.float32)))
         m_i, l_i, acc = _online_softmax(
             s, wv.to(tl.float32), n_tokens + w_idx, w_mask, m_i, l_i, acc, scaling, softcap,
             valid_ptr + b * s_valid_b, HAS_MASK, SOFTCAP,

@@ -1,0 +1,42 @@
+"""Time the HeadQ split kernel at one shape under several launch settings; print registers and spills.
+
+python benchmarks/kernel_tuning.py --context 32768 --batch 8
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from decode_bench import HEAD_DIM, HEADQ, KV_HEADS, Q_HEADS, bench, fill_headq_layer, random_basis  # noqa: I001
+
+import transformers_headq.kernels as kernels
+from transformers_headq import HeadQCache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    layer = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ).layers[0]
+    fill_headq_layer(layer, args.batch, args.context)
+    q = torch.randn(args.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    read = layer.key_nbytes() + layer.value_nbytes()
+    print(f"{read / 1e6:.1f} MB to read; {KV_HEADS} KV heads")
+    for tile, warps, stages in [(t, w, s) for t in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]:
+        kernels.LAUNCH.update(num_warps=warps, num_stages=stages, tile=tile)
+            try:
+                ms = bench(lambda: kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
+            except Exception as err:  # a setting that does not compile or fit
+                print(f"tile {tile} warps {warps:2d} stages {stages}: {type(err).__name__}: {str(err)[:120]}")
+                continue
+            k = kernels.last_compiled
+            print(
+                f"tile {tile} warps {warps:2d} stages {stages}: {ms:.3f} ms, {read / ms / 1e6:.0f} GB/s, "
+                f"regs {k.n_regs}, spills {k.n_spills}, shared {k.metadata.shared}"
+            )
+
+
+if __name__ == "__main__":
+    main()
