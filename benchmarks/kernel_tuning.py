@@ -26,16 +26,16 @@ def main() -> None:
     print(f"{read / 1e6:.1f} MB to read; {KV_HEADS} KV heads")
     for tile, warps, stages in [(t, w, s) for t in (16, 32, 64) for w in (2, 4, 8) for s in (1, 2, 3)]:
         kernels.LAUNCH.update(num_warps=warps, num_stages=stages, tile=tile)
-            try:
-                ms = bench(lambda: kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
-            except Exception as err:  # a setting that does not compile or fit
-                print(f"tile {tile} warps {warps:2d} stages {stages}: {type(err).__name__}: {str(err)[:120]}")
-                continue
-            k = kernels.last_compiled
-            print(
-                f"tile {tile} warps {warps:2d} stages {stages}: {ms:.3f} ms, {read / ms / 1e6:.0f} GB/s, "
-                f"regs {k.n_regs}, spills {k.n_spills}, shared {k.metadata.shared}"
-            )
+        try:
+            ms = bench(lambda: kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
+        except Exception as err:  # a setting that does not compile or fit
+            print(f"tile {tile} warps {warps:2d} stages {stages}: {type(err).__name__}: {str(err)[:120]}")
+            continue
+        k = kernels.last_compiled
+        print(
+            f"tile {tile} warps {warps:2d} stages {stages}: {ms:.3f} ms, {read / ms / 1e6:.0f} GB/s, "
+            f"regs {k.n_regs}, spills {k.n_spills}, shared {k.metadata.shared}"
+        )
 
 
 if __name__ == "__main__":
