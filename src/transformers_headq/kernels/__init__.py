@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 _PACKABLE_BITS = (1, 2, 4, 8)
 # Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
 LAUNCH = {"num_warps": 4, "num_stages": 3, "tile": 64}
+_OPERAND_DTYPES: dict[torch.dtype, object] = {}  # model dtype -> Triton operand dtype (filled on first use)
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
 
@@ -75,7 +76,11 @@ def fused_decode_attention(
     Two launches: the split kernel (quantized tokens, and the window in the last split) and the
     merge of the splits' partial softmaxes.
     """
+    import triton.language as tl
+
     from .decode import headq_decode_kernel, headq_merge_kernel
+
+    _OPERAND_DTYPES.update({torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32})
 
     batch, q_heads, q_len, head_dim = query.shape
     if q_len != 1 or not kernels_enabled(query.device) or not kernel_supports(layer) or layer.quantized_length == 0:
@@ -129,7 +134,7 @@ def fused_decode_attention(
         R=rank, R_PAD=max(16, next_power_of_2(rank)), KEY_BITS=cfg.key_bits, SIDE_BITS=cfg.side_bits or 8,
         SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
         TILE=min(LAUNCH["tile"], cfg.block_size),
-        HAS_MASK=valid is not None, SOFTCAP=softcap is not None,
+        HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=_OPERAND_DTYPES[layer.dtype],
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
     global last_compiled

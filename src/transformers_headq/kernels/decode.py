@@ -15,7 +15,8 @@ running max, normaliser and unnormalised output; :func:`headq_merge_kernel` comb
 
 Packed rows are loaded as whole bytes (coalesced) and expanded in registers. Keys, side codes and
 values are dequantized in registers before their products (``(q ⊙ scale)·codes + q·zero`` would
-cancel two large terms and amplify rounding), and the products run on TF32 tensor cores; tiles of
+cancel two large terms and amplify rounding), and the products take their operands in the model's
+dtype (bf16/fp16 tensor cores, as sdpa does; float32 for float32 models) with float32 accumulation; tiles of
 ``TILE`` tokens keep the registers in bounds (see ``benchmarks/kernel_tuning.py``). Logits are
 scaled and optionally soft-capped as transformers does; padded keys are masked by a validity row.
 The torch path in ``attention.py`` is the oracle: the tests compare the two under
@@ -34,8 +35,8 @@ def _codes(row_ptr, rows, row_stride, row_mask, N_BYTES: tl.constexpr, n_bytes, 
     PER_BYTE: tl.constexpr = 8 // BITS
     cols = tl.arange(0, N_BYTES)
     mask = row_mask[:, None] & (cols < n_bytes)[None, :]
-    packed = tl.load(row_ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0).to(tl.int32)
-    shifts = tl.arange(0, PER_BYTE) * BITS
+    packed = tl.load(row_ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0)
+    shifts = (tl.arange(0, PER_BYTE) * BITS).to(tl.uint8)
     codes = (packed[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(codes, [rows.shape[0], N_BYTES * PER_BYTE]).to(tl.float32)
 
@@ -59,7 +60,7 @@ def headq_decode_kernel(
     H_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     R: tl.constexpr, R_PAD: tl.constexpr, KEY_BITS: tl.constexpr, SIDE_BITS: tl.constexpr,
     SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
-    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -72,11 +73,13 @@ def headq_decode_kernel(
     g_mask = g < G
     q = tl.load(q_ptr + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g_mask[:, None], other=0.0)
     q = q.to(tl.float32)
+    q_op = q.to(OP_DTYPE)  # operands in the model's precision, as sdpa uses them; fp32 accumulation
     if R > 0:  # qW: the query in the side-code directions, directions padded to R_PAD >= 16
         rr = tl.arange(0, R_PAD)
         r_mask = rr < R
         w = tl.load(w_ptr + h * D * R + d[:, None] * R + rr[None, :], mask=r_mask[None, :], other=0.0)
         qw = tl.dot(q, w, input_precision="tf32x3")
+        qw_op = qw.to(OP_DTYPE)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -100,25 +103,25 @@ def headq_decode_kernel(
         kc = _codes(kc_base, rows, s_kc_t, row_mask, D * KEY_BITS // 8, D * KEY_BITS // 8, KEY_BITS)
         ks = tl.load(ks_base + block * s_ks_t + d).to(tl.float32)
         kz = tl.load(kz_base + block * s_ks_t + d).to(tl.float32)
-        s = tl.dot(q, tl.trans(kc * ks[None, :] + kz[None, :]))  # dequantized first: nothing cancels
+        s = tl.dot(q_op, tl.trans((kc * ks[None, :] + kz[None, :]).to(OP_DTYPE)))  # dequantized: nothing cancels
         if R > 0:
             cc = _codes(cc_base, rows, s_cc_t, row_mask, R_PAD * SIDE_BITS // 8, R * SIDE_BITS // 8, SIDE_BITS)
             if SIDE_PER_TOKEN:  # a scale and zero per token over its R entries
                 cs = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                s += tl.dot(qw, tl.trans(cc * cs[:, None] + cz[:, None]))
+                s += tl.dot(qw_op, tl.trans((cc * cs[:, None] + cz[:, None]).to(OP_DTYPE)))
             else:  # a scale and zero per direction, shared by the block
                 cs = tl.load(cs_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
-                s += tl.dot(qw, tl.trans(cc * cs[None, :] + cz[None, :]))
+                s += tl.dot(qw_op, tl.trans((cc * cs[None, :] + cz[None, :]).to(OP_DTYPE)))
         if VALUE_BITS > 0:  # per-token scale and zero over the whole head
             vc = _codes(vc_base, rows, s_vc_t, row_mask, D * VALUE_BITS // 8, D * VALUE_BITS // 8, VALUE_BITS)
             vs = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
             vz = tl.load(vz_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
-            v = vc * vs[:, None] + vz[:, None]
+            v = (vc * vs[:, None] + vz[:, None]).to(OP_DTYPE)
         else:
             v = tl.load(vc_base + rows[:, None] * s_vc_t + d[None, :], mask=row_mask[:, None], other=0.0)
-            v = v.to(tl.float32)
+            v = v.to(OP_DTYPE)
         m_i, l_i, acc = _online_softmax(
             s, v, rows, row_mask, m_i, l_i, acc, scaling, softcap, valid_ptr + b * s_valid_b, HAS_MASK, SOFTCAP
         )
@@ -130,9 +133,9 @@ def headq_decode_kernel(
         wv_ptrs = wv_ptr + b * s_wv_b + h * s_wv_h + w_idx[:, None] * s_wv_t + d[None, :]
         wk = tl.load(wk_ptrs, mask=w_mask[:, None], other=0.0)
         wv = tl.load(wv_ptrs, mask=w_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(wk.to(tl.float32)))
+        s = tl.dot(q_op, tl.trans(wk.to(OP_DTYPE)))
         m_i, l_i, acc = _online_softmax(
-            s, wv.to(tl.float32), n_tokens + w_idx, w_mask, m_i, l_i, acc, scaling, softcap,
+            s, wv.to(OP_DTYPE), n_tokens + w_idx, w_mask, m_i, l_i, acc, scaling, softcap,
             valid_ptr + b * s_valid_b, HAS_MASK, SOFTCAP,
         )  # fmt: skip
 
@@ -158,7 +161,7 @@ def _online_softmax(s, v, slots, slot_mask, m_i, l_i, acc, scaling, softcap, val
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
