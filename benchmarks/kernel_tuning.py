@@ -24,19 +24,18 @@ def main() -> None:
     q = torch.randn(args.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     read = layer.key_nbytes() + layer.value_nbytes()
     print(f"{read / 1e6:.1f} MB to read; {KV_HEADS} KV heads")
-    # (tile, warps, stages, use_dot): tensor-core products (query heads padded to 16) or CUDA-core ones
-    grid = [(32, 2, 3, True), (32, 2, 4, True)]
-    grid += [(t, w, st, False) for t in (8, 16, 32) for w in (1, 2, 4) for st in (2, 3)]
-    for tile, warps, stages, use_dot in grid:
-        kernels.LAUNCH.update(num_warps=warps, num_stages=stages, tile=tile, use_dot=use_dot)
+    grid = [(t, w, g, a) for t in (32, 64) for w in (2, 4) for g in (False, True) for a in (False, True)]
+    for tile, warps, gather, keys_as_a in grid:
+        stages = 3
+        kernels.LAUNCH.update(num_warps=warps, num_stages=stages, tile=tile, gather=gather, keys_as_a=keys_as_a)
         try:
             ms = bench(lambda: kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
         except Exception as err:  # a setting that does not compile or fit
-            print(f"tile {tile} warps {warps} stages {stages} dot {use_dot:d}: {type(err).__name__}: {err}")
+            print(f"tile {tile} warps {warps} gather {gather:d} keys-as-A {keys_as_a:d}: {type(err).__name__}: {err}")
             continue
         k = kernels.last_compiled
         print(
-            f"tile {tile} warps {warps} stages {stages} dot {use_dot:d}: {ms:.3f} ms, "
+            f"tile {tile} warps {warps} gather {gather:d} keys-as-A {keys_as_a:d}: {ms:.3f} ms, "
             f"{read / ms / 1e6:.0f} GB/s, "
             f"regs {k.n_regs}, spills {k.n_spills}, shared {k.metadata.shared}"
         )

@@ -72,7 +72,7 @@ def headq_decode_kernel(
     R: tl.constexpr, R_PAD: tl.constexpr, KEY_BITS: tl.constexpr, SIDE_BITS: tl.constexpr,
     SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr, GATHER: tl.constexpr,
-    KEYS_AS_A: tl.constexpr, USE_DOT: tl.constexpr,
+    KEYS_AS_A: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -85,19 +85,15 @@ def headq_decode_kernel(
     g_mask = g < G
     q = tl.load(q_ptr + b * s_qb + (h * G + g[:, None]) * s_qh + d[None, :], mask=g_mask[:, None], other=0.0)
     q = q.to(tl.float32)
-    if USE_DOT:
-        q_op = q.to(OP_DTYPE)  # operands in the model's precision, as sdpa uses them; fp32 accumulation
-        q_t = tl.trans(q_op)
+    q_op = q.to(OP_DTYPE)  # operands in the model's precision, as sdpa uses them; fp32 accumulation
+    q_t = tl.trans(q_op)
     if R > 0:  # qW: the query in the side-code directions, directions padded to R_PAD >= 16
         rr = tl.arange(0, R_PAD)
         r_mask = rr < R
         w = tl.load(w_ptr + h * D * R + d[:, None] * R + rr[None, :], mask=r_mask[None, :], other=0.0)
-        if USE_DOT:
-            qw = tl.dot(q, w, input_precision="tf32x3")
-            qw_op = qw.to(OP_DTYPE)
-            qw_t = tl.trans(qw_op)
-        else:
-            qw = tl.sum(q[:, :, None] * w[None, :, :], axis=1)
+        qw = tl.dot(q, w, input_precision="tf32x3")
+        qw_op = qw.to(OP_DTYPE)
+        qw_t = tl.trans(qw_op)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -121,54 +117,37 @@ def headq_decode_kernel(
         kc = _codes(kc_base, rows, s_kc_t, row_mask, D * KEY_BITS // 8, D * KEY_BITS // 8, KEY_BITS, GATHER)
         ks = tl.load(ks_base + block * s_ks_t + d).to(tl.float32)
         kz = tl.load(kz_base + block * s_ks_t + d).to(tl.float32)
-        k_hat = kc * ks[None, :] + kz[None, :]  # dequantized first: nothing cancels
-        if not USE_DOT:  # CUDA-core float32 products: no padding of the query heads to 16
-            s = tl.sum(q[:, None, :] * k_hat[None, :, :], axis=2)
-        elif KEYS_AS_A:  # keys as the left operand: no transpose of the tile, one of the small result
-            s_t = tl.dot(k_hat.to(OP_DTYPE), q_t)
+        k_hat = (kc * ks[None, :] + kz[None, :]).to(OP_DTYPE)  # dequantized first: nothing cancels
+        if KEYS_AS_A:  # keys as the left operand: no transpose of the tile, one of the small result
+            s_t = tl.dot(k_hat, q_t)
         else:
-            s = tl.dot(q_op, tl.trans(k_hat.to(OP_DTYPE)))
+            s = tl.dot(q_op, tl.trans(k_hat))
         if R > 0:
             cc = _codes(cc_base, rows, s_cc_t, row_mask, R_PAD * SIDE_BITS // 8, R * SIDE_BITS // 8, SIDE_BITS, GATHER)
             if SIDE_PER_TOKEN:  # a scale and zero per token over its R entries
                 cs = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                c_hat = cc * cs[:, None] + cz[:, None]
+                c_hat = (cc * cs[:, None] + cz[:, None]).to(OP_DTYPE)
             else:  # a scale and zero per direction, shared by the block
                 cs = tl.load(cs_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
-                c_hat = cc * cs[None, :] + cz[None, :]
-            if not USE_DOT:
-                s += tl.sum(qw[:, None, :] * c_hat[None, :, :], axis=2)
-            elif KEYS_AS_A:
-                s_t += tl.dot(c_hat.to(OP_DTYPE), qw_t)
+                c_hat = (cc * cs[None, :] + cz[None, :]).to(OP_DTYPE)
+            if KEYS_AS_A:
+                s_t += tl.dot(c_hat, qw_t)
             else:
-                s += tl.dot(qw_op, tl.trans(c_hat.to(OP_DTYPE)))
-        if USE_DOT and KEYS_AS_A:
+                s += tl.dot(qw_op, tl.trans(c_hat))
+        if KEYS_AS_A:
             s = tl.trans(s_t)
         if VALUE_BITS > 0:  # per-token scale and zero over the whole head
             vc = _codes(vc_base, rows, s_vc_t, row_mask, D * VALUE_BITS // 8, D * VALUE_BITS // 8, VALUE_BITS, GATHER)
             vs = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
             vz = tl.load(vz_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
-            v = vc * vs[:, None] + vz[:, None]
+            v = (vc * vs[:, None] + vz[:, None]).to(OP_DTYPE)
         else:
             v = tl.load(vc_base + rows[:, None] * s_vc_t + d[None, :], mask=row_mask[:, None], other=0.0)
-            v = v.to(tl.float32)
+            v = v.to(OP_DTYPE)
         m_i, l_i, acc = _online_softmax(
-            s,
-            v,
-            rows,
-            row_mask,
-            m_i,
-            l_i,
-            acc,
-            scaling,
-            softcap,
-            valid_ptr + b * s_valid_b,
-            HAS_MASK,
-            SOFTCAP,
-            USE_DOT,
-            OP_DTYPE,
+            s, v, rows, row_mask, m_i, l_i, acc, scaling, softcap, valid_ptr + b * s_valid_b, HAS_MASK, SOFTCAP
         )
 
     if split == n_splits - 1:  # the full-precision window: one masked tile of exact keys and values
@@ -178,13 +157,10 @@ def headq_decode_kernel(
         wv_ptrs = wv_ptr + b * s_wv_b + h * s_wv_h + w_idx[:, None] * s_wv_t + d[None, :]
         wk = tl.load(wk_ptrs, mask=w_mask[:, None], other=0.0)
         wv = tl.load(wv_ptrs, mask=w_mask[:, None], other=0.0)
-        if USE_DOT:
-            s = tl.dot(q_op, tl.trans(wk.to(OP_DTYPE)))
-        else:
-            s = tl.sum(q[:, None, :] * wk.to(tl.float32)[None, :, :], axis=2)
+        s = tl.dot(q_op, tl.trans(wk.to(OP_DTYPE)))
         m_i, l_i, acc = _online_softmax(
-            s, wv.to(tl.float32), n_tokens + w_idx, w_mask, m_i, l_i, acc, scaling, softcap,
-            valid_ptr + b * s_valid_b, HAS_MASK, SOFTCAP, USE_DOT, OP_DTYPE,
+            s, wv.to(OP_DTYPE), n_tokens + w_idx, w_mask, m_i, l_i, acc, scaling, softcap,
+            valid_ptr + b * s_valid_b, HAS_MASK, SOFTCAP,
         )  # fmt: skip
 
     out = (pid_bh * n_splits + split) * BLOCK_G + g
@@ -195,7 +171,7 @@ def headq_decode_kernel(
 
 @triton.jit
 def _online_softmax(s, v, slots, slot_mask, m_i, l_i, acc, scaling, softcap, valid_row, HAS_MASK: tl.constexpr,
-                    SOFTCAP: tl.constexpr, USE_DOT: tl.constexpr, OP_DTYPE: tl.constexpr):  # fmt: skip
+                    SOFTCAP: tl.constexpr):  # fmt: skip
     """Fold one tile of raw logits ``s [G, N]`` and values ``v [N, D]`` into the running softmax."""
     s = s * scaling
     if SOFTCAP:
@@ -209,10 +185,7 @@ def _online_softmax(s, v, slots, slot_mask, m_i, l_i, acc, scaling, softcap, val
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    if USE_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p.to(OP_DTYPE), v.to(OP_DTYPE))
-    else:
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
 
 
