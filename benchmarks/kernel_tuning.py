@@ -18,24 +18,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batches", default="", help="several batch sizes, ',' separated (overrides --batch)")
     args = parser.parse_args()
+    for batch in [int(b) for b in args.batches.split(",") if b] or [args.batch]:
+        sweep(args.context, batch)
+
+
+def sweep(context: int, batch: int) -> None:
     layer = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ).layers[0]
-    fill_headq_layer(layer, args.batch, args.context)
-    q = torch.randn(args.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    fill_headq_layer(layer, batch, context)
+    q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     read = layer.key_nbytes() + layer.value_nbytes()
-    print(f"{read / 1e6:.1f} MB to read; {KV_HEADS} KV heads")
-    grid = [(t, w, g, a) for t in (32, 64) for w in (2, 4) for g in (False, True) for a in (False, True)]
-    for tile, warps, gather, keys_as_a in grid:
-        stages = 3
-        kernels.LAUNCH.update(num_warps=warps, num_stages=stages, tile=tile, gather=gather, keys_as_a=keys_as_a)
+    print(f"context {context} batch {batch}: {read / 1e6:.1f} MB to read; {KV_HEADS} KV heads")
+    grid = [(32, 2, 3, n) for n in (4, 8, 16, 32, 64)] + [(64, 4, 3, n) for n in (4, 8, 16, 32)]
+    for tile, warps, stages, per_sm in grid:
+        kernels.LAUNCH.update(num_warps=warps, num_stages=stages, tile=tile, programs_per_sm=per_sm)
         try:
             ms = bench(lambda: kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
         except Exception as err:  # a setting that does not compile or fit
-            print(f"tile {tile} warps {warps} gather {gather:d} keys-as-A {keys_as_a:d}: {type(err).__name__}: {err}")
+            print(f"tile {tile} warps {warps} programs/SM {per_sm}: {type(err).__name__}: {err}")
             continue
         k = kernels.last_compiled
         print(
-            f"tile {tile} warps {warps} gather {gather:d} keys-as-A {keys_as_a:d}: {ms:.3f} ms, "
+            f"tile {tile} warps {warps} programs/SM {per_sm}: {ms:.3f} ms, "
             f"{read / ms / 1e6:.0f} GB/s, "
             f"regs {k.n_regs}, spills {k.n_spills}, shared {k.metadata.shared}"
         )

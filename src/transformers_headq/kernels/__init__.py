@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 _PACKABLE_BITS = (1, 2, 4, 8)
 # Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
-LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "gather": False, "keys_as_a": True}
+LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "gather": False, "keys_as_a": True, "programs_per_sm": 8}
 _OPERAND_DTYPES: dict[torch.dtype, object] = {}  # model dtype -> Triton operand dtype (filled on first use)
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
@@ -151,7 +151,7 @@ def _splits(batch_heads: int, n_tokens: int, block: int, device: torch.device) -
     """``(splits, tokens per split)``: enough programs to fill the GPU a few times over (flash-decoding)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     blocks = -(-n_tokens // block)
-    wanted = max(1, min(blocks, -(-4 * sms // batch_heads)))
+    wanted = max(1, min(blocks, -(-LAUNCH["programs_per_sm"] * sms // batch_heads)))
     per_split = -(-blocks // wanted) * block
     return -(-n_tokens // per_split), per_split
 
