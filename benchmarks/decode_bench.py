@@ -331,12 +331,11 @@ def markdown(rows, e2e, checks, gpu, peak, budget) -> str:  # type: ignore[no-un
                 f"| {r['cache']} | {r['context']} | {r['batch']} | {r['decode_ms_per_step']:.1f} | "
                 f"{r['decode_tokens_per_s']:.1f} | {r['peak_gib']:.1f} |"
             )
-    if checks:
-        worst = max(c["rel_error"] for c in checks)
-        lines += [
-            "",
-            f"Kernel vs torch reference on this GPU: largest relative error {worst:.2e} over {len(checks)} cases.",
-        ]
+    for dtype in sorted({c["dtype"] for c in checks}):
+        worst = max(c["rel_error"] for c in checks if c["dtype"] == dtype)
+        tolerance = CHECK_TOLERANCE[getattr(torch, dtype)]
+        lines += ["", f"Kernel vs float32 torch reference, {dtype} cache: largest relative error {worst:.2e} "
+                  f"(tolerance {tolerance:g})."]  # fmt: skip
     return "\n".join(lines)
 
 
