@@ -10,6 +10,14 @@ from transformers_headq.basis import LayerBasis
 from transformers_headq.fingerprint import model_fingerprint
 
 _GQA = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}
+_GEMMA = {
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "sliding_window": 8,
+    "max_position_embeddings": 512,
+    "query_pre_attn_scalar": 256,
+}
 # Tiny random configs, one per supported decoder family, each with what makes the family different.
 FAMILIES: dict[str, tuple[str, dict]] = {
     "llama": ("LlamaConfig", _GQA),
@@ -17,28 +25,10 @@ FAMILIES: dict[str, tuple[str, dict]] = {
     "mistral-sliding": ("MistralConfig", {**_GQA, "sliding_window": 8}),  # every layer slides
     "qwen2": ("Qwen2Config", {**_GQA, "sliding_window": None}),  # q/k/v biases
     "qwen3": ("Qwen3Config", {**_GQA, "head_dim": 16, "sliding_window": None}),  # q/k RMS norms
-    "gemma2": (  # alternating sliding/global layers, logit soft-capping, head dim 256, MQA
-        "Gemma2Config",
-        {
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 256,
-            "sliding_window": 8,
-            "max_position_embeddings": 512,
-            "query_pre_attn_scalar": 256,
-        },
-    ),
-    "gemma3": (  # five sliding layers per global one, q/k norms, MQA
-        "Gemma3TextConfig",
-        {
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "head_dim": 256,
-            "sliding_window": 8,
-            "max_position_embeddings": 512,
-            "query_pre_attn_scalar": 256,
-        },
-    ),
+    # alternating sliding/global layers, logit soft-capping, head dim 256, MQA
+    "gemma2": ("Gemma2Config", _GEMMA),
+    # five sliding layers per global one, q/k norms, MQA
+    "gemma3": ("Gemma3TextConfig", _GEMMA),
     "phi3": ("Phi3Config", {**_GQA, "bos_token_id": 1, "eos_token_id": 2}),  # fused qkv projection
     "gpt_neox": ("GPTNeoXConfig", {"num_attention_heads": 4, "rotary_pct": 0.25, "max_position_embeddings": 512}),
     # learned positions, Conv1D attention

@@ -16,8 +16,6 @@ from transformers_headq.attention import headq_attention_forward
 from .helpers import basis_from_tensors, random_orthonormal
 from .test_attention import MODULE
 
-pytest.importorskip("triton", reason="the kernels need Triton: pip install transformers-headq[gpu]")
-
 CASES = {
     "k2-dense-values": HeadQConfig(key_bits=2, block_size=16, rank=0),
     "k2-r4s4-block-v2": HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=4, side_bits=4, side_scale="block"),
