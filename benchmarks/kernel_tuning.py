@@ -30,19 +30,17 @@ def sweep(context: int, batch: int) -> None:
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     read = layer.key_nbytes() + layer.value_nbytes()
     print(f"context {context} batch {batch}: {read / 1e6:.1f} MB to read; {KV_HEADS} KV heads")
-    grid = [(t, w, n, f) for t in (32, 64) for w in (2, 4) for n in (8, 16) for f in (False, True)]
-    for tile, warps, per_sm, fold in grid:
-        stages = 3
+    grid = [(32, 2, 3, n) for n in (4, 8, 16, 32, 64)] + [(64, 4, 3, n) for n in (4, 8, 16, 32)]
+    for tile, warps, stages, per_sm in grid:
         kernels.LAUNCH.update(num_warps=warps, num_stages=stages, tile=tile, programs_per_sm=per_sm)
-        kernels.LAUNCH.update(fold_key_scale=fold)
         try:
             ms = bench(lambda: kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
         except Exception as err:  # a setting that does not compile or fit
-            print(f"tile {tile} warps {warps} programs/SM {per_sm} fold {fold:d}: {type(err).__name__}: {err}")
+            print(f"tile {tile} warps {warps} programs/SM {per_sm}: {type(err).__name__}: {err}")
             continue
         k = kernels.last_compiled
         print(
-            f"tile {tile} warps {warps} programs/SM {per_sm} fold {fold:d}: {ms:.3f} ms, "
+            f"tile {tile} warps {warps} programs/SM {per_sm}: {ms:.3f} ms, "
             f"{read / ms / 1e6:.0f} GB/s, "
             f"regs {k.n_regs}, spills {k.n_spills}, shared {k.metadata.shared}"
         )

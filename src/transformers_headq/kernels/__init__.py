@@ -22,15 +22,7 @@ if TYPE_CHECKING:
 
 _PACKABLE_BITS = (1, 2, 4, 8)
 # Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
-LAUNCH = {
-    "num_warps": 2,
-    "num_stages": 3,
-    "tile": 32,
-    "gather": False,
-    "keys_as_a": True,
-    "programs_per_sm": 8,
-    "fold_key_scale": False,
-}
+LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "gather": False, "keys_as_a": True, "programs_per_sm": 8}
 _OPERAND_DTYPES: dict[torch.dtype, object] = {}  # model dtype -> Triton operand dtype (filled on first use)
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
@@ -143,7 +135,7 @@ def fused_decode_attention(
         SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
         TILE=min(LAUNCH["tile"], cfg.block_size),
         HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=_OPERAND_DTYPES[layer.dtype],
-        GATHER=LAUNCH["gather"], KEYS_AS_A=LAUNCH["keys_as_a"], FOLD_KEY_SCALE=LAUNCH["fold_key_scale"],
+        GATHER=LAUNCH["gather"], KEYS_AS_A=LAUNCH["keys_as_a"],
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
     global last_compiled

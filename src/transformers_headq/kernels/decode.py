@@ -72,7 +72,7 @@ def headq_decode_kernel(
     R: tl.constexpr, R_PAD: tl.constexpr, KEY_BITS: tl.constexpr, SIDE_BITS: tl.constexpr,
     SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
     HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr, GATHER: tl.constexpr,
-    KEYS_AS_A: tl.constexpr, FOLD_KEY_SCALE: tl.constexpr,
+    KEYS_AS_A: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -117,14 +117,10 @@ def headq_decode_kernel(
         kc = _codes(kc_base, rows, s_kc_t, row_mask, D * KEY_BITS // 8, D * KEY_BITS // 8, KEY_BITS, GATHER)
         ks = tl.load(ks_base + block * s_ks_t + d).to(tl.float32)
         kz = tl.load(kz_base + block * s_ks_t + d).to(tl.float32)
-        if FOLD_KEY_SCALE:  # raw codes (exact in bf16) against q ⊙ scale; the zero point as a bias
-            q_scaled = tl.trans((q * ks[None, :]).to(OP_DTYPE))
-            s_t = tl.dot(kc.to(OP_DTYPE), q_scaled) + tl.sum(q * kz[None, :], axis=1)[None, :]
-        elif KEYS_AS_A:  # keys as the left operand: no transpose of the tile, one of the small result
-            k_hat = (kc * ks[None, :] + kz[None, :]).to(OP_DTYPE)
+        k_hat = (kc * ks[None, :] + kz[None, :]).to(OP_DTYPE)  # dequantized first: nothing cancels
+        if KEYS_AS_A:  # keys as the left operand: no transpose of the tile, one of the small result
             s_t = tl.dot(k_hat, q_t)
         else:
-            k_hat = (kc * ks[None, :] + kz[None, :]).to(OP_DTYPE)
             s = tl.dot(q_op, tl.trans(k_hat))
         if R > 0:
             cc = _codes(cc_base, rows, s_cc_t, row_mask, R_PAD * SIDE_BITS // 8, R * SIDE_BITS // 8, SIDE_BITS, GATHER)
@@ -136,11 +132,11 @@ def headq_decode_kernel(
                 cs = tl.load(cs_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
                 c_hat = (cc * cs[None, :] + cz[None, :]).to(OP_DTYPE)
-            if KEYS_AS_A or FOLD_KEY_SCALE:
+            if KEYS_AS_A:
                 s_t += tl.dot(c_hat, qw_t)
             else:
                 s += tl.dot(qw_op, tl.trans(c_hat))
-        if KEYS_AS_A or FOLD_KEY_SCALE:
+        if KEYS_AS_A:
             s = tl.trans(s_t)
         if VALUE_BITS > 0:  # per-token scale and zero over the whole head
             vc = _codes(vc_base, rows, s_vc_t, row_mask, D * VALUE_BITS // 8, D * VALUE_BITS // 8, VALUE_BITS, GATHER)
