@@ -73,7 +73,6 @@ class HeadQLayer(CacheLayerMixin):
             TokenBuffer(torch.zeros(batch, heads, 0, device=self.device)) if cfg.track_attention else None
         )
         self.kept = KeptValues(cfg, value_states) if cfg.value_keep else None
-        self.evicted = 0
         self.is_initialized = True
 
     def _check_first_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -360,6 +359,7 @@ class HeadQCache(Cache):
     ) -> None:
         """``model_config`` (the model's config) tells which layers slide and over how many tokens;
         without it every layer keeps all its tokens (still correct: the mask hides old ones)."""
+        windows: list[int | None] | None = None
         if model_config is not None:
             windows = sliding_windows(model_config)
             if num_layers is not None and num_layers != len(windows):
@@ -380,7 +380,7 @@ class HeadQCache(Cache):
             raise CacheInputError("pass a basis, or num_layers for a cache without side codes")
         self.config = config
         self.basis = basis
-        windows = sliding_windows(model_config) if model_config is not None else [None] * num_layers
+        windows = windows or [None] * num_layers
         layers: list[Any] = [
             HeadQLayer(config, None if basis is None else basis.layers[i], i, windows[i]) for i in range(num_layers)
         ]

@@ -271,7 +271,7 @@ def card(
     """Write a model card (Hub metadata, how the basis was made, measured quality, usage)."""
     from .model_card import basis_model_card
 
-    loaded = QueryBasis.from_pretrained(basis)
+    loaded = QueryBasis.from_folder(basis)
     rows = json.loads(quality.read_text()) if quality is not None else None
     basis_model_card(loaded, repo_id, base_model, rows, license).save(basis / "README.md")
     console.print(f"wrote {basis / 'README.md'}")

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 _PACKABLE_BITS = (1, 2, 4, 8)
 # Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
-LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "gather": False, "keys_as_a": True, "programs_per_sm": 8}
-_OPERAND_DTYPES: dict[torch.dtype, object] = {}  # model dtype -> Triton operand dtype (filled on first use)
+LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "programs_per_sm": 8}
+# Triton operand dtype (a name in triton.language) for each model dtype.
+_OPERAND_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
 
@@ -76,12 +77,6 @@ def fused_decode_attention(
     Two launches: the split kernel (quantized tokens, and the window in the last split) and the
     merge of the splits' partial softmaxes.
     """
-    import triton.language as tl
-
-    from .decode import headq_decode_kernel, headq_merge_kernel
-
-    _OPERAND_DTYPES.update({torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32})
-
     batch, q_heads, q_len, head_dim = query.shape
     if q_len != 1 or not kernels_enabled(query.device) or not kernel_supports(layer) or layer.quantized_length == 0:
         return None
@@ -89,10 +84,15 @@ def fused_decode_attention(
         valid = _key_validity(mask, batch, layer.stored_length)
     except ValueError:
         return None
+    import triton
+    import triton.language as tl
+
+    from .decode import headq_decode_kernel, headq_merge_kernel
+
     cfg = layer.config
     kv_heads = layer.shape[1]
     groups = q_heads // kv_heads
-    block_g = max(16, next_power_of_2(groups))
+    block_g = max(16, triton.next_power_of_2(groups))
     n_tokens, rank = layer.quantized_length, layer.rank
     assert isinstance(layer.key_store, QuantizedStore)
     keys = layer.key_store.packed()
@@ -131,18 +131,18 @@ def fused_decode_attention(
         *_bht(window_keys), *_bht(window_values),
         validity.stride(0) if valid is not None else 0,
         H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim,
-        R=rank, R_PAD=max(16, next_power_of_2(rank)), KEY_BITS=cfg.key_bits, SIDE_BITS=cfg.side_bits or 8,
+        R=rank, R_PAD=max(16, triton.next_power_of_2(rank)), KEY_BITS=cfg.key_bits, SIDE_BITS=cfg.side_bits or 8,
         SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
         TILE=min(LAUNCH["tile"], cfg.block_size),
-        HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=_OPERAND_DTYPES[layer.dtype],
-        GATHER=LAUNCH["gather"], KEYS_AS_A=LAUNCH["keys_as_a"],
+        HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=getattr(tl, _OPERAND_DTYPES[layer.dtype]),
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )  # fmt: skip
     global last_compiled
     last_compiled = compiled
     out = torch.empty(batch, q_heads, 1, head_dim, device=query.device, dtype=torch.float32)
+    splits_pad = max(2, triton.next_power_of_2(n_splits))
     headq_merge_kernel[(batch * kv_heads,)](
-        m, norm, acc, out, n_splits, G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=max(2, next_power_of_2(n_splits))
+        m, norm, acc, out, n_splits, G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad
     )
     return out
 
@@ -159,7 +159,3 @@ def _splits(batch_heads: int, n_tokens: int, block: int, device: torch.device) -
 def _bht(t: torch.Tensor) -> tuple[int, int, int]:
     """Batch, head and token strides of a ``[B, H, T, C]`` (strided) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())

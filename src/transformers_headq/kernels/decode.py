@@ -30,20 +30,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _codes(row_ptr, rows, row_stride, row_mask, N_BYTES: tl.constexpr, n_bytes, BITS: tl.constexpr,
-           GATHER: tl.constexpr):  # fmt: skip
+def _codes(row_ptr, rows, row_stride, row_mask, N_BYTES: tl.constexpr, n_bytes, BITS: tl.constexpr):
     """Codes ``[len(rows), N_BYTES * 8 // BITS]`` (float32) of packed rows, low bits first.
 
-    ``GATHER``: each code loads its own byte (repeated loads hit L1) and shifts it, which needs no
-    register reshuffle; otherwise whole bytes are loaded once and expanded by a reshape.
+    Whole bytes are loaded once (coalesced) and expanded in registers by shifts and a reshape.
     """
     PER_BYTE: tl.constexpr = 8 // BITS
-    if GATHER:
-        cols = tl.arange(0, N_BYTES * PER_BYTE)
-        mask = row_mask[:, None] & ((cols // PER_BYTE) < n_bytes)[None, :]
-        packed = tl.load(row_ptr + rows[:, None] * row_stride + (cols // PER_BYTE)[None, :], mask=mask, other=0)
-        codes = (packed >> ((cols % PER_BYTE) * BITS).to(tl.uint8)[None, :]) & ((1 << BITS) - 1)
-        return codes.to(tl.float32)
     cols = tl.arange(0, N_BYTES)
     mask = row_mask[:, None] & (cols < n_bytes)[None, :]
     packed = tl.load(row_ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0)
@@ -71,8 +63,7 @@ def headq_decode_kernel(
     H_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     R: tl.constexpr, R_PAD: tl.constexpr, KEY_BITS: tl.constexpr, SIDE_BITS: tl.constexpr,
     SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr, TILE: tl.constexpr,
-    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr, GATHER: tl.constexpr,
-    KEYS_AS_A: tl.constexpr,
+    HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -92,8 +83,7 @@ def headq_decode_kernel(
         r_mask = rr < R
         w = tl.load(w_ptr + h * D * R + d[:, None] * R + rr[None, :], mask=r_mask[None, :], other=0.0)
         qw = tl.dot(q, w, input_precision="tf32x3")
-        qw_op = qw.to(OP_DTYPE)
-        qw_t = tl.trans(qw_op)
+        qw_t = tl.trans(qw.to(OP_DTYPE))
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -114,16 +104,14 @@ def headq_decode_kernel(
         rows = tile + tl.arange(0, TILE)
         row_mask = rows < end
         block = tile // BLOCK_N
-        kc = _codes(kc_base, rows, s_kc_t, row_mask, D * KEY_BITS // 8, D * KEY_BITS // 8, KEY_BITS, GATHER)
+        kc = _codes(kc_base, rows, s_kc_t, row_mask, D * KEY_BITS // 8, D * KEY_BITS // 8, KEY_BITS)
         ks = tl.load(ks_base + block * s_ks_t + d).to(tl.float32)
         kz = tl.load(kz_base + block * s_ks_t + d).to(tl.float32)
         k_hat = (kc * ks[None, :] + kz[None, :]).to(OP_DTYPE)  # dequantized first: nothing cancels
-        if KEYS_AS_A:  # keys as the left operand: no transpose of the tile, one of the small result
-            s_t = tl.dot(k_hat, q_t)
-        else:
-            s = tl.dot(q_op, tl.trans(k_hat))
+        # keys as the left operand: no transpose of the tile, only of the small [TILE, G] result
+        s_t = tl.dot(k_hat, q_t)
         if R > 0:
-            cc = _codes(cc_base, rows, s_cc_t, row_mask, R_PAD * SIDE_BITS // 8, R * SIDE_BITS // 8, SIDE_BITS, GATHER)
+            cc = _codes(cc_base, rows, s_cc_t, row_mask, R_PAD * SIDE_BITS // 8, R * SIDE_BITS // 8, SIDE_BITS)
             if SIDE_PER_TOKEN:  # a scale and zero per token over its R entries
                 cs = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
@@ -132,14 +120,10 @@ def headq_decode_kernel(
                 cs = tl.load(cs_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
                 cz = tl.load(cz_base + block * s_cs_t + rr, mask=r_mask, other=0.0).to(tl.float32)
                 c_hat = (cc * cs[None, :] + cz[None, :]).to(OP_DTYPE)
-            if KEYS_AS_A:
-                s_t += tl.dot(c_hat, qw_t)
-            else:
-                s += tl.dot(qw_op, tl.trans(c_hat))
-        if KEYS_AS_A:
-            s = tl.trans(s_t)
+            s_t += tl.dot(c_hat, qw_t)
+        s = tl.trans(s_t)
         if VALUE_BITS > 0:  # per-token scale and zero over the whole head
-            vc = _codes(vc_base, rows, s_vc_t, row_mask, D * VALUE_BITS // 8, D * VALUE_BITS // 8, VALUE_BITS, GATHER)
+            vc = _codes(vc_base, rows, s_vc_t, row_mask, D * VALUE_BITS // 8, D * VALUE_BITS // 8, VALUE_BITS)
             vs = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
             vz = tl.load(vz_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
             v = (vc * vs[:, None] + vz[:, None]).to(OP_DTYPE)
