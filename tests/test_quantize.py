@@ -26,10 +26,11 @@ def test_pack_unpack_round_trip(bits, lead, n, seed):
     assert torch.equal(unpack_codes(packed, bits, n), codes)
 
 
-def test_two_bit_codes_go_four_to_a_byte_low_bits_first():
+def test_two_bit_codes_go_four_to_a_byte_in_planes():
+    # 5 codes take 2 bytes; byte j holds codes j, j + 2, j + 4, j + 6 (padding) from its low bits up
     codes = torch.tensor([[1, 2, 3, 0, 3]], dtype=torch.uint8)
     packed = pack_codes(codes, 2)
-    assert packed.tolist() == [[1 | 2 << 2 | 3 << 4 | 0 << 6, 3]]
+    assert packed.tolist() == [[1 | 3 << 2 | 3 << 4, 2 | 0 << 2]]
 
 
 def test_unpack_rejects_wrong_row_length():

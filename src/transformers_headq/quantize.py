@@ -4,9 +4,13 @@ Why our own packing instead of optimum-quanto's ``PackedTensor``: quanto packs 2
 weights along dim 0 in planes (row ``i`` of every plane shares a byte). A KV cache grows along
 the token axis, so packing across tokens would force a repack on every append, and the fused
 decode kernels want each token's codes contiguous. Here codes are packed along the *last* axis
-(channels) of each token row, least-significant bits first, so one token is one packed row and
-appending tokens is a concatenation. Any width from 1 to 8 bits is supported; 2-bit codes go four
-to a byte. This module knows nothing of caches or attention.
+(channels) of each token row, so one token is one packed row and appending tokens is a
+concatenation. Within a row, widths that divide a byte are packed in *planes*: a row of ``n``
+codes takes ``m = ceil(n * bits / 8)`` bytes, and plane ``p`` (bits ``[p*bits, (p+1)*bits)`` of
+every byte) holds codes ``p*m ... p*m + m - 1``. A kernel then gets each plane's codes with one
+shift and mask of the loaded bytes, already in channel order, with no interleaving to undo (see
+``kernels/decode.py``). 3-bit codes straddle bytes and are packed as a little-endian bit stream.
+This module knows nothing of caches or attention.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ def packed_row_bytes(n_codes: int, bits: int) -> int:
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in ``[0, 2**bits)`` along the last axis into uint8.
 
-    The bit stream is little-endian: code ``i`` occupies bits ``[i*bits, (i+1)*bits)`` of the row,
-    so for 1/2/4/8 bits byte ``j`` holds codes ``j*8/bits ...`` in its low-to-high bits.
+    For 1/2/4 bits the row is padded with zero codes to ``m * 8 // bits`` codes (``m`` bytes) and
+    code ``p*m + j`` lands in byte ``j`` at bits ``[p*bits, (p+1)*bits)`` (planar layout). For 3
+    bits code ``i`` occupies bits ``[i*3, (i+1)*3)`` of the row's little-endian bit stream.
     """
     check_bits(bits)
     n = codes.shape[-1]
@@ -43,14 +48,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.contiguous()
     if 8 % bits == 0:
-        per_byte = 8 // bits
-        pad = (-n) % per_byte
-        if pad:
-            codes = torch.nn.functional.pad(codes, (0, pad))
-        grouped = codes.reshape(*codes.shape[:-1], -1, per_byte)
-        packed = torch.zeros(grouped.shape[:-1], dtype=torch.uint8, device=codes.device)
-        for i in range(per_byte):
-            packed |= grouped[..., i] << (bits * i)
+        per_byte, n_bytes = 8 // bits, packed_row_bytes(n, bits)
+        codes = torch.nn.functional.pad(codes, (0, n_bytes * per_byte - n))
+        planes = codes.reshape(*codes.shape[:-1], per_byte, n_bytes)
+        packed = torch.zeros(planes.shape[:-2] + (n_bytes,), dtype=torch.uint8, device=codes.device)
+        for p in range(per_byte):
+            packed |= planes[..., p, :] << (bits * p)
         return packed
     # Widths that straddle bytes (3 bits): expand to a bit stream, then pack 8 bits a byte.
     shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
@@ -75,10 +78,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
         return packed
     mask = (1 << bits) - 1
     if 8 % bits == 0:
-        per_byte = 8 // bits
         shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
-        codes = (packed.unsqueeze(-1) >> shifts) & mask
-        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte)[..., :n_codes]
+        planes = (packed.unsqueeze(-2) >> shifts.unsqueeze(-1)) & mask  # [..., planes, bytes]
+        return planes.flatten(-2)[..., :n_codes]
     shifts8 = torch.arange(8, device=packed.device, dtype=torch.uint8)
     bit_stream = ((packed.unsqueeze(-1) >> shifts8) & 1).reshape(*packed.shape[:-1], -1)
     bit_stream = bit_stream[..., : n_codes * bits].reshape(*packed.shape[:-1], n_codes, bits)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..quantize import packed_row_bytes
 from ..store import DenseStore, QuantizedStore
 
 if TYPE_CHECKING:
@@ -39,6 +40,11 @@ def _power_of_two(n: int) -> bool:
     return n >= 16 and n & (n - 1) == 0
 
 
+def _plane_fits(head_dim: int, bits: int | None) -> bool:
+    """Packed codes of a head row split into ``8 // bits`` planes of at least 16 channels (a dot's depth)."""
+    return bits is None or (bits in _PACKABLE_BITS and head_dim * bits // 8 >= 16)
+
+
 def kernel_supports(layer: HeadQLayer) -> bool:
     """Whether the decode kernel covers this layer's storage settings."""
     cfg = layer.config
@@ -46,11 +52,12 @@ def kernel_supports(layer: HeadQLayer) -> bool:
     return (
         isinstance(layer.key_store, QuantizedStore)
         and cfg.key_grouping == "channel"
-        and cfg.key_bits in _PACKABLE_BITS
         and _power_of_two(cfg.block_size)
         and _power_of_two(head_dim)
+        and _plane_fits(head_dim, cfg.key_bits)
         and (layer.rank == 0 or (cfg.side_bits in _PACKABLE_BITS and layer.rank <= 128))
-        and (cfg.value_bits is None or (cfg.value_bits in _PACKABLE_BITS and cfg.channel_group in (None, head_dim)))
+        and _plane_fits(head_dim, cfg.value_bits)
+        and (cfg.value_bits is None or cfg.channel_group in (None, head_dim))
         and cfg.value_keep == 0  # A² kept values: reference path for now
         and not cfg.track_attention
     )
@@ -109,6 +116,8 @@ def fused_decode_attention(
         packed = layer.value_store.packed()
         value_codes, value_scale, value_zero = packed.codes, packed.scale, packed.zero
         value_bits = cfg.value_bits or 0
+    side_bits = cfg.side_bits or 8
+    side_bytes = packed_row_bytes(rank, side_bits)
     n_splits, per_split = _splits(batch * kv_heads, n_tokens, cfg.block_size, query.device)
     m = torch.empty(batch * kv_heads, n_splits, block_g, device=query.device, dtype=torch.float32)
     norm = torch.empty_like(m)
@@ -131,8 +140,8 @@ def fused_decode_attention(
         *_bht(window_keys), *_bht(window_values),
         validity.stride(0) if valid is not None else 0,
         H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim,
-        R=rank, R_PAD=max(16, triton.next_power_of_2(rank)), KEY_BITS=cfg.key_bits, SIDE_BITS=cfg.side_bits or 8,
-        SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
+        R=rank, SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)), KEY_BITS=cfg.key_bits,
+        SIDE_BITS=side_bits, SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
         TILE=min(LAUNCH["tile"], cfg.block_size),
         HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=getattr(tl, _OPERAND_DTYPES[layer.dtype]),
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
