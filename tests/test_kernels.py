@@ -27,14 +27,14 @@ CASES = {
         HeadQConfig(key_bits=2, value_bits=4, block_size=16, rank=8, side_bits=2, side_scale="token"),
         64,
     ),
-    "k4-r12s8-v1-fp32meta": (
+    "k4-r12s8-v8-fp32meta": (
         HeadQConfig(
-            key_bits=4, value_bits=1, block_size=32, rank=12, side_bits=8, side_scale="block", meta_dtype="float32"
+            key_bits=4, value_bits=8, block_size=32, rank=12, side_bits=8, side_scale="block", meta_dtype="float32"
         ),
         128,
     ),
-    "k1-r20s4-token-v8": (
-        HeadQConfig(key_bits=1, value_bits=8, block_size=16, rank=20, side_bits=4, side_scale="token"),
+    "k8-r20s4-token-v2": (
+        HeadQConfig(key_bits=8, value_bits=2, block_size=16, rank=20, side_bits=4, side_scale="token"),
         128,
     ),
 }
@@ -96,10 +96,13 @@ def test_uncovered_settings_fall_back():
         HeadQConfig(key_bits=3, block_size=16, rank=0),  # 3-bit codes straddle bytes
         HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=0, value_keep=1),  # A² kept values
         HeadQConfig(key_bits=2, key_grouping="token", block_size=16, rank=0),
-        HeadQConfig(key_bits=1, block_size=16, rank=0),  # planes of 8 channels: too narrow for a dot
+        HeadQConfig(key_bits=1, block_size=16, rank=0),  # eight planes a byte: the kernel unrolls four
     ):
         cache, query = _filled_cache(config, tokens=40, seed=0)
         assert fused_decode_attention(cache.layers[0], query, None, 0.25, None) is None
+    # 2-bit keys of a 32-channel head: planes of 8 channels, too narrow for a dot
+    cache, query = _filled_cache(HeadQConfig(key_bits=2, block_size=16, rank=0), tokens=40, seed=0, head_dim=32)
+    assert fused_decode_attention(cache.layers[0], query, None, 0.25, None) is None
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

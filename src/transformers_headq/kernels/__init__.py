@@ -21,9 +21,9 @@ from ..store import DenseStore, QuantizedStore
 if TYPE_CHECKING:
     from ..cache import HeadQLayer
 
-_PACKABLE_BITS = (1, 2, 4, 8)
+_PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
 # Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
-LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "programs_per_sm": 8}
+LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "programs_per_sm": 8, "asm": 1}
 # Triton operand dtype (a name in triton.language) for each model dtype.
 _OPERAND_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
@@ -42,7 +42,7 @@ def _power_of_two(n: int) -> bool:
 
 def _plane_fits(head_dim: int, bits: int | None) -> bool:
     """Packed codes of a head row split into ``8 // bits`` planes of at least 16 channels (a dot's depth)."""
-    return bits is None or (bits in _PACKABLE_BITS and head_dim * bits // 8 >= 16)
+    return bits is None or (bits in _PLANE_BITS and head_dim * bits // 8 >= 16)
 
 
 def kernel_supports(layer: HeadQLayer) -> bool:
@@ -55,7 +55,7 @@ def kernel_supports(layer: HeadQLayer) -> bool:
         and _power_of_two(cfg.block_size)
         and _power_of_two(head_dim)
         and _plane_fits(head_dim, cfg.key_bits)
-        and (layer.rank == 0 or (cfg.side_bits in _PACKABLE_BITS and layer.rank <= 128))
+        and (layer.rank == 0 or (cfg.side_bits in _PLANE_BITS and layer.rank <= 128))
         and _plane_fits(head_dim, cfg.value_bits)
         and (cfg.value_bits is None or cfg.channel_group in (None, head_dim))
         and cfg.value_keep == 0  # A² kept values: reference path for now
@@ -143,6 +143,7 @@ def fused_decode_attention(
         R=rank, SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)), KEY_BITS=cfg.key_bits,
         SIDE_BITS=side_bits, SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
         TILE=min(LAUNCH["tile"], cfg.block_size),
+        ASM=bool(LAUNCH["asm"]) and query.device.type == "cuda",  # bit tricks need a GPU (not the interpreter)
         HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=getattr(tl, _OPERAND_DTYPES[layer.dtype]),
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
     )  # fmt: skip

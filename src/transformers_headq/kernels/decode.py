@@ -10,10 +10,10 @@ instead of the large ones:
     s_t = Σ_d (q_d · scale_d) code_td + Σ_d q_d · zero_d        (keys; likewise qW and side codes)
     acc = Σ_t (p_t · scale_t) code_t  + Σ_t p_t · zero_t       (values)
 
-so each packed byte costs a shift, a mask and a conversion of a small integer, which is exact in
-any float type. Codes are packed in planes (``quantize.pack_codes``): plane ``p`` of a row's bytes
-holds channels ``p*m ... p*m + m - 1``, so the tile's codes come as ``[planes, TILE, m]`` with no
-reshuffling and each product is one batched tensor-core dot over the planes.
+so each packed code costs a mask and a conversion of a small integer, exact in any float type (on
+the GPU, a few bit operations per two codes: ``_PLANE_TO_HALF``). Codes are packed in planes
+(``quantize.pack_codes``): plane ``p`` of a row's ``m`` bytes holds channels ``p*m ... p*m + m - 1``,
+so each plane of a tile's bytes ``[TILE, m]`` is one tensor-core dot, with no reshuffling of codes.
 
 Precision: the codes are exact; the folded operands ``q ⊙ scale`` (normalised per query row, so
 any model's range fits) and ``p ⊙ scale`` (normalised by the tile's largest scale) are rounded
@@ -31,16 +31,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# Codes of one plane as float16, kept in place (``code << shift``): the plane's bits are masked in
+# each byte, moved into a float16's mantissa under the exponent of 1024, and 1024 is subtracted.
+# Four bytes make two half2 registers; no integer-to-float conversion (a quarter-rate instruction).
+_PLANE_TO_HALF: tl.constexpr = tl.constexpr("""{
+.reg .b32 lo, hi, magic;
+mov.b32 magic, 0x64006400;
+prmt.b32 lo, $2, 0, 0x4140;
+prmt.b32 hi, $2, 0, 0x4342;
+lop3.b32 lo, lo, $3, magic, 0xea;
+lop3.b32 hi, hi, $3, magic, 0xea;
+sub.f16x2 $0, lo, magic;
+sub.f16x2 $1, hi, magic;
+}""")
+
 
 @triton.jit
-def _plane_codes(base, rows, row_stride, row_mask, NB: tl.constexpr, n_bytes, BITS: tl.constexpr,
-                 DTYPE: tl.constexpr):  # fmt: skip
-    """Codes ``[8 // BITS, len(rows), NB]`` of planar-packed rows (bytes past ``n_bytes`` read as 0)."""
-    cols = tl.arange(0, NB)
-    mask = row_mask[:, None] & (cols < n_bytes)[None, :]
-    packed = tl.load(base + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0)
-    shifts = (tl.arange(0, 8 // BITS) * BITS).to(tl.uint8)
-    return ((packed[None, :, :] >> shifts[:, None, None]) & ((1 << BITS) - 1)).to(DTYPE)
+def _plane(packed, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """Codes of plane ``PLANE`` of packed bytes, times ``2**(PLANE * BITS)`` (exact in ``DTYPE``)."""
+    MASK: tl.constexpr = ((1 << BITS) - 1) << (PLANE * BITS)
+    if ASM:  # float16 only
+        mask = tl.full(packed.shape, MASK | (MASK << 16), tl.int32)
+        return tl.inline_asm_elementwise(
+            _PLANE_TO_HALF, "=r,=r,r,r,r,r,r", [packed, mask], dtype=tl.float16, is_pure=True, pack=4
+        )
+    else:
+        return (packed & MASK).to(DTYPE)
 
 
 @triton.jit
@@ -53,18 +69,45 @@ def _dot(a, b, FP32: tl.constexpr):
 
 
 @triton.jit
-def _folded(x, scale, DTYPE: tl.constexpr):
-    """``x ⊙ scale`` ``[P, C, G]`` as a dot operand in ``DTYPE``, normalised per row ``g``: (operand, norm)."""
-    a = x * scale
-    norm = tl.max(tl.max(tl.abs(a), axis=1), axis=0)
+def _plane_logits(packed, x, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                  ASM: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+    """Logits ``[T, G]`` of one plane of codes ``[T, C]`` against ``x [C, G]`` with per-channel scale and zero.
+
+    ``Σ_c x_c (scale_c code_tc + zero_c)``: ``x ⊙ scale`` is the dot operand, normalised per row ``g``
+    so that any range fits ``DTYPE``; the zero term is a per-row constant.
+    """
+    a = x * scale[:, None]
+    norm = tl.max(tl.abs(a), axis=0)
     norm = tl.where(norm > 0, norm, 1.0)
-    return (a / norm[None, None, :]).to(DTYPE), norm
+    s = _dot(_plane(packed, PLANE, BITS, DTYPE, ASM), (a / norm[None, :]).to(DTYPE), FP32)
+    return s * (norm / (1 << (PLANE * BITS)))[None, :] + tl.sum(x * zero[:, None], axis=0)[None, :]
 
 
 @triton.jit
-def _coded_logits(codes, operand, norm, FP32: tl.constexpr):
-    """``[T, G]`` logits of codes ``[P, T, C]`` against a folded operand ``[P, C, G]`` and its row norm."""
-    return tl.sum(_dot(codes, operand, FP32), axis=0) * norm[None, :]
+def _plane_values(acc, p_op, packed, rescale, weight, bias, PLANE: tl.constexpr, BITS: tl.constexpr,
+                  DTYPE: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
+    """``acc ⊙ rescale + weight · (p_op · codes) + bias`` for one plane of value codes."""
+    pv = _dot(p_op, _plane(packed, PLANE, BITS, DTYPE, ASM), FP32)
+    return acc * rescale[:, None] + pv * (weight / (1 << (PLANE * BITS))) + bias[:, None]
+
+
+@triton.jit
+def _query_plane(q_rows, g_mask, PLANE: tl.constexpr, NB: tl.constexpr):
+    """Query channels ``PLANE*NB ... PLANE*NB + NB - 1`` as ``[NB, G]`` float32."""
+    chan = PLANE * NB + tl.arange(0, NB)
+    return tl.load(q_rows[None, :] + chan[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _side_query_plane(w_ptr, q_t, PLANE: tl.constexpr, NB: tl.constexpr, n_bytes, R: tl.constexpr,
+                      D: tl.constexpr):  # fmt: skip
+    """``qW`` for the directions of one side-code plane, ``[NB, G]`` (zero past the real directions)."""
+    j = tl.arange(0, NB)
+    direction = PLANE * n_bytes + j
+    ok = (j < n_bytes) & (direction < R)
+    d = tl.arange(0, D)
+    w = tl.load(w_ptr + direction[:, None] + d[None, :] * R, mask=ok[:, None], other=0.0)
+    return tl.dot(w, q_t, input_precision="tf32x3"), direction, ok
 
 
 @triton.jit
@@ -87,13 +130,16 @@ def headq_decode_kernel(
     R: tl.constexpr, SIDE_BYTES: tl.constexpr, SIDE_NB: tl.constexpr, KEY_BITS: tl.constexpr,
     SIDE_BITS: tl.constexpr, SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr,
+    ASM: tl.constexpr,
 ):  # fmt: skip
-    FP32: tl.constexpr = OP_DTYPE == tl.float32
+    FP32: tl.constexpr = OP_DTYPE == tl.float32  # noqa: SIM300 (a constexpr, not a constant)
     CODE_DTYPE: tl.constexpr = tl.float32 if FP32 else tl.float16  # codes and folded operands
-    KP: tl.constexpr = 8 // KEY_BITS  # key planes, KNB channels (bytes) each
+    FAST: tl.constexpr = ASM and not FP32
+    KP: tl.constexpr = 8 // KEY_BITS  # key planes (at most 4), KNB channels (bytes) each
     KNB: tl.constexpr = D * KEY_BITS // 8
     VP: tl.constexpr = 1 if VALUE_BITS == 0 else 8 // VALUE_BITS  # dense values: one plane of D
     VNB: tl.constexpr = D if VALUE_BITS == 0 else D * VALUE_BITS // 8
+    SP: tl.constexpr = 8 // SIDE_BITS
 
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -105,27 +151,30 @@ def headq_decode_kernel(
     d = tl.arange(0, D)
     g_mask = g < G
     q_rows = q_ptr + b * s_qb + (h * G + g) * s_qh  # [BLOCK_G] row pointers
-    k_chan = (tl.arange(0, KP) * KNB)[:, None] + tl.arange(0, KNB)[None, :]  # [KP, KNB]: planar channel
-    q_keys = tl.load(q_rows[None, None, :] + k_chan[:, :, None], mask=g_mask[None, None, :], other=0.0)
-    q_keys = q_keys.to(tl.float32)  # [KP, KNB, BLOCK_G]
-    if R > 0:  # qW in the side code's planar layout: entry (p, j) is direction p * SIDE_BYTES + j
-        SP: tl.constexpr = 8 // SIDE_BITS
-        i = tl.arange(0, SP * SIDE_NB)
-        c_dir = (i // SIDE_NB) * SIDE_BYTES + i % SIDE_NB
-        c_ok = (i % SIDE_NB < SIDE_BYTES) & (c_dir < R)
-        w = tl.load(w_ptr + h * D * R + c_dir[:, None] + d[None, :] * R, mask=c_ok[:, None], other=0.0)
+    kj = tl.arange(0, KNB)
+    q0 = _query_plane(q_rows, g_mask, 0, KNB)
+    if KP > 1:
+        q1 = _query_plane(q_rows, g_mask, 1, KNB)
+    if KP > 2:
+        q2 = _query_plane(q_rows, g_mask, 2, KNB)
+        q3 = _query_plane(q_rows, g_mask, 3, KNB)
+    if R > 0:  # qW per side-code plane: entry j of plane p is direction p * SIDE_BYTES + j
         q_t = tl.load(q_rows[None, :] + d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
-        qw = tl.reshape(tl.dot(w, q_t, input_precision="tf32x3"), [SP, SIDE_NB, BLOCK_G])
-        c_dir = tl.reshape(c_dir, [SP, SIDE_NB])
-        c_ok = tl.reshape(c_ok, [SP, SIDE_NB])
-        if SIDE_PER_TOKEN:  # one scale per token: the operand is qW itself, once per program
-            qw_op, qw_norm = _folded(qw, 1.0, CODE_DTYPE)
-            qw_sum = tl.sum(tl.sum(qw, axis=1), axis=0)
+        w_head = w_ptr + h * D * R
+        qw0, c_dir0, c_ok0 = _side_query_plane(w_head, q_t, 0, SIDE_NB, SIDE_BYTES, R, D)
+        if SP > 1:
+            qw1, c_dir1, c_ok1 = _side_query_plane(w_head, q_t, 1, SIDE_NB, SIDE_BYTES, R, D)
+        if SP > 2:
+            qw2, c_dir2, c_ok2 = _side_query_plane(w_head, q_t, 2, SIDE_NB, SIDE_BYTES, R, D)
+            qw3, c_dir3, c_ok3 = _side_query_plane(w_head, q_t, 3, SIDE_NB, SIDE_BYTES, R, D)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
-    v_chan = (tl.arange(0, VP) * VNB)[:, None] + tl.arange(0, VNB)[None, :]  # [VP, VNB]
-    acc = tl.zeros([VP, BLOCK_G, VNB], tl.float32)  # output channel v_chan[p, j] of row g at [p, g, j]
+    vj = tl.arange(0, VNB)
+    acc0 = tl.zeros([BLOCK_G, VNB], tl.float32)  # output channels p * VNB + j in acc<p>
+    acc1 = tl.zeros([BLOCK_G, VNB], tl.float32)
+    acc2 = tl.zeros([BLOCK_G, VNB], tl.float32)
+    acc3 = tl.zeros([BLOCK_G, VNB], tl.float32)
 
     kc_base = kc_ptr + b * s_kc_b + h * s_kc_h
     ks_base = ks_ptr + b * s_ks_b + h * s_ks_h
@@ -142,23 +191,66 @@ def headq_decode_kernel(
     for tile in range(start, end, TILE):  # TILE divides BLOCK_N: one scale row of keys per tile
         rows = tile + tl.arange(0, TILE)
         row_mask = rows < end
-        block = tile // BLOCK_N
-        k_scale = tl.load(ks_base + block * s_ks_t + k_chan).to(tl.float32)[:, :, None]
-        k_zero = tl.load(kz_base + block * s_ks_t + k_chan).to(tl.float32)[:, :, None]
-        k_op, k_norm = _folded(q_keys, k_scale, CODE_DTYPE)
-        k_codes = _plane_codes(kc_base, rows, s_kc_t, row_mask, KNB, KNB, KEY_BITS, CODE_DTYPE)
-        s_t = _coded_logits(k_codes, k_op, k_norm, FP32) + tl.sum(tl.sum(q_keys * k_zero, axis=1), axis=0)[None, :]
+        ks_row = ks_base + (tile // BLOCK_N) * s_ks_t
+        kz_row = kz_base + (tile // BLOCK_N) * s_ks_t
+        kb = tl.load(kc_base + rows[:, None] * s_kc_t + kj[None, :], mask=row_mask[:, None], other=0)
+        s_t = _plane_logits(kb, q0, tl.load(ks_row + kj).to(tl.float32), tl.load(kz_row + kj).to(tl.float32),
+                            0, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
+        if KP > 1:
+            k1 = KNB + kj
+            s_t += _plane_logits(kb, q1, tl.load(ks_row + k1).to(tl.float32), tl.load(kz_row + k1).to(tl.float32),
+                                 1, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
+        if KP > 2:
+            k2 = 2 * KNB + kj
+            k3 = 3 * KNB + kj
+            s_t += _plane_logits(kb, q2, tl.load(ks_row + k2).to(tl.float32), tl.load(kz_row + k2).to(tl.float32),
+                                 2, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
+            s_t += _plane_logits(kb, q3, tl.load(ks_row + k3).to(tl.float32), tl.load(kz_row + k3).to(tl.float32),
+                                 3, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
         if R > 0:
-            c_codes = _plane_codes(cc_base, rows, s_cc_t, row_mask, SIDE_NB, SIDE_BYTES, SIDE_BITS, CODE_DTYPE)
+            cj = tl.arange(0, SIDE_NB)
+            c_mask = row_mask[:, None] & (cj < SIDE_BYTES)[None, :]
+            cb = tl.load(cc_base + rows[:, None] * s_cc_t + cj[None, :], mask=c_mask, other=0)
             if SIDE_PER_TOKEN:  # s += scale_t · (qW · codes_t) + zero_t · Σ qW
+                one = tl.full([SIDE_NB], 1.0, tl.float32)
+                nil = tl.zeros([SIDE_NB], tl.float32)
+                s_c = _plane_logits(cb, qw0, one, nil, 0, SIDE_BITS, CODE_DTYPE, FAST, FP32)
+                qw_sum = tl.sum(qw0, axis=0)
+                if SP > 1:
+                    s_c += _plane_logits(cb, qw1, one, nil, 1, SIDE_BITS, CODE_DTYPE, FAST, FP32)
+                    qw_sum += tl.sum(qw1, axis=0)
+                if SP > 2:
+                    s_c += _plane_logits(cb, qw2, one, nil, 2, SIDE_BITS, CODE_DTYPE, FAST, FP32)
+                    s_c += _plane_logits(cb, qw3, one, nil, 3, SIDE_BITS, CODE_DTYPE, FAST, FP32)
+                    qw_sum += tl.sum(qw2, axis=0) + tl.sum(qw3, axis=0)
                 c_scale = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 c_zero = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                s_t += _coded_logits(c_codes, qw_op, qw_norm, FP32) * c_scale[:, None] + c_zero[:, None] * qw_sum[None, :]
+                s_t += s_c * c_scale[:, None] + c_zero[:, None] * qw_sum[None, :]
             else:  # a scale and zero per direction, shared by the block
-                c_scale = tl.load(cs_base + block * s_cs_t + c_dir, mask=c_ok, other=0.0).to(tl.float32)
-                c_zero = tl.load(cz_base + block * s_cs_t + c_dir, mask=c_ok, other=0.0).to(tl.float32)
-                c_op, c_norm = _folded(qw, c_scale[:, :, None], CODE_DTYPE)
-                s_t += _coded_logits(c_codes, c_op, c_norm, FP32) + tl.sum(tl.sum(qw * c_zero[:, :, None], axis=1), axis=0)
+                cs_row = cs_base + (tile // BLOCK_N) * s_cs_t
+                cz_row = cz_base + (tile // BLOCK_N) * s_cs_t
+                s_t += _plane_logits(
+                    cb, qw0, tl.load(cs_row + c_dir0, mask=c_ok0, other=0.0).to(tl.float32),
+                    tl.load(cz_row + c_dir0, mask=c_ok0, other=0.0).to(tl.float32), 0, SIDE_BITS, CODE_DTYPE, FAST,
+                    FP32,
+                )  # fmt: skip
+                if SP > 1:
+                    s_t += _plane_logits(
+                        cb, qw1, tl.load(cs_row + c_dir1, mask=c_ok1, other=0.0).to(tl.float32),
+                        tl.load(cz_row + c_dir1, mask=c_ok1, other=0.0).to(tl.float32), 1, SIDE_BITS, CODE_DTYPE,
+                        FAST, FP32,
+                    )  # fmt: skip
+                if SP > 2:
+                    s_t += _plane_logits(
+                        cb, qw2, tl.load(cs_row + c_dir2, mask=c_ok2, other=0.0).to(tl.float32),
+                        tl.load(cz_row + c_dir2, mask=c_ok2, other=0.0).to(tl.float32), 2, SIDE_BITS, CODE_DTYPE,
+                        FAST, FP32,
+                    )  # fmt: skip
+                    s_t += _plane_logits(
+                        cb, qw3, tl.load(cs_row + c_dir3, mask=c_ok3, other=0.0).to(tl.float32),
+                        tl.load(cz_row + c_dir3, mask=c_ok3, other=0.0).to(tl.float32), 3, SIDE_BITS, CODE_DTYPE,
+                        FAST, FP32,
+                    )  # fmt: skip
         p, alpha, m_i, l_i = _softmax_step(
             tl.trans(s_t), rows, row_mask, m_i, l_i, scaling, softcap, valid_row, HAS_MASK, SOFTCAP
         )
@@ -168,16 +260,17 @@ def headq_decode_kernel(
             v_max = tl.max(v_scale, axis=0)  # p ⊙ scale normalised by the tile's largest scale
             v_max = tl.where(v_max > 0, v_max, 1.0)
             p_op = (p * (v_scale / v_max)[None, :]).to(CODE_DTYPE)
-            v_op = _plane_codes(vc_base, rows, s_vc_t, row_mask, VNB, VNB, VALUE_BITS, CODE_DTYPE)
-            bias = tl.sum(p * v_zero[None, :], axis=1)[None, :, None]
+            bias = tl.sum(p * v_zero[None, :], axis=1)
+            vb = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0)
+            acc0 = _plane_values(acc0, p_op, vb, alpha, v_max, bias, 0, VALUE_BITS, CODE_DTYPE, FAST, FP32)
+            if VP > 1:
+                acc1 = _plane_values(acc1, p_op, vb, alpha, v_max, bias, 1, VALUE_BITS, CODE_DTYPE, FAST, FP32)
+            if VP > 2:
+                acc2 = _plane_values(acc2, p_op, vb, alpha, v_max, bias, 2, VALUE_BITS, CODE_DTYPE, FAST, FP32)
+                acc3 = _plane_values(acc3, p_op, vb, alpha, v_max, bias, 3, VALUE_BITS, CODE_DTYPE, FAST, FP32)
         else:
-            v_ptrs = vc_base + rows[None, :, None] * s_vc_t + v_chan[:, None, :]
-            v_op = tl.load(v_ptrs, mask=row_mask[None, :, None], other=0.0).to(OP_DTYPE)
-            p_op = p.to(OP_DTYPE)
-            v_max = 1.0
-            bias = 0.0
-        p_op = tl.broadcast_to(p_op[None, :, :], [VP, BLOCK_G, TILE])
-        acc = acc * alpha[None, :, None] + _dot(p_op, v_op, FP32) * v_max + bias
+            v = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0.0)
+            acc0 = acc0 * alpha[:, None] + _dot(p.to(OP_DTYPE), v.to(OP_DTYPE), FP32)
 
     if split == n_splits - 1:  # the full-precision window: one masked tile of exact keys and values
         w_idx = tl.arange(0, BLOCK_N)
@@ -189,15 +282,32 @@ def headq_decode_kernel(
             _dot(q, tl.trans(wk), FP32), n_tokens + w_idx, w_mask, m_i, l_i, scaling, softcap, valid_row,
             HAS_MASK, SOFTCAP,
         )  # fmt: skip
-        wv_ptrs = wv_ptr + b * s_wv_b + h * s_wv_h + w_idx[None, :, None] * s_wv_t + v_chan[:, None, :]
-        wv = tl.load(wv_ptrs, mask=w_mask[None, :, None], other=0.0).to(OP_DTYPE)
-        p_op = tl.broadcast_to(p.to(OP_DTYPE)[None, :, :], [VP, BLOCK_G, BLOCK_N])
-        acc = acc * alpha[None, :, None] + _dot(p_op, wv, FP32)
+        p = p.to(OP_DTYPE)
+        wv_rows = wv_ptr + b * s_wv_b + h * s_wv_h + w_idx[:, None] * s_wv_t
+        acc0 = acc0 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 0, VNB, OP_DTYPE), FP32)
+        if VP > 1:
+            acc1 = acc1 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 1, VNB, OP_DTYPE), FP32)
+        if VP > 2:
+            acc2 = acc2 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 2, VNB, OP_DTYPE), FP32)
+            acc3 = acc3 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 3, VNB, OP_DTYPE), FP32)
 
     out = (pid_bh * n_splits + split) * BLOCK_G + g
     tl.store(m_ptr + out, m_i)
     tl.store(l_ptr + out, l_i)
-    tl.store(acc_ptr + out[None, :, None] * D + v_chan[:, None, :], acc)
+    acc_rows = acc_ptr + out[:, None] * D + vj[None, :]
+    tl.store(acc_rows, acc0)
+    if VP > 1:
+        tl.store(acc_rows + VNB, acc1)
+    if VP > 2:
+        tl.store(acc_rows + 2 * VNB, acc2)
+        tl.store(acc_rows + 3 * VNB, acc3)
+
+
+@triton.jit
+def _window_plane(rows, row_mask, PLANE: tl.constexpr, NB: tl.constexpr, DTYPE: tl.constexpr):
+    """Exact window values of channels ``PLANE*NB ...``, ``[N, NB]``."""
+    chan = PLANE * NB + tl.arange(0, NB)
+    return tl.load(rows + chan[None, :], mask=row_mask[:, None], other=0.0).to(DTYPE)
 
 
 @triton.jit
