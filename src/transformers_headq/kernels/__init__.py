@@ -118,6 +118,8 @@ def fused_decode_attention(
         value_bits = cfg.value_bits or 0
     side_bits = cfg.side_bits or 8
     side_bytes = packed_row_bytes(rank, side_bits)
+    # the kernel steps side-code rows by their width, a constant, so that it can load them in vectors
+    assert not rank or side.codes.stride(2) == side_bytes and side.codes.stride(3) == 1
     n_splits, per_split = _splits(batch * kv_heads, n_tokens, cfg.block_size, query.device)
     m = torch.empty(batch * kv_heads, n_splits, block_g, device=query.device, dtype=torch.float32)
     norm = torch.empty_like(m)
@@ -135,7 +137,7 @@ def fused_decode_attention(
         n_tokens, window_keys.shape[2], per_split, scaling, softcap or 0.0,
         query.stride(0), query.stride(1),
         *_bht(keys.codes), *_bht(keys.scale),
-        *_bht(side.codes), *_bht(side.scale),
+        side.codes.stride(0), side.codes.stride(1), *_bht(side.scale),
         *_bht(value_codes), *_bht(value_scale),
         *_bht(window_keys), *_bht(window_values),
         validity.stride(0) if valid is not None else 0,

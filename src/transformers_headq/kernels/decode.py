@@ -31,90 +31,110 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Codes of one plane as float16, kept in place (``code << shift``): the plane's bits are masked in
-# each byte, moved into a float16's mantissa under the exponent of 1024, and 1024 is subtracted.
-# Four bytes make two half2 registers; no integer-to-float conversion (a quarter-rate instruction).
-_PLANE_TO_HALF: tl.constexpr = tl.constexpr("""{
-.reg .b32 lo, hi, magic;
+# Codes of one plane as float16 on the GPU: the packed word is shifted to the plane, two bytes at a
+# time are spread into the low bits of two halves, masked to the code width under the float16
+# exponent of 1024 (mantissa step 1), and 1024 is subtracted: exact codes, two per instruction, with
+# no integer-to-float conversion (a quarter-rate instruction). $2: four packed bytes, $3: the shift,
+# $7: the code mask in both halves; the dequantizing form then computes code * $11/$12 + $13/$14.
+_CODES_TO_HALF: tl.constexpr = tl.constexpr("""{
+.reg .b32 w, lo, hi, magic;
 mov.b32 magic, 0x64006400;
-prmt.b32 lo, $2, 0, 0x4140;
-prmt.b32 hi, $2, 0, 0x4342;
-lop3.b32 lo, lo, $3, magic, 0xea;
-lop3.b32 hi, hi, $3, magic, 0xea;
+shr.b32 w, $2, $3;
+prmt.b32 lo, w, 0, 0x4140;
+prmt.b32 hi, w, 0, 0x4342;
+lop3.b32 lo, lo, $7, magic, 0xea;
+lop3.b32 hi, hi, $7, magic, 0xea;
 sub.f16x2 $0, lo, magic;
 sub.f16x2 $1, hi, magic;
+}""")
+_DEQUANTIZE_TO_HALF: tl.constexpr = tl.constexpr("""{
+.reg .b32 w, lo, hi, magic;
+mov.b32 magic, 0x64006400;
+shr.b32 w, $2, $3;
+prmt.b32 lo, w, 0, 0x4140;
+prmt.b32 hi, w, 0, 0x4342;
+lop3.b32 lo, lo, $7, magic, 0xea;
+lop3.b32 hi, hi, $7, magic, 0xea;
+sub.f16x2 lo, lo, magic;
+sub.f16x2 hi, hi, magic;
+fma.rn.f16x2 $0, lo, $11, $13;
+fma.rn.f16x2 $1, hi, $12, $14;
 }""")
 
 
 @triton.jit
 def _plane(packed, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """Codes of plane ``PLANE`` of packed bytes, times ``2**(PLANE * BITS)`` (exact in ``DTYPE``)."""
-    MASK: tl.constexpr = ((1 << BITS) - 1) << (PLANE * BITS)
-    if ASM:  # float16 only
-        mask = tl.full(packed.shape, MASK | (MASK << 16), tl.int32)
+    """Codes ``[T, C]`` of plane ``PLANE`` of packed bytes ``[T, C]`` (exact in ``DTYPE``)."""
+    if ASM:  # float16
+        shift = tl.full(packed.shape, PLANE * BITS, tl.int32)
+        mask = tl.full(packed.shape, ((1 << BITS) - 1) * 0x10001, tl.int32)
         return tl.inline_asm_elementwise(
-            _PLANE_TO_HALF, "=r,=r,r,r,r,r,r", [packed, mask], dtype=tl.float16, is_pure=True, pack=4
-        )
+            _CODES_TO_HALF, "=r,=r,r,r,r,r,r,r,r,r,r", [packed, shift, mask], dtype=tl.float16, is_pure=True,
+            pack=4,
+        )  # fmt: skip
     else:
-        return (packed & MASK).to(DTYPE)
+        return ((packed >> (PLANE * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
 
 
 @triton.jit
-def _dot(a, b, FP32: tl.constexpr):
-    """Tensor-core product with float32 accumulation; near-float32 precision for float32 models."""
+def _dequantized_plane(packed, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
+                       ASM: tl.constexpr):  # fmt: skip
+    """``code * scale + zero`` ``[T, C]`` of one plane, with a scale and zero per channel ``[C]``."""
+    if ASM:  # float16: one fused multiply-add per two codes
+        shift = tl.full(packed.shape, PLANE * BITS, tl.int32)
+        mask = tl.full(packed.shape, ((1 << BITS) - 1) * 0x10001, tl.int32)
+        scale = tl.broadcast_to(scale.to(tl.float16)[None, :], packed.shape)
+        zero = tl.broadcast_to(zero.to(tl.float16)[None, :], packed.shape)
+        return tl.inline_asm_elementwise(
+            _DEQUANTIZE_TO_HALF, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r", [packed, shift, mask, scale, zero],
+            dtype=tl.float16, is_pure=True, pack=4,
+        )  # fmt: skip
+    else:
+        codes = _plane(packed, PLANE, BITS, DTYPE, ASM)
+        return codes * scale.to(DTYPE)[None, :] + zero.to(DTYPE)[None, :]
+
+
+@triton.jit
+def _dot(a, b, acc, FP32: tl.constexpr):
+    """``acc + a @ b`` on tensor cores in float32; near-float32 precision for float32 models."""
     if FP32:
-        return tl.dot(a, b, input_precision="tf32x3")
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
-        return tl.dot(a, b)
+        return tl.dot(a, b, acc)
 
 
 @triton.jit
-def _plane_logits(packed, x, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
-                  ASM: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
-    """Logits ``[T, G]`` of one plane of codes ``[T, C]`` against ``x [C, G]`` with per-channel scale and zero.
-
-    ``Σ_c x_c (scale_c code_tc + zero_c)``: ``x ⊙ scale`` is the dot operand, normalised per row ``g``
-    so that any range fits ``DTYPE``; the zero term is a per-row constant.
-    """
-    a = x * scale[:, None]
-    norm = tl.max(tl.abs(a), axis=0)
-    norm = tl.where(norm > 0, norm, 1.0)
-    s = _dot(_plane(packed, PLANE, BITS, DTYPE, ASM), (a / norm[None, :]).to(DTYPE), FP32)
-    return s * (norm / (1 << (PLANE * BITS)))[None, :] + tl.sum(x * zero[:, None], axis=0)[None, :]
-
-
-@triton.jit
-def _plane_values(acc, p_op, packed, rescale, weight, bias, PLANE: tl.constexpr, BITS: tl.constexpr,
-                  DTYPE: tl.constexpr, ASM: tl.constexpr, FP32: tl.constexpr):  # fmt: skip
-    """``acc ⊙ rescale + weight · (p_op · codes) + bias`` for one plane of value codes."""
-    pv = _dot(p_op, _plane(packed, PLANE, BITS, DTYPE, ASM), FP32)
-    return acc * rescale[:, None] + pv * (weight / (1 << (PLANE * BITS))) + bias[:, None]
-
-
-@triton.jit
-def _query_plane(q_rows, g_mask, PLANE: tl.constexpr, NB: tl.constexpr):
-    """Query channels ``PLANE*NB ... PLANE*NB + NB - 1`` as ``[NB, G]`` float32."""
+def _query_plane(q_rows, g_mask, norm, PLANE: tl.constexpr, NB: tl.constexpr, DTYPE: tl.constexpr):
+    """Query channels ``PLANE*NB ... PLANE*NB + NB - 1`` over ``norm``, ``[NB, G]`` in ``DTYPE``."""
     chan = PLANE * NB + tl.arange(0, NB)
-    return tl.load(q_rows[None, :] + chan[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
+    q = tl.load(q_rows[None, :] + chan[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
+    return (q / norm[None, :]).to(DTYPE)
 
 
 @triton.jit
-def _side_query_plane(w_ptr, q_t, PLANE: tl.constexpr, NB: tl.constexpr, n_bytes, R: tl.constexpr,
+def _side_query_plane(w_head, q_t, PLANE: tl.constexpr, NB: tl.constexpr, n_bytes: tl.constexpr, R: tl.constexpr,
                       D: tl.constexpr):  # fmt: skip
-    """``qW`` for the directions of one side-code plane, ``[NB, G]`` (zero past the real directions)."""
+    """``qW`` ``[NB, G]`` (float32) for the directions of one side-code plane, their indices and validity."""
     j = tl.arange(0, NB)
     direction = PLANE * n_bytes + j
     ok = (j < n_bytes) & (direction < R)
     d = tl.arange(0, D)
-    w = tl.load(w_ptr + direction[:, None] + d[None, :] * R, mask=ok[:, None], other=0.0)
+    w = tl.load(w_head + direction[:, None] + d[None, :] * R, mask=ok[:, None], other=0.0)
     return tl.dot(w, q_t, input_precision="tf32x3"), direction, ok
+
+
+@triton.jit
+def _window_plane(rows, row_mask, PLANE: tl.constexpr, NB: tl.constexpr, DTYPE: tl.constexpr):
+    """Exact window values of channels ``PLANE*NB ...``, ``[N, NB]``."""
+    chan = PLANE * NB + tl.arange(0, NB)
+    return tl.load(rows + chan[None, :], mask=row_mask[:, None], other=0.0).to(DTYPE)
 
 
 @triton.jit
 def headq_decode_kernel(
     q_ptr, w_ptr,  # query [B, Hq, 1, D] (strided), decoder W [Hkv, D, R] float32 contiguous
     kc_ptr, ks_ptr, kz_ptr,  # key codes [B, Hkv, T, D*KB/8], scale/zero [B, Hkv, T/BLOCK_N, D]
-    cc_ptr, cs_ptr, cz_ptr,  # side codes [B, Hkv, T, ceil(R*CB/8)], scale/zero [.., T/BLOCK_N, R] or [.., T, 1]
+    cc_ptr, cs_ptr, cz_ptr,  # side codes [B, Hkv, T, SIDE_BYTES], scale/zero [.., T/BLOCK_N, R] or [.., T, 1]
     vc_ptr, vs_ptr, vz_ptr,  # value codes [B, Hkv, T, D*VB/8], scale/zero [B, Hkv, T, 1]; or dense values
     wk_ptr, wv_ptr,  # full-precision window keys/values [B, Hkv, W, D]
     valid_ptr,  # [B, T + W] key validity (uint8), when HAS_MASK
@@ -122,7 +142,7 @@ def headq_decode_kernel(
     n_tokens, n_window, tokens_per_split, scaling, softcap,
     s_qb, s_qh,
     s_kc_b, s_kc_h, s_kc_t, s_ks_b, s_ks_h, s_ks_t,
-    s_cc_b, s_cc_h, s_cc_t, s_cs_b, s_cs_h, s_cs_t,
+    s_cc_b, s_cc_h, s_cs_b, s_cs_h, s_cs_t,
     s_vc_b, s_vc_h, s_vc_t, s_vs_b, s_vs_h, s_vs_t,
     s_wk_b, s_wk_h, s_wk_t, s_wv_b, s_wv_h, s_wv_t,
     s_valid_b,
@@ -133,7 +153,7 @@ def headq_decode_kernel(
     ASM: tl.constexpr,
 ):  # fmt: skip
     FP32: tl.constexpr = OP_DTYPE == tl.float32  # noqa: SIM300 (a constexpr, not a constant)
-    CODE_DTYPE: tl.constexpr = tl.float32 if FP32 else tl.float16  # codes and folded operands
+    CODE_DTYPE: tl.constexpr = tl.float32 if FP32 else tl.float16  # dequantized keys, codes, folded p
     FAST: tl.constexpr = ASM and not FP32
     KP: tl.constexpr = 8 // KEY_BITS  # key planes (at most 4), KNB channels (bytes) each
     KNB: tl.constexpr = D * KEY_BITS // 8
@@ -151,30 +171,52 @@ def headq_decode_kernel(
     d = tl.arange(0, D)
     g_mask = g < G
     q_rows = q_ptr + b * s_qb + (h * G + g) * s_qh  # [BLOCK_G] row pointers
-    kj = tl.arange(0, KNB)
-    q0 = _query_plane(q_rows, g_mask, 0, KNB)
-    if KP > 1:
-        q1 = _query_plane(q_rows, g_mask, 1, KNB)
-    if KP > 2:
-        q2 = _query_plane(q_rows, g_mask, 2, KNB)
-        q3 = _query_plane(q_rows, g_mask, 3, KNB)
+    # Query operands are divided by a per-row norm (so that float16 holds any range), multiplied back
+    # into the logits' scaling.
+    q_t = tl.load(q_rows[None, :] + d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)  # [D, G]
+    norm = tl.max(tl.abs(q_t), axis=0)
     if R > 0:  # qW per side-code plane: entry j of plane p is direction p * SIDE_BYTES + j
-        q_t = tl.load(q_rows[None, :] + d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
         w_head = w_ptr + h * D * R
         qw0, c_dir0, c_ok0 = _side_query_plane(w_head, q_t, 0, SIDE_NB, SIDE_BYTES, R, D)
+        norm = tl.maximum(norm, tl.max(tl.abs(qw0), axis=0))
         if SP > 1:
             qw1, c_dir1, c_ok1 = _side_query_plane(w_head, q_t, 1, SIDE_NB, SIDE_BYTES, R, D)
+            norm = tl.maximum(norm, tl.max(tl.abs(qw1), axis=0))
         if SP > 2:
             qw2, c_dir2, c_ok2 = _side_query_plane(w_head, q_t, 2, SIDE_NB, SIDE_BYTES, R, D)
             qw3, c_dir3, c_ok3 = _side_query_plane(w_head, q_t, 3, SIDE_NB, SIDE_BYTES, R, D)
+            norm = tl.maximum(norm, tl.maximum(tl.max(tl.abs(qw2), axis=0), tl.max(tl.abs(qw3), axis=0)))
+    norm = tl.where(norm > 0, norm, 1.0)
+    kj = tl.arange(0, KNB)
+    q0 = _query_plane(q_rows, g_mask, norm, 0, KNB, CODE_DTYPE)
+    if KP > 1:
+        q1 = _query_plane(q_rows, g_mask, norm, 1, KNB, CODE_DTYPE)
+    if KP > 2:
+        q2 = _query_plane(q_rows, g_mask, norm, 2, KNB, CODE_DTYPE)
+        q3 = _query_plane(q_rows, g_mask, norm, 3, KNB, CODE_DTYPE)
+    if R > 0:
+        qw_sum = tl.sum(qw0, axis=0) / norm
+        qw0 = (qw0 / norm[None, :]).to(CODE_DTYPE)
+        if SP > 1:
+            qw_sum += tl.sum(qw1, axis=0) / norm
+            qw1 = (qw1 / norm[None, :]).to(CODE_DTYPE)
+        if SP > 2:
+            qw_sum += (tl.sum(qw2, axis=0) + tl.sum(qw3, axis=0)) / norm
+            qw2 = (qw2 / norm[None, :]).to(CODE_DTYPE)
+            qw3 = (qw3 / norm[None, :]).to(CODE_DTYPE)
+    row_scaling = scaling * norm
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     vj = tl.arange(0, VNB)
-    acc0 = tl.zeros([BLOCK_G, VNB], tl.float32)  # output channels p * VNB + j in acc<p>
+    # Quantized values accumulate Σ (p ⊙ scale / v_norm) · codes in acc<p> (output channels p * VNB + j)
+    # and Σ p ⊙ zero in v_bias; v_norm is the largest value scale so far (float16 holds p ⊙ scale / v_norm).
+    acc0 = tl.zeros([BLOCK_G, VNB], tl.float32)
     acc1 = tl.zeros([BLOCK_G, VNB], tl.float32)
     acc2 = tl.zeros([BLOCK_G, VNB], tl.float32)
     acc3 = tl.zeros([BLOCK_G, VNB], tl.float32)
+    v_bias = tl.zeros([BLOCK_G], tl.float32)
+    v_norm = 1e-30
 
     kc_base = kc_ptr + b * s_kc_b + h * s_kc_h
     ks_base = ks_ptr + b * s_ks_b + h * s_ks_h
@@ -194,83 +236,79 @@ def headq_decode_kernel(
         ks_row = ks_base + (tile // BLOCK_N) * s_ks_t
         kz_row = kz_base + (tile // BLOCK_N) * s_ks_t
         kb = tl.load(kc_base + rows[:, None] * s_kc_t + kj[None, :], mask=row_mask[:, None], other=0)
-        s_t = _plane_logits(kb, q0, tl.load(ks_row + kj).to(tl.float32), tl.load(kz_row + kj).to(tl.float32),
-                            0, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
+        s_t = tl.zeros([TILE, BLOCK_G], tl.float32)  # keys dequantized per plane, against the fixed query
+        s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + kj), tl.load(kz_row + kj), 0, KEY_BITS, CODE_DTYPE, FAST),
+                   q0, s_t, FP32)  # fmt: skip
         if KP > 1:
             k1 = KNB + kj
-            s_t += _plane_logits(kb, q1, tl.load(ks_row + k1).to(tl.float32), tl.load(kz_row + k1).to(tl.float32),
-                                 1, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
+            s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + k1), tl.load(kz_row + k1), 1, KEY_BITS, CODE_DTYPE,
+                                          FAST), q1, s_t, FP32)  # fmt: skip
         if KP > 2:
             k2 = 2 * KNB + kj
             k3 = 3 * KNB + kj
-            s_t += _plane_logits(kb, q2, tl.load(ks_row + k2).to(tl.float32), tl.load(kz_row + k2).to(tl.float32),
-                                 2, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
-            s_t += _plane_logits(kb, q3, tl.load(ks_row + k3).to(tl.float32), tl.load(kz_row + k3).to(tl.float32),
-                                 3, KEY_BITS, CODE_DTYPE, FAST, FP32)  # fmt: skip
+            s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + k2), tl.load(kz_row + k2), 2, KEY_BITS, CODE_DTYPE,
+                                          FAST), q2, s_t, FP32)  # fmt: skip
+            s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + k3), tl.load(kz_row + k3), 3, KEY_BITS, CODE_DTYPE,
+                                          FAST), q3, s_t, FP32)  # fmt: skip
         if R > 0:
             cj = tl.arange(0, SIDE_NB)
             c_mask = row_mask[:, None] & (cj < SIDE_BYTES)[None, :]
-            cb = tl.load(cc_base + rows[:, None] * s_cc_t + cj[None, :], mask=c_mask, other=0)
+            cb = tl.load(cc_base + rows[:, None] * SIDE_BYTES + cj[None, :], mask=c_mask, other=0)
             if SIDE_PER_TOKEN:  # s += scale_t · (qW · codes_t) + zero_t · Σ qW
-                one = tl.full([SIDE_NB], 1.0, tl.float32)
-                nil = tl.zeros([SIDE_NB], tl.float32)
-                s_c = _plane_logits(cb, qw0, one, nil, 0, SIDE_BITS, CODE_DTYPE, FAST, FP32)
-                qw_sum = tl.sum(qw0, axis=0)
+                s_c = tl.zeros([TILE, BLOCK_G], tl.float32)
+                s_c = _dot(_plane(cb, 0, SIDE_BITS, CODE_DTYPE, FAST), qw0, s_c, FP32)
                 if SP > 1:
-                    s_c += _plane_logits(cb, qw1, one, nil, 1, SIDE_BITS, CODE_DTYPE, FAST, FP32)
-                    qw_sum += tl.sum(qw1, axis=0)
+                    s_c = _dot(_plane(cb, 1, SIDE_BITS, CODE_DTYPE, FAST), qw1, s_c, FP32)
                 if SP > 2:
-                    s_c += _plane_logits(cb, qw2, one, nil, 2, SIDE_BITS, CODE_DTYPE, FAST, FP32)
-                    s_c += _plane_logits(cb, qw3, one, nil, 3, SIDE_BITS, CODE_DTYPE, FAST, FP32)
-                    qw_sum += tl.sum(qw2, axis=0) + tl.sum(qw3, axis=0)
+                    s_c = _dot(_plane(cb, 2, SIDE_BITS, CODE_DTYPE, FAST), qw2, s_c, FP32)
+                    s_c = _dot(_plane(cb, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3, s_c, FP32)
                 c_scale = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 c_zero = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 s_t += s_c * c_scale[:, None] + c_zero[:, None] * qw_sum[None, :]
-            else:  # a scale and zero per direction, shared by the block
+            else:  # a scale and zero per direction, shared by the block: dequantized like the keys
                 cs_row = cs_base + (tile // BLOCK_N) * s_cs_t
                 cz_row = cz_base + (tile // BLOCK_N) * s_cs_t
-                s_t += _plane_logits(
-                    cb, qw0, tl.load(cs_row + c_dir0, mask=c_ok0, other=0.0).to(tl.float32),
-                    tl.load(cz_row + c_dir0, mask=c_ok0, other=0.0).to(tl.float32), 0, SIDE_BITS, CODE_DTYPE, FAST,
-                    FP32,
-                )  # fmt: skip
+                s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir0, mask=c_ok0, other=0.0),
+                                              tl.load(cz_row + c_dir0, mask=c_ok0, other=0.0), 0, SIDE_BITS,
+                                              CODE_DTYPE, FAST), qw0, s_t, FP32)  # fmt: skip
                 if SP > 1:
-                    s_t += _plane_logits(
-                        cb, qw1, tl.load(cs_row + c_dir1, mask=c_ok1, other=0.0).to(tl.float32),
-                        tl.load(cz_row + c_dir1, mask=c_ok1, other=0.0).to(tl.float32), 1, SIDE_BITS, CODE_DTYPE,
-                        FAST, FP32,
-                    )  # fmt: skip
+                    s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir1, mask=c_ok1, other=0.0),
+                                                  tl.load(cz_row + c_dir1, mask=c_ok1, other=0.0), 1, SIDE_BITS,
+                                                  CODE_DTYPE, FAST), qw1, s_t, FP32)  # fmt: skip
                 if SP > 2:
-                    s_t += _plane_logits(
-                        cb, qw2, tl.load(cs_row + c_dir2, mask=c_ok2, other=0.0).to(tl.float32),
-                        tl.load(cz_row + c_dir2, mask=c_ok2, other=0.0).to(tl.float32), 2, SIDE_BITS, CODE_DTYPE,
-                        FAST, FP32,
-                    )  # fmt: skip
-                    s_t += _plane_logits(
-                        cb, qw3, tl.load(cs_row + c_dir3, mask=c_ok3, other=0.0).to(tl.float32),
-                        tl.load(cz_row + c_dir3, mask=c_ok3, other=0.0).to(tl.float32), 3, SIDE_BITS, CODE_DTYPE,
-                        FAST, FP32,
-                    )  # fmt: skip
+                    s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir2, mask=c_ok2, other=0.0),
+                                                  tl.load(cz_row + c_dir2, mask=c_ok2, other=0.0), 2, SIDE_BITS,
+                                                  CODE_DTYPE, FAST), qw2, s_t, FP32)  # fmt: skip
+                    s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir3, mask=c_ok3, other=0.0),
+                                                  tl.load(cz_row + c_dir3, mask=c_ok3, other=0.0), 3, SIDE_BITS,
+                                                  CODE_DTYPE, FAST), qw3, s_t, FP32)  # fmt: skip
         p, alpha, m_i, l_i = _softmax_step(
-            tl.trans(s_t), rows, row_mask, m_i, l_i, scaling, softcap, valid_row, HAS_MASK, SOFTCAP
+            tl.trans(s_t), rows, row_mask, m_i, l_i, row_scaling, softcap, valid_row, HAS_MASK, SOFTCAP
         )
-        if VALUE_BITS > 0:  # per-token scale and zero over the whole head
+        if VALUE_BITS > 0:  # per-token scale and zero over the whole head, folded into p
             v_scale = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
             v_zero = tl.load(vz_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
-            v_max = tl.max(v_scale, axis=0)  # p ⊙ scale normalised by the tile's largest scale
-            v_max = tl.where(v_max > 0, v_max, 1.0)
-            p_op = (p * (v_scale / v_max)[None, :]).to(CODE_DTYPE)
-            bias = tl.sum(p * v_zero[None, :], axis=1)
+            new_norm = tl.maximum(v_norm, tl.max(v_scale, axis=0))
+            rescale = alpha * (v_norm / new_norm)
+            v_norm = new_norm
+            v_bias = v_bias * alpha + tl.sum(p * v_zero[None, :], axis=1)
+            p_op = (p * (v_scale / v_norm)[None, :]).to(CODE_DTYPE)
             vb = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0)
-            acc0 = _plane_values(acc0, p_op, vb, alpha, v_max, bias, 0, VALUE_BITS, CODE_DTYPE, FAST, FP32)
+            acc0 = _dot(p_op, _plane(vb, 0, VALUE_BITS, CODE_DTYPE, FAST), acc0 * rescale[:, None], FP32)
             if VP > 1:
-                acc1 = _plane_values(acc1, p_op, vb, alpha, v_max, bias, 1, VALUE_BITS, CODE_DTYPE, FAST, FP32)
+                acc1 = _dot(p_op, _plane(vb, 1, VALUE_BITS, CODE_DTYPE, FAST), acc1 * rescale[:, None], FP32)
             if VP > 2:
-                acc2 = _plane_values(acc2, p_op, vb, alpha, v_max, bias, 2, VALUE_BITS, CODE_DTYPE, FAST, FP32)
-                acc3 = _plane_values(acc3, p_op, vb, alpha, v_max, bias, 3, VALUE_BITS, CODE_DTYPE, FAST, FP32)
+                acc2 = _dot(p_op, _plane(vb, 2, VALUE_BITS, CODE_DTYPE, FAST), acc2 * rescale[:, None], FP32)
+                acc3 = _dot(p_op, _plane(vb, 3, VALUE_BITS, CODE_DTYPE, FAST), acc3 * rescale[:, None], FP32)
         else:
             v = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0.0)
-            acc0 = acc0 * alpha[:, None] + _dot(p.to(OP_DTYPE), v.to(OP_DTYPE), FP32)
+            acc0 = _dot(p.to(OP_DTYPE), v.to(OP_DTYPE), acc0 * alpha[:, None], FP32)
+
+    if VALUE_BITS > 0:  # back to plain sums of p ⊙ value
+        acc0 = acc0 * v_norm + v_bias[:, None]
+        acc1 = acc1 * v_norm + v_bias[:, None]
+        acc2 = acc2 * v_norm + v_bias[:, None]
+        acc3 = acc3 * v_norm + v_bias[:, None]
 
     if split == n_splits - 1:  # the full-precision window: one masked tile of exact keys and values
         w_idx = tl.arange(0, BLOCK_N)
@@ -278,18 +316,19 @@ def headq_decode_kernel(
         wk_ptrs = wk_ptr + b * s_wk_b + h * s_wk_h + w_idx[:, None] * s_wk_t + d[None, :]
         wk = tl.load(wk_ptrs, mask=w_mask[:, None], other=0.0).to(OP_DTYPE)
         q = tl.load(q_rows[:, None] + d[None, :], mask=g_mask[:, None], other=0.0).to(OP_DTYPE)
+        logits = _dot(q, tl.trans(wk), tl.zeros([BLOCK_G, BLOCK_N], tl.float32), FP32)
         p, alpha, m_i, l_i = _softmax_step(
-            _dot(q, tl.trans(wk), FP32), n_tokens + w_idx, w_mask, m_i, l_i, scaling, softcap, valid_row,
+            logits, n_tokens + w_idx, w_mask, m_i, l_i, tl.full([BLOCK_G], scaling, tl.float32), softcap, valid_row,
             HAS_MASK, SOFTCAP,
         )  # fmt: skip
         p = p.to(OP_DTYPE)
         wv_rows = wv_ptr + b * s_wv_b + h * s_wv_h + w_idx[:, None] * s_wv_t
-        acc0 = acc0 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 0, VNB, OP_DTYPE), FP32)
+        acc0 = _dot(p, _window_plane(wv_rows, w_mask, 0, VNB, OP_DTYPE), acc0 * alpha[:, None], FP32)
         if VP > 1:
-            acc1 = acc1 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 1, VNB, OP_DTYPE), FP32)
+            acc1 = _dot(p, _window_plane(wv_rows, w_mask, 1, VNB, OP_DTYPE), acc1 * alpha[:, None], FP32)
         if VP > 2:
-            acc2 = acc2 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 2, VNB, OP_DTYPE), FP32)
-            acc3 = acc3 * alpha[:, None] + _dot(p, _window_plane(wv_rows, w_mask, 3, VNB, OP_DTYPE), FP32)
+            acc2 = _dot(p, _window_plane(wv_rows, w_mask, 2, VNB, OP_DTYPE), acc2 * alpha[:, None], FP32)
+            acc3 = _dot(p, _window_plane(wv_rows, w_mask, 3, VNB, OP_DTYPE), acc3 * alpha[:, None], FP32)
 
     out = (pid_bh * n_splits + split) * BLOCK_G + g
     tl.store(m_ptr + out, m_i)
@@ -304,17 +343,10 @@ def headq_decode_kernel(
 
 
 @triton.jit
-def _window_plane(rows, row_mask, PLANE: tl.constexpr, NB: tl.constexpr, DTYPE: tl.constexpr):
-    """Exact window values of channels ``PLANE*NB ...``, ``[N, NB]``."""
-    chan = PLANE * NB + tl.arange(0, NB)
-    return tl.load(rows + chan[None, :], mask=row_mask[:, None], other=0.0).to(DTYPE)
-
-
-@triton.jit
-def _softmax_step(s, slots, slot_mask, m_i, l_i, scaling, softcap, valid_row, HAS_MASK: tl.constexpr,
+def _softmax_step(s, slots, slot_mask, m_i, l_i, row_scaling, softcap, valid_row, HAS_MASK: tl.constexpr,
                   SOFTCAP: tl.constexpr):  # fmt: skip
     """Fold one tile of raw logits ``s [G, N]`` into the running softmax: ``(p, rescale, max, total)``."""
-    s = s * scaling
+    s = s * row_scaling[:, None]
     if SOFTCAP:
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
     keep = slot_mask
