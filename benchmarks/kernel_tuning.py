@@ -1,7 +1,7 @@
 """Time the HeadQ split kernel at one shape under several launch settings; print registers and spills.
 
-First every (tile, warps) pair at 8 programs per SM and 2 pipeline stages, then the best pair without
-the bit-trick code conversion (``asm``), with other stage counts, and with other programs per SM.
+First register caps (``maxnreg``, 0: none) at the default setting, then the best one without the bit-trick
+code conversion (``asm``), with other tiles, warps and programs per SM.
 ``--dump DIR`` writes the best setting's Triton IR, PTX and cubin there (for ``cuobjdump -sass``);
 ``--once`` runs the kernel a few times with a given setting and exits (for ``ncu``). bf16 sdpa on the
 same shapes is timed in the same run as the reference.
@@ -76,17 +76,13 @@ def sweep(layer, q, context: int, batch: int) -> dict[str, int]:  # type: ignore
     sdpa = sdpa_ms(q, context)
     print(f"context {context} batch {batch}: {read / 1e6:.1f} MB to read; bf16 sdpa {sdpa:.3f} ms", flush=True)
     results = {}
-    for tile in (32, 64):
-        for warps in (2, 4):
-            setting = {"tile": tile, "num_warps": warps, "num_stages": 2, "programs_per_sm": 8, "asm": 1}
-            results[tuple(setting.items())] = time_setting(layer, q, read, **setting)
-    best = dict(min(results, key=results.__getitem__))
-    for variant in ({"asm": 0}, {"num_stages": 1}, {"num_stages": 3}):
-        setting = {**best, **variant}
+    base = {"tile": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16, "asm": 1, "maxnreg": 0}
+    for maxnreg in (0, 128, 168, 200):
+        setting = {**base, "maxnreg": maxnreg}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)
     best = dict(min(results, key=results.__getitem__))
-    for per_sm in (4, 16, 32):
-        setting = {**best, "programs_per_sm": per_sm}
+    for variant in ({"asm": 0}, {"tile": 32}, {"num_warps": 4}, {"programs_per_sm": 8}, {"programs_per_sm": 32}):
+        setting = {**best, **variant}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)
     best = dict(min(results, key=results.__getitem__))
     ms = results[tuple(best.items())]

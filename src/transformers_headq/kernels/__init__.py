@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
 # Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
-LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 32, "programs_per_sm": 8, "asm": 1}
+LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0}
 # Triton operand dtype (a name in triton.language) for each model dtype.
 _OPERAND_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
@@ -148,6 +148,7 @@ def fused_decode_attention(
         ASM=bool(LAUNCH["asm"]) and query.device.type == "cuda",  # bit tricks need a GPU (not the interpreter)
         HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=getattr(tl, _OPERAND_DTYPES[layer.dtype]),
         num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+        **({"maxnreg": LAUNCH["maxnreg"]} if LAUNCH["maxnreg"] else {}),  # a register cap, for more programs per SM
     )  # fmt: skip
     global last_compiled
     last_compiled = compiled

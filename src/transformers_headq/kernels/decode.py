@@ -31,49 +31,100 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Codes of one plane as float16 on the GPU: the packed word is shifted to the plane, two bytes at a
-# time are spread into the low bits of two halves, masked to the code width under the float16
-# exponent of 1024 (mantissa step 1), and 1024 is subtracted: exact codes, two per instruction, with
-# no integer-to-float conversion (a quarter-rate instruction). $2: four packed bytes, $3: the shift,
-# $7: the code mask in both halves; the dequantizing form then computes code * $11/$12 + $13/$14.
-_CODES_TO_HALF: tl.constexpr = tl.constexpr("""{
-.reg .b32 w, lo, hi, magic;
-mov.b32 magic, 0x64006400;
-shr.b32 w, $2, $3;
-prmt.b32 lo, w, 0, 0x4140;
-prmt.b32 hi, w, 0, 0x4342;
-lop3.b32 lo, lo, $7, magic, 0xea;
-lop3.b32 hi, hi, $7, magic, 0xea;
-sub.f16x2 $0, lo, magic;
-sub.f16x2 $1, hi, magic;
-}""")
-_DEQUANTIZE_TO_HALF: tl.constexpr = tl.constexpr("""{
-.reg .b32 w, lo, hi, magic;
-mov.b32 magic, 0x64006400;
-shr.b32 w, $2, $3;
-prmt.b32 lo, w, 0, 0x4140;
-prmt.b32 hi, w, 0, 0x4342;
-lop3.b32 lo, lo, $7, magic, 0xea;
-lop3.b32 hi, hi, $7, magic, 0xea;
-sub.f16x2 lo, lo, magic;
-sub.f16x2 hi, hi, magic;
-fma.rn.f16x2 $0, lo, $11, $13;
-fma.rn.f16x2 $1, hi, $12, $14;
-}""")
+
+def _half_codes_asm(shift: int, bits: int, dequantize: bool) -> tl.constexpr:
+    """PTX turning four packed bytes (``$2``) into the float16 codes of one plane, two half2 registers.
+
+    The word is shifted to the plane, two bytes at a time are spread into the low bits of two halves,
+    masked to the code width under the float16 exponent of 1024 (mantissa step 1), and 1024 is
+    subtracted: exact codes, two per instruction, without integer-to-float conversions (a quarter-rate
+    instruction). The dequantizing form then computes ``code * scale + zero`` (``$3, $4``; ``$5, $6``).
+    """
+    mask = ((1 << bits) - 1) * 0x10001
+    word = "w" if shift else "$2"
+    lines = [".reg .b32 w, lo, hi, magic;", "mov.b32 magic, 0x64006400;"]
+    if shift:
+        lines.append(f"shr.b32 w, $2, {shift};")
+    lines += [
+        f"prmt.b32 lo, {word}, 0, 0x4140;",
+        f"prmt.b32 hi, {word}, 0, 0x4342;",
+        f"lop3.b32 lo, lo, {mask:#x}, magic, 0xea;",
+        f"lop3.b32 hi, hi, {mask:#x}, magic, 0xea;",
+    ]
+    if dequantize:
+        lines += ["sub.f16x2 lo, lo, magic;", "sub.f16x2 hi, hi, magic;"]
+        lines += ["fma.rn.f16x2 $0, lo, $3, $5;", "fma.rn.f16x2 $1, hi, $4, $6;"]
+    else:
+        lines += ["sub.f16x2 $0, lo, magic;", "sub.f16x2 $1, hi, magic;"]
+    return tl.constexpr("{\n" + "\n".join(lines) + "\n}")
+
+
+# One text per (bits, plane): shifts and masks are immediates.
+_CODES_2_0, _CODES_2_1, _CODES_2_2, _CODES_2_3 = (_half_codes_asm(2 * p, 2, False) for p in range(4))
+_CODES_4_0, _CODES_4_1 = (_half_codes_asm(4 * p, 4, False) for p in range(2))
+_CODES_8_0 = _half_codes_asm(0, 8, False)
+_DEQUANTIZE_2_0, _DEQUANTIZE_2_1, _DEQUANTIZE_2_2, _DEQUANTIZE_2_3 = (_half_codes_asm(2 * p, 2, True) for p in range(4))
+_DEQUANTIZE_4_0, _DEQUANTIZE_4_1 = (_half_codes_asm(4 * p, 4, True) for p in range(2))
+_DEQUANTIZE_8_0 = _half_codes_asm(0, 8, True)
+
+
+@triton.jit
+def _run_asm(text: tl.constexpr, packed, scale, zero, DEQUANTIZE: tl.constexpr):
+    if DEQUANTIZE:
+        return tl.inline_asm_elementwise(
+            text, "=r,=r,r,r,r,r,r", [packed, scale, zero], dtype=tl.float16, is_pure=True, pack=4
+        )
+    else:
+        return tl.inline_asm_elementwise(text, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _half_codes(packed, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DEQUANTIZE: tl.constexpr):
+    """Float16 codes (or ``code * scale + zero``) of one plane of packed bytes, through ``_half_codes_asm``."""
+    if BITS == 8:
+        if DEQUANTIZE:
+            return _run_asm(_DEQUANTIZE_8_0, packed, scale, zero, True)
+        else:
+            return _run_asm(_CODES_8_0, packed, scale, zero, False)
+    elif BITS == 4:
+        if DEQUANTIZE:
+            if PLANE == 0:
+                return _run_asm(_DEQUANTIZE_4_0, packed, scale, zero, True)
+            else:
+                return _run_asm(_DEQUANTIZE_4_1, packed, scale, zero, True)
+        else:
+            if PLANE == 0:
+                return _run_asm(_CODES_4_0, packed, scale, zero, False)
+            else:
+                return _run_asm(_CODES_4_1, packed, scale, zero, False)
+    else:
+        if DEQUANTIZE:
+            if PLANE == 0:
+                return _run_asm(_DEQUANTIZE_2_0, packed, scale, zero, True)
+            elif PLANE == 1:
+                return _run_asm(_DEQUANTIZE_2_1, packed, scale, zero, True)
+            elif PLANE == 2:
+                return _run_asm(_DEQUANTIZE_2_2, packed, scale, zero, True)
+            else:
+                return _run_asm(_DEQUANTIZE_2_3, packed, scale, zero, True)
+        else:
+            if PLANE == 0:
+                return _run_asm(_CODES_2_0, packed, scale, zero, False)
+            elif PLANE == 1:
+                return _run_asm(_CODES_2_1, packed, scale, zero, False)
+            elif PLANE == 2:
+                return _run_asm(_CODES_2_2, packed, scale, zero, False)
+            else:
+                return _run_asm(_CODES_2_3, packed, scale, zero, False)
 
 
 @triton.jit
 def _plane(packed, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
     """Codes ``[T, C]`` of plane ``PLANE`` of packed bytes ``[T, C]`` (exact in ``DTYPE``)."""
     if ASM:  # float16
-        shift = tl.full(packed.shape, PLANE * BITS, tl.int32)
-        mask = tl.full(packed.shape, ((1 << BITS) - 1) * 0x10001, tl.int32)
-        return tl.inline_asm_elementwise(
-            _CODES_TO_HALF, "=r,=r,r,r,r,r,r,r,r,r,r", [packed, shift, mask], dtype=tl.float16, is_pure=True,
-            pack=4,
-        )  # fmt: skip
+        return _half_codes(packed, packed, packed, PLANE, BITS, False)
     else:
-        return ((packed >> (PLANE * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
+        return ((packed.to(tl.int32) >> (PLANE * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
 
 
 @triton.jit
@@ -81,14 +132,9 @@ def _dequantized_plane(packed, scale, zero, PLANE: tl.constexpr, BITS: tl.conste
                        ASM: tl.constexpr):  # fmt: skip
     """``code * scale + zero`` ``[T, C]`` of one plane, with a scale and zero per channel ``[C]``."""
     if ASM:  # float16: one fused multiply-add per two codes
-        shift = tl.full(packed.shape, PLANE * BITS, tl.int32)
-        mask = tl.full(packed.shape, ((1 << BITS) - 1) * 0x10001, tl.int32)
         scale = tl.broadcast_to(scale.to(tl.float16)[None, :], packed.shape)
         zero = tl.broadcast_to(zero.to(tl.float16)[None, :], packed.shape)
-        return tl.inline_asm_elementwise(
-            _DEQUANTIZE_TO_HALF, "=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r", [packed, shift, mask, scale, zero],
-            dtype=tl.float16, is_pure=True, pack=4,
-        )  # fmt: skip
+        return _half_codes(packed, scale, zero, PLANE, BITS, True)
     else:
         codes = _plane(packed, PLANE, BITS, DTYPE, ASM)
         return codes * scale.to(DTYPE)[None, :] + zero.to(DTYPE)[None, :]
