@@ -192,8 +192,12 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
     }
 
 
-def e2e_rows(batch: int, context: int, steps: int = 8) -> list[dict[str, Any]]:
-    """Whole-model decode steps (random Llama-3-8B shapes, bf16) with each cache."""
+def e2e_rows(batch: int, context: int, steps: int = 8, profile: Path | None = None) -> list[dict[str, Any]]:
+    """Whole-model decode steps (random Llama-3-8B shapes, bf16) with each cache.
+
+    With ``profile``, one more step per cache runs under the torch profiler; its top operators by CPU and
+    by GPU time are appended to that file (where a step's time goes: kernels, or Python and launches).
+    """
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     from transformers_headq import enable_headq_attention
@@ -229,6 +233,15 @@ def e2e_rows(batch: int, context: int, steps: int = 8) -> list[dict[str, Any]]:
                 model(input_ids=token, past_key_values=cache, use_cache=True)
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - started) / steps
+        if profile is not None:
+            with torch.no_grad(), torch.profiler.profile() as prof:
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                torch.cuda.synchronize()
+            table = prof.key_averages()
+            with profile.open("a") as f:
+                f.write(f"# {cache_kind} T={context} B={batch}: {seconds * 1e3:.1f} ms/step\n")
+                f.write(table.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
+                f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")
         rows.append(
             {
                 "cache": cache_kind,
@@ -258,6 +271,7 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare the kernel with the torch path first")
     parser.add_argument("--e2e", default="32768x8", help="CONTEXTxBATCH pairs for whole-model decode, ',' separated")
     parser.add_argument("--budget-gib", type=float, default=40.0)
+    parser.add_argument("--profile", type=Path, help="append a torch profile of one e2e step per cache here")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path, required=True)
     args = parser.parse_args()
@@ -292,7 +306,7 @@ def main() -> None:
     e2e = []
     for pair in filter(None, args.e2e.split(",")):
         context, batch = map(int, pair.split("x"))
-        e2e += [{**r, "gpu": gpu} for r in e2e_rows(batch, context)]
+        e2e += [{**r, "gpu": gpu} for r in e2e_rows(batch, context, profile=args.profile)]
     for r in rows:  # end-to-end tokens/s where measured for this (cache, context, batch)
         key = (r["cache"], r["context"], r["batch"])
         match = next((e for e in e2e if (e["cache"], e["context"], e["batch"]) == key), None)

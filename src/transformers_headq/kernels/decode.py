@@ -35,27 +35,35 @@ import triton.language as tl
 def _half_codes_asm(shift: int, bits: int, dequantize: bool) -> tl.constexpr:
     """PTX turning four packed bytes (``$2``) into the float16 codes of one plane, two half2 registers.
 
-    The word is shifted to the plane, two bytes at a time are spread into the low bits of two halves,
-    masked to the code width under the float16 exponent of 1024 (mantissa step 1), and 1024 is
-    subtracted: exact codes, two per instruction, without integer-to-float conversions (a quarter-rate
-    instruction). The dequantizing form then computes ``code * scale + zero`` (``$3, $4``; ``$5, $6``).
+    No integer-to-float conversion (a quarter-rate instruction) is used. Plain codes are masked in place
+    and spread two to a register, as the bit patterns of float16 subnormals: ``code * 2**-24``, exact,
+    four codes in four instructions (tensor cores multiply subnormals exactly; the caller scales the
+    float32 sums back). Dequantized codes need normal numbers: each code goes under the float16 exponent
+    of 1024 (mantissa step 1), 1024 is subtracted, then ``code * scale + zero`` (``$3, $4``; ``$5, $6``).
     """
-    mask = ((1 << bits) - 1) * 0x10001
     word = "w" if shift else "$2"
-    lines = [".reg .b32 w, lo, hi, magic;", "mov.b32 magic, 0x64006400;"]
+    lines = [".reg .b32 w, lo, hi, magic;"]
     if shift:
         lines.append(f"shr.b32 w, $2, {shift};")
+    if not dequantize:
+        lines += [
+            f"and.b32 w, {word}, {((1 << bits) - 1) * 0x01010101:#x};",
+            "prmt.b32 $0, w, 0, 0x4140;",
+            "prmt.b32 $1, w, 0, 0x4342;",
+        ]
+        return tl.constexpr("{\n" + "\n".join(lines) + "\n}")
+    mask = ((1 << bits) - 1) * 0x10001
     lines += [
+        "mov.b32 magic, 0x64006400;",
         f"prmt.b32 lo, {word}, 0, 0x4140;",
         f"prmt.b32 hi, {word}, 0, 0x4342;",
         f"lop3.b32 lo, lo, {mask:#x}, magic, 0xea;",
         f"lop3.b32 hi, hi, {mask:#x}, magic, 0xea;",
+        "sub.f16x2 lo, lo, magic;",
+        "sub.f16x2 hi, hi, magic;",
+        "fma.rn.f16x2 $0, lo, $3, $5;",
+        "fma.rn.f16x2 $1, hi, $4, $6;",
     ]
-    if dequantize:
-        lines += ["sub.f16x2 lo, lo, magic;", "sub.f16x2 hi, hi, magic;"]
-        lines += ["fma.rn.f16x2 $0, lo, $3, $5;", "fma.rn.f16x2 $1, hi, $4, $6;"]
-    else:
-        lines += ["sub.f16x2 $0, lo, magic;", "sub.f16x2 $1, hi, magic;"]
     return tl.constexpr("{\n" + "\n".join(lines) + "\n}")
 
 
@@ -120,11 +128,20 @@ def _half_codes(packed, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DE
 
 @triton.jit
 def _plane(packed, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """Codes ``[T, C]`` of plane ``PLANE`` of packed bytes ``[T, C]`` (exact in ``DTYPE``)."""
-    if ASM:  # float16
+    """Codes ``[T, C]`` of plane ``PLANE`` of packed bytes ``[T, C]``, times ``_code_unit(ASM)`` (exact)."""
+    if ASM:  # float16 subnormals
         return _half_codes(packed, packed, packed, PLANE, BITS, False)
     else:
         return ((packed.to(tl.int32) >> (PLANE * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
+
+
+@triton.jit
+def _code_unit(ASM: tl.constexpr):
+    """What :func:`_plane` multiplies codes by: ``2**-24`` for float16 subnormals, else 1."""
+    if ASM:
+        return 5.9604644775390625e-08
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -255,7 +272,8 @@ def headq_decode_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     vj = tl.arange(0, VNB)
-    # Quantized values accumulate Σ (p ⊙ scale / v_norm) · codes in acc<p> (output channels p * VNB + j)
+    # Quantized values accumulate Σ (p ⊙ scale / v_norm) · codes (times the code unit) in acc<p> (output
+    # channels p * VNB + j)
     # and Σ p ⊙ zero in v_bias; v_norm is the largest value scale so far (float16 holds p ⊙ scale / v_norm).
     acc0 = tl.zeros([BLOCK_G, VNB], tl.float32)
     acc1 = tl.zeros([BLOCK_G, VNB], tl.float32)
@@ -310,7 +328,7 @@ def headq_decode_kernel(
                     s_c = _dot(_plane(cb, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3, s_c, FP32)
                 c_scale = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 c_zero = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                s_t += s_c * c_scale[:, None] + c_zero[:, None] * qw_sum[None, :]
+                s_t += s_c * (c_scale / _code_unit(FAST))[:, None] + c_zero[:, None] * qw_sum[None, :]
             else:  # a scale and zero per direction, shared by the block: dequantized like the keys
                 cs_row = cs_base + (tile // BLOCK_N) * s_cs_t
                 cz_row = cz_base + (tile // BLOCK_N) * s_cs_t
@@ -351,6 +369,7 @@ def headq_decode_kernel(
             acc0 = _dot(p.to(OP_DTYPE), v.to(OP_DTYPE), acc0 * alpha[:, None], FP32)
 
     if VALUE_BITS > 0:  # back to plain sums of p ⊙ value
+        v_norm = v_norm / _code_unit(FAST)
         acc0 = acc0 * v_norm + v_bias[:, None]
         acc1 = acc1 * v_norm + v_bias[:, None]
         acc2 = acc2 * v_norm + v_bias[:, None]
