@@ -17,8 +17,11 @@ only measure prefill), then one decode step is timed:
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import time
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,8 @@ class _Module(torch.nn.Module):
     training = False
 
 
-def bench(fn, warmup: int = 5, rep: int = 20) -> float:
-    """Median milliseconds of ``fn`` timed with CUDA events."""
+def bench(fn, warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` timed with CUDA events (warm-up and repetitions in milliseconds)."""
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
@@ -131,7 +134,6 @@ def check(contexts=(1000, 4100), batches=(1, 3)) -> list[dict[str, Any]]:
                     os.environ["HEADQ_KERNELS"] = "0"
                     reference, _ = headq_attention_forward(module, q, k, v, None)
                     os.environ["HEADQ_KERNELS"] = "1"
-                    reference = reference.float().transpose(1, 2)
                     err = ((fused - reference).norm() / reference.norm()).item()
                     dt = str(dtype).removeprefix("torch.")
                     rows.append({"config": name, "dtype": dt, "context": context, "batch": batch, "rel_error": err})
@@ -238,7 +240,16 @@ def e2e_rows(batch: int, context: int, steps: int = 8, profile: Path | None = No
                 model(input_ids=token, past_key_values=cache, use_cache=True)
                 torch.cuda.synchronize()
             table = prof.key_averages()
+            python = cProfile.Profile()  # where the host time of a step goes, by Python function
+            with torch.no_grad():
+                python.enable()
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                python.disable()
+                torch.cuda.synchronize()
+            functions = io.StringIO()
+            pstats.Stats(python, stream=functions).sort_stats("tottime").print_stats(25)
             with profile.open("a") as f:
+                f.write(functions.getvalue() + "\n")
                 f.write(f"# {cache_kind} T={context} B={batch}: {seconds * 1e3:.1f} ms/step\n")
                 f.write(table.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
                 f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")

@@ -270,19 +270,21 @@ def headq_attention_forward(
     if q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads cannot share {kv_heads} KV heads evenly")
     groups = q_heads // kv_heads
-    # Rows are (group, query) pairs of the query heads sharing one KV head.
-    qg = query.float().reshape(batch, kv_heads, groups * q_len, head_dim)
-    mask = None if attention_mask is None else _grouped_mask(attention_mask, kv_heads, groups, q_len)
-
-    if not isinstance(key, HeadQStates):
-        kv_len = key.shape[-2]
-        row_slots = (kv_len - q_len + torch.arange(q_len, device=query.device)).repeat(groups)
-        out, _ = _attend(qg, [_dense_chunk(qg, key, value, 0)], _scorer(mask, row_slots, scaling, softcap))
-    else:
+    if isinstance(key, HeadQStates):
         from .kernels import fused_decode_attention
 
         fused = fused_decode_attention(key.inputs.layer, query, attention_mask, scaling, softcap)
-        out = fused if fused is not None else _attend_layer(key.inputs, qg, q_len, groups, mask, scaling, softcap)
+        if fused is not None:  # a decode step on the GPU: already [B, 1, Hq, D] in the query's dtype
+            return fused, None
+    # Rows are (group, query) pairs of the query heads sharing one KV head.
+    qg = query.float().reshape(batch, kv_heads, groups * q_len, head_dim)
+    mask = None if attention_mask is None else _grouped_mask(attention_mask, kv_heads, groups, q_len)
+    if isinstance(key, HeadQStates):
+        out = _attend_layer(key.inputs, qg, q_len, groups, mask, scaling, softcap)
+    else:
+        kv_len = key.shape[-2]
+        row_slots = (kv_len - q_len + torch.arange(q_len, device=query.device)).repeat(groups)
+        out, _ = _attend(qg, [_dense_chunk(qg, key, value, 0)], _scorer(mask, row_slots, scaling, softcap))
     out = out.reshape(batch, q_heads, q_len, -1).to(query.dtype)
     return out.transpose(1, 2).contiguous(), None
 

@@ -9,6 +9,7 @@ transformers-headq[gpu]``). ``HEADQ_KERNELS=0`` turns the kernels off; on CPU th
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import TYPE_CHECKING
@@ -29,9 +30,19 @@ _OPERAND_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.f
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def kernels_enabled(device: torch.device) -> bool:
-    """Whether fused kernels may run for tensors on ``device``."""
-    if os.environ.get("HEADQ_KERNELS", "1") == "0" or importlib.util.find_spec("triton") is None:
+    """Whether fused kernels may run for tensors on ``device`` (checked at every decode step: kept cheap)."""
+    if os.environ.get("HEADQ_KERNELS", "1") == "0" or not _triton_installed():
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -79,10 +90,11 @@ def fused_decode_attention(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor | None:
-    """Attention output ``[B, Hq, 1, D]`` (float32) for one decode step, or ``None`` if not covered.
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step, or ``None`` if not covered.
 
     Two launches: the split kernel (quantized tokens, and the window in the last split) and the
-    merge of the splits' partial softmaxes.
+    merge of the splits' partial softmaxes, which writes the output in the layout and dtype the
+    model's attention returns (no transpose or cast after it).
     """
     batch, q_heads, q_len, head_dim = query.shape
     if q_len != 1 or not kernels_enabled(query.device) or not kernel_supports(layer) or layer.quantized_length == 0:
@@ -152,7 +164,7 @@ def fused_decode_attention(
     )  # fmt: skip
     global last_compiled
     last_compiled = compiled
-    out = torch.empty(batch, q_heads, 1, head_dim, device=query.device, dtype=torch.float32)
+    out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
     splits_pad = max(2, triton.next_power_of_2(n_splits))
     headq_merge_kernel[(batch * kv_heads,)](
         m, norm, acc, out, n_splits, G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad
@@ -162,7 +174,7 @@ def fused_decode_attention(
 
 def _splits(batch_heads: int, n_tokens: int, block: int, device: torch.device) -> tuple[int, int]:
     """``(splits, tokens per split)``: enough programs to fill the GPU a few times over (flash-decoding)."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    sms = _multiprocessors(device)
     blocks = -(-n_tokens // block)
     wanted = max(1, min(blocks, -(-LAUNCH["programs_per_sm"] * sms // batch_heads)))
     per_split = -(-blocks // wanted) * block

@@ -193,7 +193,7 @@ def _window_plane(rows, row_mask, PLANE: tl.constexpr, NB: tl.constexpr, DTYPE: 
     return tl.load(rows + chan[None, :], mask=row_mask[:, None], other=0.0).to(DTYPE)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens", "n_window", "tokens_per_split", "s_wk_b", "s_wk_h", "s_wv_b", "s_wv_h"])
 def headq_decode_kernel(
     q_ptr, w_ptr,  # query [B, Hq, 1, D] (strided), decoder W [Hkv, D, R] float32 contiguous
     kc_ptr, ks_ptr, kz_ptr,  # key codes [B, Hkv, T, D*KB/8], scale/zero [B, Hkv, T/BLOCK_N, D]
@@ -430,7 +430,7 @@ def headq_merge_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, n_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
 ):  # fmt: skip
-    """Combine the splits of one (sequence, KV head): ``out [B, Hq, 1, D]`` float32."""
+    """Combine the splits of one (sequence, KV head): ``out [B, 1, Hq, D]`` in its own dtype."""
     pid_bh = tl.program_id(0)
     sp = tl.arange(0, S_PAD)
     g = tl.arange(0, BLOCK_G)
@@ -449,4 +449,5 @@ def headq_merge_kernel(
         w_i = tl.sum(tl.where(sp[:, None] == i, weight, 0.0), axis=0)  # [G]
         result += part * w_i[:, None]
     result = result / total[:, None]
+    result = result.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + (pid_bh * G + g[:, None]) * D + d[None, :], result, mask=(g < G)[:, None])
