@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from transformers_headq import HeadQCache, HeadQConfig
 from transformers_headq.attention import headq_attention_forward
-from transformers_headq.kernels import fused_decode_attention
+from transformers_headq.kernels import LAUNCH, fused_decode_attention
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 DATASHEET_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM datasheets; else the measured copy
@@ -283,11 +283,15 @@ def main() -> None:
     parser.add_argument("--e2e", default="32768x8", help="CONTEXTxBATCH pairs for whole-model decode, ',' separated")
     parser.add_argument("--budget-gib", type=float, default=40.0)
     parser.add_argument("--profile", type=Path, help="append a torch profile of one e2e step per cache here")
+    parser.add_argument("--launch", type=Path, help="kernel launch settings (JSON, as kernel_tuning.py --dump writes)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path, required=True)
     args = parser.parse_args()
 
     gpu = torch.cuda.get_device_name()
+    if args.launch:
+        LAUNCH.update(json.loads(args.launch.read_text()))
+    print(f"kernel launch settings: {LAUNCH}", flush=True)
     checks = check() if args.check else []
     copy = copy_bandwidth()
     peak = DATASHEET_BANDWIDTH.get(next((k for k in DATASHEET_BANDWIDTH if k in gpu), ""), copy)
@@ -323,14 +327,15 @@ def main() -> None:
         match = next((e for e in e2e if (e["cache"], e["context"], e["batch"]) == key), None)
         r["decode_tokens_per_s"] = None if match is None else match["decode_tokens_per_s"]
     args.json.write_text(
-        json.dumps({"attention": rows, "e2e": e2e, "checks": checks, "copy_bandwidth": peak}, indent=2)
+        json.dumps({"attention": rows, "e2e": e2e, "checks": checks, "copy_bandwidth": peak, "launch": LAUNCH}, indent=2)
     )
     args.markdown.write_text(markdown(rows, e2e, checks, gpu, peak, args.budget_gib) + "\n")
     print(markdown(rows, e2e, checks, gpu, peak, args.budget_gib))
 
 
 def markdown(rows, e2e, checks, gpu, peak, budget) -> str:  # type: ignore[no-untyped-def]
-    lines = [f"GPU: {gpu}; peak bandwidth {peak / 1e12:.2f} TB/s; torch {torch.__version__}", ""]
+    lines = [f"GPU: {gpu}; peak bandwidth {peak / 1e12:.2f} TB/s; torch {torch.__version__}"]
+    lines += [f"HeadQ kernel launch settings: {LAUNCH}", ""]
     columns = ["cache", "context", "batch", "attn ms/step", "vs bf16 sdpa", "graph ms", "KV bytes/token", "vs bf16"]
     columns += ["BW share", "kernel BW share", f"fits in {budget:.0f} GiB"]
     lines += ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]

@@ -81,7 +81,9 @@ def sweep(layer, q, context: int, batch: int) -> dict[str, int]:  # type: ignore
         setting = {**base, "maxnreg": maxnreg}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)
     best = dict(min(results, key=results.__getitem__))
-    for variant in ({"asm": 0}, {"tile": 32}, {"num_warps": 4}, {"programs_per_sm": 8}, {"programs_per_sm": 32}):
+    variants = [{"asm": 0}, {"tile": 32}, {"num_warps": 4}, {"num_warps": 1}, {"num_warps": 1, "tile": 32}]
+    variants += [{"programs_per_sm": 8}, {"programs_per_sm": 32}]
+    for variant in variants:
         setting = {**best, **variant}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)
     best = dict(min(results, key=results.__getitem__))
