@@ -326,9 +326,8 @@ def main() -> None:
         key = (r["cache"], r["context"], r["batch"])
         match = next((e for e in e2e if (e["cache"], e["context"], e["batch"]) == key), None)
         r["decode_tokens_per_s"] = None if match is None else match["decode_tokens_per_s"]
-    args.json.write_text(
-        json.dumps({"attention": rows, "e2e": e2e, "checks": checks, "copy_bandwidth": peak, "launch": LAUNCH}, indent=2)
-    )
+    results = {"attention": rows, "e2e": e2e, "checks": checks, "copy_bandwidth": peak, "launch": LAUNCH}
+    args.json.write_text(json.dumps(results, indent=2))
     args.markdown.write_text(markdown(rows, e2e, checks, gpu, peak, args.budget_gib) + "\n")
     print(markdown(rows, e2e, checks, gpu, peak, args.budget_gib))
 
