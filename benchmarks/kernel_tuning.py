@@ -76,13 +76,13 @@ def sweep(layer, q, context: int, batch: int) -> dict[str, int]:  # type: ignore
     sdpa = sdpa_ms(q, context)
     print(f"context {context} batch {batch}: {read / 1e6:.1f} MB to read; bf16 sdpa {sdpa:.3f} ms", flush=True)
     results = {}
-    base = {"tile": 64, "num_warps": 2, "num_stages": 3, "programs_per_sm": 16, "asm": 1, "maxnreg": 0}
+    base = dict(kernels.LAUNCH)
     for maxnreg in (0, 128, 168, 200):
         setting = {**base, "maxnreg": maxnreg}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)
     best = dict(min(results, key=results.__getitem__))
     variants = [{"asm": 0}, {"tile": 32}, {"num_warps": 4}, {"num_warps": 1}, {"num_warps": 1, "tile": 32}]
-    variants += [{"programs_per_sm": 8}, {"programs_per_sm": 32}]
+    variants += [{"programs_per_sm": 8}, {"programs_per_sm": 32}, {"min_split_tokens": 64}, {"min_split_tokens": 1024}]
     for variant in variants:
         setting = {**best, **variant}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)

@@ -65,11 +65,15 @@ def basis_from_tensors_for(rank: int, seed: int, head_dim: int):
     return basis_from_tensors(type("M", (), {"config": _Config()})(), [random_orthonormal(2, head_dim, rank, seed)])
 
 
+@pytest.mark.parametrize("split_tokens", [16, 256])  # one quantization block a split (merged), or one split
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap):
+def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap, split_tokens):
+    from transformers_headq import kernels
     from transformers_headq.kernels import fused_decode_attention
+
+    monkeypatch.setitem(kernels.LAUNCH, "min_split_tokens", split_tokens)
 
     config, head_dim = CASES[name]
     cache, query = _filled_cache(config, tokens=71, seed=len(name), head_dim=head_dim)

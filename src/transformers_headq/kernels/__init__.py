@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
 # Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
-LAUNCH = {"num_warps": 2, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0}
+LAUNCH = {
+    "num_warps": 2, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0, "min_split_tokens": 256,
+}  # fmt: skip
 # Triton operand dtype (a name in triton.language) for each model dtype.
 _OPERAND_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
@@ -177,7 +179,8 @@ def _splits(batch_heads: int, n_tokens: int, block: int, device: torch.device) -
     sms = _multiprocessors(device)
     blocks = -(-n_tokens // block)
     wanted = max(1, min(blocks, -(-LAUNCH["programs_per_sm"] * sms // batch_heads)))
-    per_split = -(-blocks // wanted) * block
+    # each split also loads the query and writes partials: give it enough tokens to amortise that
+    per_split = max(-(-blocks // wanted), -(-LAUNCH["min_split_tokens"] // block)) * block
     return -(-n_tokens // per_split), per_split
 
 

@@ -395,16 +395,16 @@ def headq_decode_kernel(
             acc2 = _dot(p, _window_plane(wv_rows, w_mask, 2, VNB, OP_DTYPE), acc2 * alpha[:, None], FP32)
             acc3 = _dot(p, _window_plane(wv_rows, w_mask, 3, VNB, OP_DTYPE), acc3 * alpha[:, None], FP32)
 
-    out = (pid_bh * n_splits + split) * BLOCK_G + g
-    tl.store(m_ptr + out, m_i)
-    tl.store(l_ptr + out, l_i)
+    out = (pid_bh * n_splits + split) * BLOCK_G + g  # partials of the real query rows only
+    tl.store(m_ptr + out, m_i, mask=g_mask)
+    tl.store(l_ptr + out, l_i, mask=g_mask)
     acc_rows = acc_ptr + out[:, None] * D + vj[None, :]
-    tl.store(acc_rows, acc0)
+    tl.store(acc_rows, acc0, mask=g_mask[:, None])
     if VP > 1:
-        tl.store(acc_rows + VNB, acc1)
+        tl.store(acc_rows + VNB, acc1, mask=g_mask[:, None])
     if VP > 2:
-        tl.store(acc_rows + 2 * VNB, acc2)
-        tl.store(acc_rows + 3 * VNB, acc3)
+        tl.store(acc_rows + 2 * VNB, acc2, mask=g_mask[:, None])
+        tl.store(acc_rows + 3 * VNB, acc3, mask=g_mask[:, None])
 
 
 @triton.jit
@@ -435,19 +435,18 @@ def headq_merge_kernel(
     sp = tl.arange(0, S_PAD)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
-    s_mask = sp < n_splits
+    g_mask = g < G
+    both = (sp < n_splits)[:, None] & g_mask[None, :]
     idx = (pid_bh * n_splits + sp[:, None]) * BLOCK_G + g[None, :]  # [S, G]
-    m = tl.load(m_ptr + idx, mask=s_mask[:, None], other=float("-inf"))
-    norm = tl.load(l_ptr + idx, mask=s_mask[:, None], other=0.0)
+    m = tl.load(m_ptr + idx, mask=both, other=float("-inf"))
     top = tl.max(m, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    weight = tl.exp(m - top[None, :])  # [S, G]
-    total = tl.sum(norm * weight, axis=0)  # [G]
+    total = tl.sum(tl.load(l_ptr + idx, mask=both, other=0.0) * tl.exp(m - top[None, :]), axis=0)  # [G]
+    total = tl.where(g_mask, total, 1.0)  # padding rows: never stored
     result = tl.zeros([BLOCK_G, D], tl.float32)
     for i in range(0, n_splits):
-        part = tl.load(acc_ptr + ((pid_bh * n_splits + i) * BLOCK_G + g[:, None]) * D + d[None, :])
-        w_i = tl.sum(tl.where(sp[:, None] == i, weight, 0.0), axis=0)  # [G]
-        result += part * w_i[:, None]
-    result = result / total[:, None]
-    result = result.to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + (pid_bh * G + g[:, None]) * D + d[None, :], result, mask=(g < G)[:, None])
+        rows = (pid_bh * n_splits + i) * BLOCK_G + g
+        weight = tl.exp(tl.load(m_ptr + rows, mask=g_mask, other=float("-inf")) - top)
+        result += tl.load(acc_ptr + rows[:, None] * D + d[None, :], mask=g_mask[:, None], other=0.0) * weight[:, None]
+    result = (result / total[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (pid_bh * G + g[:, None]) * D + d[None, :], result, mask=g_mask[:, None])
