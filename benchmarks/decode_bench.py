@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import json
 import os
 import pstats
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -194,8 +196,14 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
     }
 
 
-def e2e_rows(batch: int, context: int, steps: int = 8, profile: Path | None = None) -> list[dict[str, Any]]:
-    """Whole-model decode steps (random Llama-3-8B shapes, bf16) with each cache.
+def e2e_rows(batch: int, context: int, steps: int = 64, profile: Path | None = None) -> list[dict[str, Any]]:
+    """Whole-model decode steps (random Llama-3-8B shapes, bf16) with each cache: the mean of ``steps``.
+
+    64 steps span one quantization block, so HeadQ's block flush (once every 64 tokens) is in the mean.
+
+    Also the GPU's busy time in one step (sum of kernel times, from the profiler): eager transformers
+    launches each step's kernels from Python, so where the host is slower than the GPU the wall time
+    is the host's, and the busy time says what the step costs the device.
 
     With ``profile``, one more step per cache runs under the torch profiler; its top operators by CPU and
     by GPU time are appended to that file (where a step's time goes: kernels, or Python and launches).
@@ -226,31 +234,34 @@ def e2e_rows(batch: int, context: int, steps: int = 8, profile: Path | None = No
                 k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
                 cache.update(k, torch.randn_like(k), i)
         token = torch.randint(0, 1000, (batch, 1), device="cuda")
+        step = functools.partial(_decode_step, model, token, cache)
         with torch.no_grad():
             for _ in range(2):
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-            torch.cuda.synchronize()
-            started = time.perf_counter()
+                step()
+            times = []
             for _ in range(steps):
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-            torch.cuda.synchronize()
-        seconds = (time.perf_counter() - started) / steps
+                started = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - started)
+            # the device's own work in one step (kernels only): what the step costs where the host keeps up
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as busy:
+                step()
+        seconds = statistics.fmean(times)
+        gpu_ms = sum(e.self_device_time_total for e in busy.key_averages()) / 1e3
         if profile is not None:
             with torch.no_grad(), torch.profiler.profile() as prof:
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-                torch.cuda.synchronize()
+                step()
             table = prof.key_averages()
             python = cProfile.Profile()  # where the host time of a step goes, by Python function
             with torch.no_grad():
                 python.enable()
-                model(input_ids=token, past_key_values=cache, use_cache=True)
+                step()
                 python.disable()
-                torch.cuda.synchronize()
             functions = io.StringIO()
             pstats.Stats(python, stream=functions).sort_stats("tottime").print_stats(25)
             with profile.open("a") as f:
-                f.write(functions.getvalue() + "\n")
                 f.write(f"# {cache_kind} T={context} B={batch}: {seconds * 1e3:.1f} ms/step\n")
+                f.write(functions.getvalue() + "\n")
                 f.write(table.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
                 f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")
         rows.append(
@@ -260,12 +271,19 @@ def e2e_rows(batch: int, context: int, steps: int = 8, profile: Path | None = No
                 "batch": batch,
                 "decode_ms_per_step": seconds * 1e3,
                 "decode_tokens_per_s": batch / seconds,
+                "gpu_busy_ms_per_step": gpu_ms,
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             }
         )
-        print(f"e2e {cache_kind:13s} T={context} B={batch}: {seconds * 1e3:.1f} ms/step", flush=True)
-        del cache
+        print(f"e2e {cache_kind:13s} T={context} B={batch}: {seconds * 1e3:.1f} ms/step, GPU busy {gpu_ms:.1f} ms")
+        del cache, step
     return rows
+
+
+def _decode_step(model, token: torch.Tensor, cache: Any) -> None:  # type: ignore[no-untyped-def]
+    """One decode step, then the wait a generation loop has for its next token."""
+    model(input_ids=token, past_key_values=cache, use_cache=True)
+    torch.cuda.synchronize()
 
 
 def fits(bytes_per_token: float, budget_gib: float) -> str:
@@ -352,13 +370,19 @@ def markdown(rows, e2e, checks, gpu, peak, budget) -> str:  # type: ignore[no-un
     if e2e:
         lines += [
             "",
-            "| cache | context | batch | decode ms/step | tokens/s | peak GiB |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| cache | context | batch | decode ms/step | tokens/s | vs dynamic | GPU busy ms/step | vs dynamic "
+            "| peak GiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in e2e:
+            base = next(
+                b for b in e2e if (b["cache"], b["context"], b["batch"]) == ("dynamic-bf16", r["context"], r["batch"])
+            )
             lines.append(
                 f"| {r['cache']} | {r['context']} | {r['batch']} | {r['decode_ms_per_step']:.1f} | "
-                f"{r['decode_tokens_per_s']:.1f} | {r['peak_gib']:.1f} |"
+                f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | "
+                f"{r['gpu_busy_ms_per_step']:.1f} | {base['gpu_busy_ms_per_step'] / r['gpu_busy_ms_per_step']:.2f}x | "
+                f"{r['peak_gib']:.1f} |"
             )
     for dtype in sorted({c["dtype"] for c in checks}):
         worst = max(c["rel_error"] for c in checks if c["dtype"] == dtype)
