@@ -301,6 +301,7 @@ def main() -> None:
     parser.add_argument("--e2e", default="32768x8", help="CONTEXTxBATCH pairs for whole-model decode, ',' separated")
     parser.add_argument("--budget-gib", type=float, default=40.0)
     parser.add_argument("--profile", type=Path, help="append a torch profile of one e2e step per cache here")
+    parser.add_argument("--plot", type=Path, help="also draw the attention rows here (PNG)")
     parser.add_argument("--launch", type=Path, help="kernel launch settings (JSON, as kernel_tuning.py --dump writes)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path, required=True)
@@ -346,6 +347,10 @@ def main() -> None:
         r["decode_tokens_per_s"] = None if match is None else match["decode_tokens_per_s"]
     results = {"attention": rows, "e2e": e2e, "checks": checks, "copy_bandwidth": peak, "launch": LAUNCH}
     args.json.write_text(json.dumps(results, indent=2))
+    if args.plot:
+        from plot_decode import plot
+
+        plot(results, args.plot)
     args.markdown.write_text(markdown(rows, e2e, checks, gpu, peak, args.budget_gib) + "\n")
     print(markdown(rows, e2e, checks, gpu, peak, args.budget_gib))
 

@@ -22,6 +22,8 @@ from decode_bench import HEAD_DIM, HEADQ, KV_HEADS, Q_HEADS, bench, fill_headq_l
 import transformers_headq.kernels as kernels
 from transformers_headq import HeadQCache
 
+DEFAULT_LAUNCH = dict(kernels.LAUNCH)  # each sweep starts from the library's settings
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -76,7 +78,7 @@ def sweep(layer, q, context: int, batch: int) -> dict[str, int]:  # type: ignore
     sdpa = sdpa_ms(q, context)
     print(f"context {context} batch {batch}: {read / 1e6:.1f} MB to read; bf16 sdpa {sdpa:.3f} ms", flush=True)
     results = {}
-    base = dict(kernels.LAUNCH)
+    base = dict(DEFAULT_LAUNCH)
     for maxnreg in (0, 128, 168, 200):
         setting = {**base, "maxnreg": maxnreg}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)
