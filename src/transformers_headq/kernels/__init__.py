@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..cache import HeadQLayer
 
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
-# Launch settings of the split kernel (measured on an H100: benchmarks/decode-bench.md).
+# Launch settings of the split kernel: the best of the H100 sweep in benchmarks/kernel-tuning-h100-v8-planes.txt.
 LAUNCH = {
     "num_warps": 2, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0, "min_split_tokens": 256,
 }  # fmt: skip
