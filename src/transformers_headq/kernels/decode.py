@@ -4,26 +4,31 @@ One program handles one (sequence, KV head) pair and one split of the cached tok
 query heads that share the KV head. Per tile of ``TILE`` tokens (within one quantization block) it
 reads the packed key codes with the block's per-channel scale and zero, the packed side codes with
 their scales, and the packed value codes with their per-token scale and zero (or dense values);
-nothing dequantized is formed, in memory or in registers. The scales fold into the small operands
-instead of the large ones:
+nothing dequantized is written to memory.
 
-    s_t = Σ_d (q_d · scale_d) code_td + Σ_d q_d · zero_d        (keys; likewise qW and side codes)
-    acc = Σ_t (p_t · scale_t) code_t  + Σ_t p_t · zero_t       (values)
+Codes are packed in planes (``quantize.pack_codes``): plane ``p`` of a row's ``m`` bytes holds
+channels ``p*m ... p*m + m - 1``, so each plane of a tile's bytes ``[TILE, m]`` is one tensor-core
+product in channel order, and the bytes go from shared memory straight into the operand layout:
 
-so each packed code costs a mask and a conversion of a small integer, exact in any float type (on
-the GPU, a few bit operations per two codes: ``_PLANE_TO_HALF``). Codes are packed in planes
-(``quantize.pack_codes``): plane ``p`` of a row's ``m`` bytes holds channels ``p*m ... p*m + m - 1``,
-so each plane of a tile's bytes ``[TILE, m]`` is one tensor-core dot, with no reshuffling of codes.
+    s   = Σ_planes (code ⊙ scale + zero)_plane · q_plane          keys, and block-scaled side codes
+                                                                   against qW: dequantized in registers
+    acc = Σ_t (p_t · scale_t) · code_t + Σ_t p_t · zero_t         values: per-token scale folded into p
 
-Precision: the codes are exact; the folded operands ``q ⊙ scale`` (normalised per query row, so
-any model's range fits) and ``p ⊙ scale`` (normalised by the tile's largest scale) are rounded
-to float16 (11 significant bits), with float32 accumulation. For float32 models the dots run in
-float32 (``tf32x3``). The full-precision window (fewer than ``BLOCK_N`` tokens, read by the last
-split) uses the model's dtype, as sdpa does. Logits are scaled and optionally soft-capped as
-transformers does; padded keys are masked by a validity row. Each split writes its running max,
-normaliser and unnormalised output; :func:`headq_merge_kernel` combines them. The torch path in
-``attention.py`` is the oracle: the tests compare the two under ``TRITON_INTERPRET=1`` on CPU, and
-``benchmarks/decode_bench.py --check`` on the GPU.
+On the GPU codes become float16 by bit operations (``_half_codes_asm``: no integer-to-float
+conversions); plain codes come as float16 subnormals (``code * 2**-24``, exact; the float32 sums
+are scaled back).
+
+Precision: codes are exact; dequantized keys and side codes, the query and ``qW`` (divided by a
+per-row norm, multiplied back into the logits' scaling) and ``p ⊙ scale`` (divided by the largest
+value scale so far) are float16 operands (11 significant bits), accumulated in float32. Keys must lie
+within float16's range (|k| < 65504), as their default float16 scales and zeros already require. For
+float32 models the products run in float32 (``tf32x3``). The full-precision window (fewer than
+``BLOCK_N`` tokens, read by the last split) uses the model's dtype, as sdpa does. Logits are scaled
+and optionally soft-capped as transformers does; padded keys are masked by a validity row. Each split
+writes its running max, normaliser and unnormalised output for the real query rows;
+:func:`headq_merge_kernel` combines them. The torch path in ``attention.py`` is the oracle: the tests
+compare the two under ``TRITON_INTERPRET=1`` on CPU, and ``benchmarks/decode_bench.py --check`` on the
+GPU.
 """
 
 from __future__ import annotations
