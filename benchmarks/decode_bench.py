@@ -196,6 +196,34 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
     }
 
 
+def pack_rows(batch: int = 8, context: int = 32768) -> list[dict[str, Any]]:
+    """Quantize-and-pack of one layer's prefill, per stream: the torch quantizer against the kernel.
+
+    The kernel must store the same codes, scales and zeros (checked here too); its time is what a
+    prefill spends storing the cache.
+    """
+    from transformers_headq.kernels import group_quantize
+
+    keys = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    keys = keys * torch.linspace(0.3, 4.0, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    streams = {
+        "keys": (HEADQ.key_quantizer(HEAD_DIM), keys),
+        "values": (HEADQ.value_quantizer(HEAD_DIM), torch.randn_like(keys)),
+        "side codes": (HEADQ.side_quantizer(HEADQ.rank or 0), torch.randn(*keys.shape[:3], 16, device="cuda")),
+    }
+    rows = []
+    for name, (quantizer, x) in streams.items():
+        assert quantizer is not None
+        fast, oracle = group_quantize(quantizer, x), quantizer.quantize(x)
+        same = all(torch.equal(getattr(fast, f), getattr(oracle, f)) for f in ("codes", "scale", "zero"))
+        torch_ms = bench(lambda q=quantizer, x=x: q.quantize(x))
+        kernel_ms = bench(lambda q=quantizer, x=x: group_quantize(q, x))
+        rows.append({"stream": name, "tokens": batch * context, "torch_ms": torch_ms, "kernel_ms": kernel_ms,
+                     "identical": same})  # fmt: skip
+        print(f"pack {name:10s}: torch {torch_ms:.3f} ms, kernel {kernel_ms:.3f} ms, identical {same}", flush=True)
+    return rows
+
+
 def e2e_rows(batch: int, context: int, steps: int = 64, profile: Path | None = None) -> list[dict[str, Any]]:
     """Whole-model decode steps (random Llama-3-8B shapes, bf16) with each cache: the mean of ``steps``.
 
@@ -312,6 +340,7 @@ def main() -> None:
         LAUNCH.update(json.loads(args.launch.read_text()))
     print(f"kernel launch settings: {LAUNCH}", flush=True)
     checks = check() if args.check else []
+    packs = pack_rows()
     copy = copy_bandwidth()
     peak = DATASHEET_BANDWIDTH.get(next((k for k in DATASHEET_BANDWIDTH if k in gpu), ""), copy)
     print(f"{gpu}: device-to-device copy {copy / 1e12:.2f} TB/s, peak taken as {peak / 1e12:.2f} TB/s", flush=True)
@@ -345,17 +374,19 @@ def main() -> None:
         key = (r["cache"], r["context"], r["batch"])
         match = next((e for e in e2e if (e["cache"], e["context"], e["batch"]) == key), None)
         r["decode_tokens_per_s"] = None if match is None else match["decode_tokens_per_s"]
-    results = {"attention": rows, "e2e": e2e, "checks": checks, "copy_bandwidth": peak, "launch": LAUNCH}
+    results = {"attention": rows, "e2e": e2e, "pack": packs, "checks": checks, "copy_bandwidth": peak}
+    results["launch"] = LAUNCH
     args.json.write_text(json.dumps(results, indent=2))
     if args.plot:
         from plot_decode import plot
 
         plot(results, args.plot)
-    args.markdown.write_text(markdown(rows, e2e, checks, gpu, peak, args.budget_gib) + "\n")
-    print(markdown(rows, e2e, checks, gpu, peak, args.budget_gib))
+    text = markdown(rows, e2e, packs, checks, gpu, peak, args.budget_gib)
+    args.markdown.write_text(text + "\n")
+    print(text)
 
 
-def markdown(rows, e2e, checks, gpu, peak, budget) -> str:  # type: ignore[no-untyped-def]
+def markdown(rows, e2e, packs, checks, gpu, peak, budget) -> str:  # type: ignore[no-untyped-def]
     lines = [f"GPU: {gpu}; peak bandwidth {peak / 1e12:.2f} TB/s; torch {torch.__version__}"]
     lines += [f"HeadQ kernel launch settings: {LAUNCH}", ""]
     columns = ["cache", "context", "batch", "attn ms/step", "vs bf16 sdpa", "graph ms", "KV bytes/token", "vs bf16"]
@@ -388,6 +419,14 @@ def markdown(rows, e2e, checks, gpu, peak, budget) -> str:  # type: ignore[no-un
                 f"{r['decode_tokens_per_s']:.1f} | {r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | "
                 f"{r['gpu_busy_ms_per_step']:.1f} | {base['gpu_busy_ms_per_step'] / r['gpu_busy_ms_per_step']:.2f}x | "
                 f"{r['peak_gib']:.1f} |"
+            )
+    if packs:
+        lines += ["", "| quantize and pack (one layer) | tokens | torch ms | kernel ms | speed-up | identical |"]
+        lines += ["|---|---:|---:|---:|---:|---|"]
+        for r in packs:
+            lines.append(
+                f"| {r['stream']} | {r['tokens']} | {r['torch_ms']:.3f} | {r['kernel_ms']:.3f} | "
+                f"{r['torch_ms'] / r['kernel_ms']:.1f}x | {'yes' if r['identical'] else 'NO'} |"
             )
     for dtype in sorted({c["dtype"] for c in checks}):
         worst = max(c["rel_error"] for c in checks if c["dtype"] == dtype)

@@ -146,7 +146,11 @@ class QuantizedStore:
         return self.quantizer.group if self.quantizer.grouping == "channel" else 1
 
     def append(self, rows: torch.Tensor) -> torch.Tensor:
-        q = self.quantizer.quantize(rows)
+        from .kernels import quantize_pack  # here: the kernels module reads the stores
+
+        q = quantize_pack(self.quantizer, rows)  # one GPU pass where it applies, identical codes
+        if q is None:
+            q = self.quantizer.quantize(rows)
         if self._codes is None:
             self._codes, self._scale, self._zero = TokenBuffer(q.codes), TokenBuffer(q.scale), TokenBuffer(q.zero)
         assert self._scale is not None and self._zero is not None

@@ -1,8 +1,9 @@
-"""Fused GPU kernels (Triton) for the ``headq`` attention, with the torch path as their oracle.
+"""Fused GPU kernels (Triton) for the ``headq`` cache and attention, with the torch path as their oracle.
 
 :func:`fused_decode_attention` handles decode steps (one query token per sequence) over a layer
 whose settings the kernel covers, and returns ``None`` otherwise so the caller falls back to the
-reference path. Triton is imported only when a kernel is first needed (``pip install
+reference path. :func:`quantize_pack` quantizes and packs the blocks ``update`` stores, bit for bit
+as the torch quantizer does. Triton is imported only when a kernel is first needed (``pip install
 transformers-headq[gpu]``). ``HEADQ_KERNELS=0`` turns the kernels off; on CPU they run only under
 ``TRITON_INTERPRET=1`` (the tests do that).
 """
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..quantize import packed_row_bytes
+from ..quantize import GroupQuantizer, QuantizedTokens, packed_row_bytes
 from ..store import DenseStore, QuantizedStore
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel
 LAUNCH = {
     "num_warps": 2, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0, "min_split_tokens": 256,
 }  # fmt: skip
-# Triton operand dtype (a name in triton.language) for each model dtype.
+# The Triton dtype (a name in triton.language) of each torch dtype: kernel operands, stored metadata.
 _OPERAND_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
@@ -187,3 +188,52 @@ def _splits(batch_heads: int, n_tokens: int, block: int, device: torch.device) -
 def _bht(t: torch.Tensor) -> tuple[int, int, int]:
     """Batch, head and token strides of a ``[B, H, T, C]`` (strided) tensor."""
     return t.stride(0), t.stride(1), t.stride(2)
+
+
+def quantize_pack(quantizer: GroupQuantizer, x: torch.Tensor) -> QuantizedTokens | None:
+    """``quantizer.quantize(x)`` by the GPU kernel, or ``None`` where it does not apply.
+
+    Only on CUDA: on CPU the torch quantizer is as fast as the interpreter is slow (the tests call
+    :func:`group_quantize` directly to check the kernel there).
+    """
+    if x.device.type != "cuda" or not kernels_enabled(x.device) or not pack_supports(quantizer, x.shape):
+        return None
+    return group_quantize(quantizer, x)
+
+
+def pack_supports(quantizer: GroupQuantizer, shape: torch.Size) -> bool:
+    """Whether the quantize-and-pack kernel covers this quantizer on states of ``shape`` ``[B, H, T, C]``."""
+    tokens, channels = shape[2], shape[3]
+    if quantizer.bits not in _PLANE_BITS or tokens == 0:
+        return False
+    if quantizer.grouping == "channel":  # one block of tokens a program
+        return _power_of_two(quantizer.group) and quantizer.group <= 256 and tokens % quantizer.group == 0
+    return quantizer.group == channels  # a scale per token over all its channels
+
+
+def group_quantize(quantizer: GroupQuantizer, x: torch.Tensor) -> QuantizedTokens:
+    """Launch the quantize-and-pack kernel on ``x`` ``[B, H, T, C]`` (see :func:`pack_supports`)."""
+    import triton
+    import triton.language as tl
+
+    from .pack import group_quantize_kernel
+
+    batch, heads, tokens, channels = x.shape
+    rows = x.reshape(batch * heads, tokens, channels)
+    if rows.stride(2) != 1:
+        rows = rows.contiguous()
+    n_bytes = packed_row_bytes(channels, quantizer.bits)
+    codes = torch.empty(batch, heads, tokens, n_bytes, dtype=torch.uint8, device=x.device)
+    per_channel = quantizer.grouping == "channel"
+    tile = quantizer.group if per_channel else 64
+    meta_shape = (batch, heads, tokens // tile, channels) if per_channel else (batch, heads, tokens, 1)
+    scale = torch.empty(meta_shape, dtype=quantizer.meta_dtype, device=x.device)
+    zero = torch.empty_like(scale)
+    group_quantize_kernel[(batch * heads, triton.cdiv(tokens, tile))](
+        rows, codes, scale, zero,
+        tokens, rows.stride(0), rows.stride(1), tokens * n_bytes, n_bytes,
+        scale.shape[2] * scale.shape[3], scale.shape[3],
+        C=channels, NB=n_bytes, NB_PAD=triton.next_power_of_2(n_bytes), BITS=quantizer.bits, ROWS=tile,
+        PER_CHANNEL=per_channel, META_DTYPE=getattr(tl, _OPERAND_DTYPES[quantizer.meta_dtype]),
+    )  # fmt: skip
+    return QuantizedTokens(codes, scale, zero)
