@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
 # Launch settings of the split kernel: the best of the H100 sweep in benchmarks/kernel-tuning-h100-v8-planes.txt.
+# tile: tokens a loop step; programs_per_sm: how many splits to aim for; min_split_tokens: the fewest tokens a
+# split gets; asm: the PTX code conversion (0: Triton's integer-to-float, measured 1.7x slower); maxnreg: a
+# register cap (0: none; caps spilled and were slower).
 LAUNCH = {
     "num_warps": 2, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0, "min_split_tokens": 256,
 }  # fmt: skip
