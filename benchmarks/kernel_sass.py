@@ -1,0 +1,106 @@
+"""Compile the HeadQ decode kernel for an H100 (sm_90) without a GPU; print its resources and main loop.
+
+Triton compiles for any target on a CPU machine, and its wheel ships ptxas and cuobjdump, so registers,
+spills, shared memory and the instruction mix of the token loop can be read here, at no device time,
+before a change is timed on the GPU. Settings: the benchmark's (Llama-3-8B shapes, K2 r16 s4/block V2,
+bf16) and the library's launch settings, or ``--set key=value`` overrides. Use the GPU machine's Triton
+(3.6.0 on the H100s here): other versions generate other code (Triton 3.9.0 gives 2217 loop instructions
+and no asynchronous copies where the device's 3.6.0 gave about 1765 with them; both 255 registers).
+
+    python benchmarks/kernel_sass.py [--set tile=32 --set num_warps=4] [--sass PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import transformers_headq.kernels as kernels
+from transformers_headq.kernels.decode import headq_decode_kernel
+
+POINTERS = {
+    "q_ptr": "*bf16", "w_ptr": "*fp32", "kc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "cc_ptr": "*u8",
+    "cs_ptr": "*fp16", "cz_ptr": "*fp16", "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
+    "wk_ptr": "*bf16", "wv_ptr": "*bf16", "valid_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32",
+    "acc_ptr": "*fp32",
+}  # fmt: skip
+FLOATS = {"scaling", "softcap"}
+CONSTEXPRS = {
+    "H_KV": 8, "G": 4, "BLOCK_G": 16, "D": 128, "R": 16, "SIDE_BYTES": 8, "SIDE_NB": 16, "KEY_BITS": 2,
+    "SIDE_BITS": 4, "SIDE_PER_TOKEN": False, "VALUE_BITS": 2, "BLOCK_N": 64, "HAS_MASK": False, "SOFTCAP": False,
+    "OP_DTYPE": tl.bfloat16,
+}  # fmt: skip
+
+
+def compile_decode_kernel(launch: dict[str, int]):  # type: ignore[no-untyped-def]
+    """The compiled kernel for sm_90 with ``launch`` settings (tile, warps, stages, asm, maxnreg)."""
+    constexprs = {**CONSTEXPRS, "TILE": launch["tile"], "ASM": bool(launch["asm"])}
+    signature = {}
+    for name in headq_decode_kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        else:
+            signature[name] = POINTERS.get(name, "fp32" if name in FLOATS else "i32")
+    source = ASTSource(fn=headq_decode_kernel, signature=signature, constexprs=constexprs)
+    options = {"num_warps": launch["num_warps"], "num_stages": launch["num_stages"]}
+    if launch["maxnreg"]:
+        options["maxnreg"] = launch["maxnreg"]
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of a cubin, with the binary Triton's wheel ships."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([str(tool), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def main_loop(sass: str) -> list[str]:
+    """Instructions of the longest backward branch's body: the loop over the split's tokens."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, text in lines:
+        jump = re.search(r"BRA\s+(?:`\(\.L_x_\d+\)\s*)?(0x[0-9a-f]+)", text)
+        if jump and int(jump.group(1), 16) < address:
+            loops.append((int(jump.group(1), 16), address))
+    start, end = max(loops, key=lambda span: span[1] - span[0])
+    return [text for address, text in lines if start <= address <= end]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", action="append", default=[], help="a launch setting, key=value (int)")
+    parser.add_argument("--sass", type=Path, help="write the whole SASS here")
+    args = parser.parse_args()
+    launch = dict(kernels.LAUNCH)
+    for item in args.set:
+        key, value = item.split("=")
+        launch[key] = int(value)
+    compiled = compile_decode_kernel(launch)
+    sass = cuobjdump(compiled.asm["cubin"], "-sass")
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", cuobjdump(compiled.asm["cubin"], "-res-usage"))
+    assert usage is not None, "cuobjdump printed no resource usage"
+    if args.sass:
+        args.sass.write_text(sass)
+    loop = main_loop(sass)
+    mix = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in loop)
+    print(f"launch {launch}: Triton {triton.__version__}, sm_90")
+    registers, stack, _, local = usage.groups()
+    print(f"registers {registers}, stack {stack} B, local (spills) {local} B, shared {compiled.metadata.shared} B")
+    print(f"token loop: {len(loop)} instructions per warp and tile")
+    print(", ".join(f"{name} {count}" for name, count in mix.most_common(24)))
+
+
+if __name__ == "__main__":
+    main()
