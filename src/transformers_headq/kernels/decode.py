@@ -14,7 +14,7 @@ product in channel order, and the bytes go from shared memory straight into the 
                                                                    against qW: dequantized in registers
     acc = Σ_t (p_t · scale_t) · code_t + Σ_t p_t · zero_t         values: per-token scale folded into p
 
-On the GPU codes become float16 by bit operations (``_half_codes_asm``: no integer-to-float
+On the GPU codes become float16 by bit operations (``codes.py``: no integer-to-float
 conversions); plain codes come as float16 subnormals (``code * 2**-24``, exact; the float32 sums
 are scaled back).
 
@@ -36,130 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-def _half_codes_asm(shift: int, bits: int, dequantize: bool) -> tl.constexpr:
-    """PTX turning four packed bytes (``$2``) into the float16 codes of one plane, two half2 registers.
-
-    No integer-to-float conversion (a quarter-rate instruction) is used. Plain codes are masked in place
-    and spread two to a register, as the bit patterns of float16 subnormals: ``code * 2**-24``, exact,
-    four codes in four instructions (tensor cores multiply subnormals exactly; the caller scales the
-    float32 sums back). Dequantized codes need normal numbers: each code goes under the float16 exponent
-    of 1024 (mantissa step 1), 1024 is subtracted, then ``code * scale + zero`` (``$3, $4``; ``$5, $6``).
-    """
-    word = "w" if shift else "$2"
-    lines = [".reg .b32 w, lo, hi, magic;"]
-    if shift:
-        lines.append(f"shr.b32 w, $2, {shift};")
-    if not dequantize:
-        lines += [
-            f"and.b32 w, {word}, {((1 << bits) - 1) * 0x01010101:#x};",
-            "prmt.b32 $0, w, 0, 0x4140;",
-            "prmt.b32 $1, w, 0, 0x4342;",
-        ]
-        return tl.constexpr("{\n" + "\n".join(lines) + "\n}")
-    mask = ((1 << bits) - 1) * 0x10001
-    lines += [
-        "mov.b32 magic, 0x64006400;",
-        f"prmt.b32 lo, {word}, 0, 0x4140;",
-        f"prmt.b32 hi, {word}, 0, 0x4342;",
-        f"lop3.b32 lo, lo, {mask:#x}, magic, 0xea;",
-        f"lop3.b32 hi, hi, {mask:#x}, magic, 0xea;",
-        "sub.f16x2 lo, lo, magic;",
-        "sub.f16x2 hi, hi, magic;",
-        "fma.rn.f16x2 $0, lo, $3, $5;",
-        "fma.rn.f16x2 $1, hi, $4, $6;",
-    ]
-    return tl.constexpr("{\n" + "\n".join(lines) + "\n}")
-
-
-# One text per (bits, plane): shifts and masks are immediates.
-_CODES_2_0, _CODES_2_1, _CODES_2_2, _CODES_2_3 = (_half_codes_asm(2 * p, 2, False) for p in range(4))
-_CODES_4_0, _CODES_4_1 = (_half_codes_asm(4 * p, 4, False) for p in range(2))
-_CODES_8_0 = _half_codes_asm(0, 8, False)
-_DEQUANTIZE_2_0, _DEQUANTIZE_2_1, _DEQUANTIZE_2_2, _DEQUANTIZE_2_3 = (_half_codes_asm(2 * p, 2, True) for p in range(4))
-_DEQUANTIZE_4_0, _DEQUANTIZE_4_1 = (_half_codes_asm(4 * p, 4, True) for p in range(2))
-_DEQUANTIZE_8_0 = _half_codes_asm(0, 8, True)
-
-
-@triton.jit
-def _run_asm(text: tl.constexpr, packed, scale, zero, DEQUANTIZE: tl.constexpr):
-    if DEQUANTIZE:
-        return tl.inline_asm_elementwise(
-            text, "=r,=r,r,r,r,r,r", [packed, scale, zero], dtype=tl.float16, is_pure=True, pack=4
-        )
-    else:
-        return tl.inline_asm_elementwise(text, "=r,=r,r", [packed], dtype=tl.float16, is_pure=True, pack=4)
-
-
-@triton.jit
-def _half_codes(packed, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DEQUANTIZE: tl.constexpr):
-    """Float16 codes (or ``code * scale + zero``) of one plane of packed bytes, through ``_half_codes_asm``."""
-    if BITS == 8:
-        if DEQUANTIZE:
-            return _run_asm(_DEQUANTIZE_8_0, packed, scale, zero, True)
-        else:
-            return _run_asm(_CODES_8_0, packed, scale, zero, False)
-    elif BITS == 4:
-        if DEQUANTIZE:
-            if PLANE == 0:
-                return _run_asm(_DEQUANTIZE_4_0, packed, scale, zero, True)
-            else:
-                return _run_asm(_DEQUANTIZE_4_1, packed, scale, zero, True)
-        else:
-            if PLANE == 0:
-                return _run_asm(_CODES_4_0, packed, scale, zero, False)
-            else:
-                return _run_asm(_CODES_4_1, packed, scale, zero, False)
-    else:
-        if DEQUANTIZE:
-            if PLANE == 0:
-                return _run_asm(_DEQUANTIZE_2_0, packed, scale, zero, True)
-            elif PLANE == 1:
-                return _run_asm(_DEQUANTIZE_2_1, packed, scale, zero, True)
-            elif PLANE == 2:
-                return _run_asm(_DEQUANTIZE_2_2, packed, scale, zero, True)
-            else:
-                return _run_asm(_DEQUANTIZE_2_3, packed, scale, zero, True)
-        else:
-            if PLANE == 0:
-                return _run_asm(_CODES_2_0, packed, scale, zero, False)
-            elif PLANE == 1:
-                return _run_asm(_CODES_2_1, packed, scale, zero, False)
-            elif PLANE == 2:
-                return _run_asm(_CODES_2_2, packed, scale, zero, False)
-            else:
-                return _run_asm(_CODES_2_3, packed, scale, zero, False)
-
-
-@triton.jit
-def _plane(packed, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr, ASM: tl.constexpr):
-    """Codes ``[T, C]`` of plane ``PLANE`` of packed bytes ``[T, C]``, times ``_code_unit(ASM)`` (exact)."""
-    if ASM:  # float16 subnormals
-        return _half_codes(packed, packed, packed, PLANE, BITS, False)
-    else:
-        return ((packed.to(tl.int32) >> (PLANE * BITS)) & ((1 << BITS) - 1)).to(DTYPE)
-
-
-@triton.jit
-def _code_unit(ASM: tl.constexpr):
-    """What :func:`_plane` multiplies codes by: ``2**-24`` for float16 subnormals, else 1."""
-    if ASM:
-        return 5.9604644775390625e-08
-    else:
-        return 1.0
-
-
-@triton.jit
-def _dequantized_plane(packed, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
-                       ASM: tl.constexpr):  # fmt: skip
-    """``code * scale + zero`` ``[T, C]`` of one plane, with a scale and zero per channel ``[C]``."""
-    if ASM:  # float16: one fused multiply-add per two codes
-        scale = tl.broadcast_to(scale.to(tl.float16)[None, :], packed.shape)
-        zero = tl.broadcast_to(zero.to(tl.float16)[None, :], packed.shape)
-        return _half_codes(packed, scale, zero, PLANE, BITS, True)
-    else:
-        codes = _plane(packed, PLANE, BITS, DTYPE, ASM)
-        return codes * scale.to(DTYPE)[None, :] + zero.to(DTYPE)[None, :]
+from .codes import code_unit, dequantized_plane, plane_codes
 
 
 @triton.jit
@@ -306,18 +183,18 @@ def headq_decode_kernel(
         kz_row = kz_base + (tile // BLOCK_N) * s_ks_t
         kb = tl.load(kc_base + rows[:, None] * s_kc_t + kj[None, :], mask=row_mask[:, None], other=0)
         s_t = tl.zeros([TILE, BLOCK_G], tl.float32)  # keys dequantized per plane, against the fixed query
-        s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + kj), tl.load(kz_row + kj), 0, KEY_BITS, CODE_DTYPE, FAST),
+        s_t = _dot(dequantized_plane(kb, tl.load(ks_row + kj), tl.load(kz_row + kj), 0, KEY_BITS, CODE_DTYPE, FAST),
                    q0, s_t, FP32)  # fmt: skip
         if KP > 1:
             k1 = KNB + kj
-            s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + k1), tl.load(kz_row + k1), 1, KEY_BITS, CODE_DTYPE,
+            s_t = _dot(dequantized_plane(kb, tl.load(ks_row + k1), tl.load(kz_row + k1), 1, KEY_BITS, CODE_DTYPE,
                                           FAST), q1, s_t, FP32)  # fmt: skip
         if KP > 2:
             k2 = 2 * KNB + kj
             k3 = 3 * KNB + kj
-            s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + k2), tl.load(kz_row + k2), 2, KEY_BITS, CODE_DTYPE,
+            s_t = _dot(dequantized_plane(kb, tl.load(ks_row + k2), tl.load(kz_row + k2), 2, KEY_BITS, CODE_DTYPE,
                                           FAST), q2, s_t, FP32)  # fmt: skip
-            s_t = _dot(_dequantized_plane(kb, tl.load(ks_row + k3), tl.load(kz_row + k3), 3, KEY_BITS, CODE_DTYPE,
+            s_t = _dot(dequantized_plane(kb, tl.load(ks_row + k3), tl.load(kz_row + k3), 3, KEY_BITS, CODE_DTYPE,
                                           FAST), q3, s_t, FP32)  # fmt: skip
         if R > 0:
             cj = tl.arange(0, SIDE_NB)
@@ -325,30 +202,30 @@ def headq_decode_kernel(
             cb = tl.load(cc_base + rows[:, None] * SIDE_BYTES + cj[None, :], mask=c_mask, other=0)
             if SIDE_PER_TOKEN:  # s += scale_t · (qW · codes_t) + zero_t · Σ qW
                 s_c = tl.zeros([TILE, BLOCK_G], tl.float32)
-                s_c = _dot(_plane(cb, 0, SIDE_BITS, CODE_DTYPE, FAST), qw0, s_c, FP32)
+                s_c = _dot(plane_codes(cb, 0, SIDE_BITS, CODE_DTYPE, FAST), qw0, s_c, FP32)
                 if SP > 1:
-                    s_c = _dot(_plane(cb, 1, SIDE_BITS, CODE_DTYPE, FAST), qw1, s_c, FP32)
+                    s_c = _dot(plane_codes(cb, 1, SIDE_BITS, CODE_DTYPE, FAST), qw1, s_c, FP32)
                 if SP > 2:
-                    s_c = _dot(_plane(cb, 2, SIDE_BITS, CODE_DTYPE, FAST), qw2, s_c, FP32)
-                    s_c = _dot(_plane(cb, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3, s_c, FP32)
+                    s_c = _dot(plane_codes(cb, 2, SIDE_BITS, CODE_DTYPE, FAST), qw2, s_c, FP32)
+                    s_c = _dot(plane_codes(cb, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3, s_c, FP32)
                 c_scale = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 c_zero = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                s_t += s_c * (c_scale / _code_unit(FAST))[:, None] + c_zero[:, None] * qw_sum[None, :]
+                s_t += s_c * (c_scale / code_unit(FAST))[:, None] + c_zero[:, None] * qw_sum[None, :]
             else:  # a scale and zero per direction, shared by the block: dequantized like the keys
                 cs_row = cs_base + (tile // BLOCK_N) * s_cs_t
                 cz_row = cz_base + (tile // BLOCK_N) * s_cs_t
-                s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir0, mask=c_ok0, other=0.0),
+                s_t = _dot(dequantized_plane(cb, tl.load(cs_row + c_dir0, mask=c_ok0, other=0.0),
                                               tl.load(cz_row + c_dir0, mask=c_ok0, other=0.0), 0, SIDE_BITS,
                                               CODE_DTYPE, FAST), qw0, s_t, FP32)  # fmt: skip
                 if SP > 1:
-                    s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir1, mask=c_ok1, other=0.0),
+                    s_t = _dot(dequantized_plane(cb, tl.load(cs_row + c_dir1, mask=c_ok1, other=0.0),
                                                   tl.load(cz_row + c_dir1, mask=c_ok1, other=0.0), 1, SIDE_BITS,
                                                   CODE_DTYPE, FAST), qw1, s_t, FP32)  # fmt: skip
                 if SP > 2:
-                    s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir2, mask=c_ok2, other=0.0),
+                    s_t = _dot(dequantized_plane(cb, tl.load(cs_row + c_dir2, mask=c_ok2, other=0.0),
                                                   tl.load(cz_row + c_dir2, mask=c_ok2, other=0.0), 2, SIDE_BITS,
                                                   CODE_DTYPE, FAST), qw2, s_t, FP32)  # fmt: skip
-                    s_t = _dot(_dequantized_plane(cb, tl.load(cs_row + c_dir3, mask=c_ok3, other=0.0),
+                    s_t = _dot(dequantized_plane(cb, tl.load(cs_row + c_dir3, mask=c_ok3, other=0.0),
                                                   tl.load(cz_row + c_dir3, mask=c_ok3, other=0.0), 3, SIDE_BITS,
                                                   CODE_DTYPE, FAST), qw3, s_t, FP32)  # fmt: skip
         p, alpha, m_i, l_i = _softmax_step(
@@ -363,18 +240,18 @@ def headq_decode_kernel(
             v_bias = v_bias * alpha + tl.sum(p * v_zero[None, :], axis=1)
             p_op = (p * (v_scale / v_norm)[None, :]).to(CODE_DTYPE)
             vb = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0)
-            acc0 = _dot(p_op, _plane(vb, 0, VALUE_BITS, CODE_DTYPE, FAST), acc0 * rescale[:, None], FP32)
+            acc0 = _dot(p_op, plane_codes(vb, 0, VALUE_BITS, CODE_DTYPE, FAST), acc0 * rescale[:, None], FP32)
             if VP > 1:
-                acc1 = _dot(p_op, _plane(vb, 1, VALUE_BITS, CODE_DTYPE, FAST), acc1 * rescale[:, None], FP32)
+                acc1 = _dot(p_op, plane_codes(vb, 1, VALUE_BITS, CODE_DTYPE, FAST), acc1 * rescale[:, None], FP32)
             if VP > 2:
-                acc2 = _dot(p_op, _plane(vb, 2, VALUE_BITS, CODE_DTYPE, FAST), acc2 * rescale[:, None], FP32)
-                acc3 = _dot(p_op, _plane(vb, 3, VALUE_BITS, CODE_DTYPE, FAST), acc3 * rescale[:, None], FP32)
+                acc2 = _dot(p_op, plane_codes(vb, 2, VALUE_BITS, CODE_DTYPE, FAST), acc2 * rescale[:, None], FP32)
+                acc3 = _dot(p_op, plane_codes(vb, 3, VALUE_BITS, CODE_DTYPE, FAST), acc3 * rescale[:, None], FP32)
         else:
             v = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0.0)
             acc0 = _dot(p.to(OP_DTYPE), v.to(OP_DTYPE), acc0 * alpha[:, None], FP32)
 
     if VALUE_BITS > 0:  # back to plain sums of p ⊙ value
-        v_norm = v_norm / _code_unit(FAST)
+        v_norm = v_norm / code_unit(FAST)
         acc0 = acc0 * v_norm + v_bias[:, None]
         acc1 = acc1 * v_norm + v_bias[:, None]
         acc2 = acc2 * v_norm + v_bias[:, None]
