@@ -146,8 +146,9 @@ class GroupQuantizer:
         zero = lo.to(self.meta_dtype)
         # Divided by a tensor, not a Python number: torch's CUDA kernels multiply by the reciprocal of a
         # scalar divisor, so the scale (and the GPU kernel that must store the same bits) would depend
-        # on the device. This is IEEE division everywhere.
-        scale = ((hi - lo) / hi.new_tensor(float(levels))).to(self.meta_dtype)
+        # on the device. This is IEEE division everywhere. ``full`` fills on the device: no host copy.
+        divisor = torch.full((), float(levels), dtype=hi.dtype, device=hi.device)
+        scale = ((hi - lo) / divisor).to(self.meta_dtype)
         scale_f = scale.float()
         safe = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
         codes = torch.round((g - zero.float()) / safe).clamp_(0, levels).to(torch.uint8)
