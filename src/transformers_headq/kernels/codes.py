@@ -126,11 +126,11 @@ def code_unit(ASM: tl.constexpr):
 @triton.jit
 def dequantized_plane(packed, scale, zero, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
                        ASM: tl.constexpr):  # fmt: skip
-    """``code * scale + zero`` ``[T, C]`` of one plane, with a scale and zero per channel ``[C]``."""
+    """``code * scale + zero`` of one plane of packed bytes, with ``scale`` and ``zero`` broadcastable to it."""
     if ASM:  # float16: one fused multiply-add per two codes
-        scale = tl.broadcast_to(scale.to(tl.float16)[None, :], packed.shape)
-        zero = tl.broadcast_to(zero.to(tl.float16)[None, :], packed.shape)
+        scale = tl.broadcast_to(scale.to(tl.float16), packed.shape)
+        zero = tl.broadcast_to(zero.to(tl.float16), packed.shape)
         return _half_codes(packed, scale, zero, PLANE, BITS, True)
     else:
         codes = plane_codes(packed, PLANE, BITS, DTYPE, ASM)
-        return codes * scale.to(DTYPE)[None, :] + zero.to(DTYPE)[None, :]
+        return codes * scale.to(DTYPE) + zero.to(DTYPE)

@@ -1,0 +1,179 @@
+"""Where the host time of a whole-model decode step goes, for HeadQCache and DynamicCache (GPU).
+
+Eager transformers launches every kernel of a decode step from Python, so with a fast GPU the step's
+wall time is the host's. This script times, for each cache on the same random Llama-3-8B-shaped model
+(bf16, caches filled with ``--context`` random tokens per sequence):
+
+- the step's wall time (mean, median and slowest of ``--steps`` synchronised steps; HeadQ quantizes its
+  window once every 64 steps, which the mean includes);
+- the host time spent inside the cache's ``update`` and inside the attention function (the time the
+  Python call takes, not the GPU's: nothing synchronises inside a step), summed over the layers;
+- for HeadQ, the host time per call of the pieces of one layer's fused attention (launches, buffers).
+
+    python benchmarks/decode_host.py --context 32768 --batch 8 --markdown benchmarks/decode-host.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from decode_bench import HEAD_DIM, HEADQ, KV_HEADS, LAYERS, Q_HEADS, fill_headq_layer, random_basis  # noqa: I001
+
+import transformers_headq.kernels as kernels
+from transformers_headq import HeadQCache, enable_headq_attention
+
+HOST: dict[str, float] = defaultdict(float)  # seconds of host time by part, reset per measured step
+
+
+def _timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            HOST[part] += time.perf_counter() - started
+
+    return wrapper
+
+
+def _instrument(cache_kind: str) -> None:
+    """Wrap the cache's update and the attention function with host timers."""
+    from transformers import AttentionInterface
+    from transformers.cache_utils import DynamicLayer
+
+    from transformers_headq.attention import ATTENTION_NAME, headq_attention_forward
+    from transformers_headq.cache import HeadQLayer
+
+    if cache_kind == "headq":
+        HeadQLayer.update = _timed("cache update", HeadQLayer.update)  # type: ignore[method-assign]
+        AttentionInterface.register(ATTENTION_NAME, _timed("attention", headq_attention_forward))
+    else:
+        DynamicLayer.update = _timed("cache update", DynamicLayer.update)  # type: ignore[method-assign]
+        AttentionInterface.register("sdpa", _timed("attention", AttentionInterface._global_mapping["sdpa"]))
+
+
+def step_rows(batch: int, context: int, steps: int) -> list[dict[str, Any]]:
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=Q_HEADS,
+        num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=131072,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    rows = []
+    for cache_kind in ("dynamic-bf16", "headq"):
+        _instrument(cache_kind)
+        if cache_kind == "headq":
+            enable_headq_attention(model)
+            cache: Any = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
+            for layer in cache.layers:
+                fill_headq_layer(layer, batch, context)
+        else:
+            model.set_attn_implementation("sdpa")
+            cache = DynamicCache()
+            for i in range(LAYERS):
+                k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                cache.update(k, torch.randn_like(k), i)
+        token = torch.randint(0, 1000, (batch, 1), device="cuda")
+        walls, hosts, parts = [], [], defaultdict(list)
+        with torch.no_grad():
+            for i in range(steps + 2):
+                HOST.clear()
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                model(input_ids=token, past_key_values=cache, use_cache=True)
+                launched = time.perf_counter()
+                torch.cuda.synchronize()
+                if i >= 2:  # two warm-up steps
+                    walls.append(time.perf_counter() - started)
+                    hosts.append(launched - started)
+                    for part, seconds in HOST.items():
+                        parts[part].append(seconds)
+        row = {
+            "cache": cache_kind,
+            "wall_ms_mean": statistics.fmean(walls) * 1e3,
+            "wall_ms_median": statistics.median(walls) * 1e3,
+            "wall_ms_max": max(walls) * 1e3,
+            "host_ms_median": statistics.median(hosts) * 1e3,
+            **{f"{part} ms": statistics.median(v) * 1e3 for part, v in parts.items()},
+        }
+        print(row, flush=True)
+        rows.append(row)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, float]]:
+    """Host microseconds per call of the pieces of one layer's fused decode attention (no synchronisation)."""
+    cache = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
+    layer = cache.layers[0]
+    fill_headq_layer(layer, batch, context)
+    layer.update(*(torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in "kv"))
+    q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    scaling = HEAD_DIM**-0.5
+    key = torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+
+    def per_call(fn: Callable[[], Any]) -> float:
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - started) / calls
+        torch.cuda.synchronize()
+        return host * 1e6
+
+    store = layer.key_store
+    pieces = [
+        ("fused_decode_attention (whole)", lambda: kernels.fused_decode_attention(layer, q, None, scaling, None)),
+        ("kernel_supports", lambda: kernels.kernel_supports(layer)),
+        ("key_store.packed()", store.packed),
+        ("torch.empty (one partials buffer)", lambda: torch.empty(batch * KV_HEADS, 8, 16, device="cuda")),
+        ("torch.cat (window keys + 1 token)", lambda: torch.cat([layer.window_keys, key], dim=-2)),
+    ]
+    return [(name, per_call(fn)) for name, fn in pieces]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--markdown", type=Path)
+    args = parser.parse_args()
+    pieces = piece_rows(args.batch, args.context)
+    for name, us in pieces:
+        print(f"{name}: {us:.1f} us", flush=True)
+    rows = step_rows(args.batch, args.context, args.steps)
+    if args.markdown:
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        lines = [
+            f"Host time of a decode step, {torch.cuda.get_device_name()}, torch {torch.__version__}, context "
+            f"{args.context}, batch {args.batch} (`python benchmarks/decode_host.py --context {args.context} "
+            f"--batch {args.batch}`). Per-part times are medians over the steps of host time inside the call, "
+            "summed over the layers.",
+            "",
+            "| " + " | ".join(keys) + " |",
+            "|" + "---|" * len(keys),
+        ]
+        for row in rows:
+            lines.append("| " + " | ".join(f"{row.get(k, ''):.2f}" if k != "cache" else row[k] for k in keys) + " |")
+        lines += ["", "| piece of one layer's fused attention | host us per call |", "|---|---:|"]
+        lines += [f"| {name} | {us:.1f} |" for name, us in pieces]
+        args.markdown.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
