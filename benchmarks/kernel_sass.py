@@ -13,7 +13,6 @@ and no asynchronous copies where the device's 3.6.0 gave about 1765 with them; b
 from __future__ import annotations
 
 import argparse
-import os
 import collections
 import re
 import subprocess
@@ -50,7 +49,7 @@ INTS = {
     "s_wv_h": 64 * 128, "s_wv_t": 128, "s_valid_b": 0,
 }  # fmt: skip
 CONSTEXPRS = {
-    "H_KV": 8, "G": 4, "BLOCK_G": int(os.environ.get("SASS_BLOCK_G", 16)), "D": 128, "R": 16, "SIDE_BYTES": 8, "SIDE_NB": 16, "KEY_BITS": 2,
+    "H_KV": 8, "G": 4, "D": 128, "R": 16, "SIDE_BYTES": 8, "SIDE_NB": 16, "KEY_BITS": 2,
     "SIDE_BITS": 4, "SIDE_PER_TOKEN": False, "VALUE_BITS": 2, "BLOCK_N": 64, "HAS_MASK": False, "SOFTCAP": False,
     "OP_DTYPE": tl.bfloat16,
 }  # fmt: skip
@@ -58,8 +57,10 @@ CONSTEXPRS = {
 
 def compile_decode_kernel(launch: dict[str, int]):  # type: ignore[no-untyped-def]
     """The compiled kernel for sm_90 with ``launch`` settings (tile, warps, stages, asm, maxnreg)."""
-    constexprs = {**CONSTEXPRS, "TILE": launch["tile"], "ASM": bool(launch["asm"])}
-    unspecialised = {headq_decode_kernel.arg_names[i] if isinstance(i, int) else i for i in headq_decode_kernel.do_not_specialize}
+    block_g = max(launch["min_rows"], triton.next_power_of_2(CONSTEXPRS["G"]))
+    constexprs = {**CONSTEXPRS, "BLOCK_G": block_g, "TILE": launch["tile"], "ASM": bool(launch["asm"])}
+    kernel = headq_decode_kernel
+    unspecialised = {kernel.arg_names[i] if isinstance(i, int) else i for i in kernel.do_not_specialize}
     signature, attrs = {}, {}
     for index, name in enumerate(headq_decode_kernel.arg_names):
         value = INTS.get(name)
