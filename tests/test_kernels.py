@@ -140,3 +140,40 @@ def test_fused_decode_half_precision_cache(monkeypatch, name, dtype, tolerance):
     monkeypatch.setenv("HEADQ_KERNELS", "0")
     reference, _ = headq_attention_forward(MODULE, query, key, value, None, scaling=head_dim**-0.5)
     assert ((fused - reference).norm() / reference.norm()).item() < tolerance
+
+
+def test_launch_specialisation_follows_triton():
+    """The fast launch keys compiled kernels by what Triton specialises on (alignment, 1, multiples of 16)."""
+    from transformers_headq.kernels.launch import _specialisation
+
+    buf = torch.zeros(64)
+    assert _specialisation(buf, True) == (torch.float32, True)
+    assert _specialisation(buf[1:], True) == (torch.float32, False)  # 4 bytes past a 16-byte boundary
+    assert _specialisation(1, True) != _specialisation(3, True)  # Triton turns 1 into a constant
+    assert _specialisation(32, True) != _specialisation(33, True)  # and marks multiples of 16
+    assert _specialisation(32, False) == _specialisation(33, False)  # unless told not to specialise
+    assert _specialisation(2**40, True) != _specialisation(16, True)  # 64-bit integers
+    assert _specialisation(0.5, True) is None
+
+
+def test_fused_decode_with_misaligned_query_after_aligned(monkeypatch):
+    """A query whose address breaks 16-byte alignment gets its own compiled kernel, not the aligned one's.
+
+    On a GPU the second and third calls go through the launcher's cache of compiled kernels.
+    """
+    from transformers_headq.kernels import fused_decode_attention
+
+    config, head_dim = CASES["k2-r4s4-block-v2"]
+    cache, query = _filled_cache(config, tokens=71, seed=3, head_dim=head_dim)
+    layer = cache.layers[0]
+    key, value = cache.update(*torch.randn(2, 3, 2, 1, head_dim, device=DEVICE), 0)
+    storage = torch.zeros(query.numel() + 1, device=DEVICE)
+    misaligned = storage[1:].view_as(query)
+    misaligned.copy_(query)
+    assert misaligned.data_ptr() % 16 != 0
+    outputs = [fused_decode_attention(layer, q, None, 0.25, None) for q in (query, misaligned, query, misaligned)]
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference, _ = headq_attention_forward(MODULE, query, key, value, None, scaling=0.25)
+    for out in outputs:
+        assert out is not None
+        torch.testing.assert_close(out, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)

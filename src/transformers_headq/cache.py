@@ -63,7 +63,7 @@ class HeadQLayer(CacheLayerMixin):
         if self.rank:
             assert self.basis is not None
             self.encoder = self.basis.U.to(self.device, torch.float32)
-            self.decoder = self.basis.decoder_or_u.to(self.device, torch.float32)
+            self.decoder = self.basis.decoder_or_u.to(self.device, torch.float32).contiguous()  # kernels read it
         self.key_store = _store(cfg.key_quantizer(head_dim), head_dim)
         self.side_store = _store(cfg.side_quantizer(self.rank), self.rank) if self.rank else None
         self.value_store = _store(cfg.value_quantizer(head_dim), head_dim)

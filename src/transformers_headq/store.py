@@ -25,11 +25,14 @@ class TokenBuffer:
         self._data = template[:, :, :0].clone()
         self._start = 0
         self.length = 0
+        self._view: torch.Tensor | None = None  # ``data``, kept until the rows change (read every decode step)
 
     @property
     def data(self) -> torch.Tensor:
         """The used part (a view, no copy)."""
-        return self._data[:, :, self._start : self._start + self.length]
+        if self._view is None:
+            self._view = self._data[:, :, self._start : self._start + self.length]
+        return self._view
 
     def append(self, rows: torch.Tensor) -> None:
         new = rows.shape[2]
@@ -41,20 +44,24 @@ class TokenBuffer:
         end = self._start + self.length
         self._data[:, :, end : end + new] = rows
         self.length += new
+        self._view = None
 
     def truncate(self, length: int) -> None:
         self.length = min(self.length, length)
+        self._view = None
 
     def drop_front(self, rows: int) -> None:
         """Forget the oldest ``rows`` rows."""
         rows = min(rows, self.length)
         self._start += rows
         self.length -= rows
+        self._view = None
 
     def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
         """Apply a batch-axis transform (select, repeat) to the used rows; drops spare capacity."""
         self._data = fn(self.data).contiguous()
         self._start = 0
+        self._view = None
 
     def nbytes_used(self) -> int:
         d = self.data

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -93,12 +93,88 @@ def kernel_supports(layer: HeadQLayer) -> bool:
 
 
 def _key_validity(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
-    """``[B, K]`` key validity from a decode mask ``[B, 1, 1, K]`` (bool), or ``None`` without one."""
+    """``[B, K]`` key validity (uint8) from a decode mask ``[B, 1, 1, K]`` (bool); ``mask`` must be covered."""
     if mask is None:
         return None
-    if mask.dtype != torch.bool or mask.shape[1] != 1 or mask.shape[2] != 1 or mask.shape[-1] != kv_len:
-        raise ValueError("unsupported mask")
-    return mask[:, 0, 0, :].expand(batch, kv_len)
+    return mask[:, 0, 0, :].expand(batch, kv_len).view(torch.uint8)
+
+
+def _mask_covered(mask: torch.Tensor | None, kv_len: int) -> bool:
+    """Whether the kernel reads this mask: none, or a boolean key mask ``[B, 1, 1, K]`` shared by the heads."""
+    return mask is None or (
+        mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[-1] == kv_len
+    )
+
+
+class _DecodePlan:
+    """What a layer's fused decode launches keep from step to step: its settings and launch sites.
+
+    Made on a layer's first fused decode step and kept on the layer (its storage settings do not change);
+    made again if :data:`LAUNCH` changes (the tuning scripts do that).
+    """
+
+    def __init__(self, layer: HeadQLayer, q_heads: int, device: torch.device) -> None:
+        import triton
+        import triton.language as tl
+
+        from .decode import headq_decode_kernel, headq_merge_kernel
+        from .launch import CachedLauncher, LaunchSite
+
+        cfg = layer.config
+        self.launch = tuple(LAUNCH.values())
+        self.kv_heads, self.head_dim = layer.shape[1], layer.shape[2]
+        self.groups = q_heads // self.kv_heads
+        self.block_g = max(LAUNCH["min_rows"], _smallest_dot_rows(), triton.next_power_of_2(self.groups))
+        self.value_bits = 0 if isinstance(layer.value_store, DenseStore) else cfg.value_bits or 0
+        side_bits = cfg.side_bits or 8
+        self.side_bytes = packed_row_bytes(layer.rank, side_bits)
+        self._constexprs = {
+            "H_KV": self.kv_heads, "G": self.groups, "BLOCK_G": self.block_g, "D": self.head_dim, "R": layer.rank,
+            "SIDE_BYTES": self.side_bytes, "SIDE_NB": max(16, triton.next_power_of_2(self.side_bytes)),
+            "KEY_BITS": cfg.key_bits, "SIDE_BITS": side_bits, "SIDE_PER_TOKEN": cfg.side_scale == "token",
+            "VALUE_BITS": self.value_bits, "BLOCK_N": cfg.block_size, "TILE": min(LAUNCH["tile"], cfg.block_size),
+            "ASM": bool(LAUNCH["asm"]) and device.type == "cuda",  # bit tricks need a GPU (not the interpreter)
+            "OP_DTYPE": getattr(tl, _OPERAND_DTYPES[layer.dtype]),
+        }  # fmt: skip
+        self._options = {"num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"]}
+        if LAUNCH["maxnreg"]:  # a register cap, for more programs per SM
+            self._options["maxnreg"] = LAUNCH["maxnreg"]
+        self._sites: dict[tuple[bool, bool], LaunchSite] = {}
+        self._site_type = LaunchSite
+        self.decode = CachedLauncher(headq_decode_kernel)
+        self.merge = CachedLauncher(headq_merge_kernel)
+        self._merge_sites: dict[int, LaunchSite] = {}
+
+    def decode_site(self, has_mask: bool, has_softcap: bool) -> Any:
+        site = self._sites.get((has_mask, has_softcap))
+        if site is None:
+            constexprs = {**self._constexprs, "HAS_MASK": has_mask, "SOFTCAP": has_softcap}
+            site = self._sites[(has_mask, has_softcap)] = self._site_type(self.decode.kernel, constexprs, self._options)
+        return site
+
+    def merge_site(self, splits_pad: int) -> Any:
+        site = self._merge_sites.get(splits_pad)
+        if site is None:
+            constexprs = {"G": self.groups, "BLOCK_G": self.block_g, "D": self.head_dim, "S_PAD": splits_pad}
+            site = self._merge_sites[splits_pad] = self._site_type(self.merge.kernel, constexprs, {})
+        return site
+
+
+_WORKSPACE: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _partials(device: torch.device, rows: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split-kernel partials (running max, normaliser, output) of ``rows`` rows, in a buffer kept for reuse.
+
+    Every layer's decode step writes them and its merge reads them before the next launch on the stream,
+    so one buffer serves all layers and steps (no allocation per step).
+    """
+    key = (device, rows)
+    buf = _WORKSPACE.get(key)
+    if buf is None:
+        _WORKSPACE.clear()  # keep one size: the shape changes with batch and splits only
+        buf = _WORKSPACE[key] = torch.empty(rows * (head_dim + 2), device=device, dtype=torch.float32)
+    return buf[:rows], buf[rows : 2 * rows], buf[2 * rows :]
 
 
 def fused_decode_attention(
@@ -117,76 +193,60 @@ def fused_decode_attention(
     batch, q_heads, q_len, head_dim = query.shape
     if q_len != 1 or not kernels_enabled(query.device) or not kernel_supports(layer) or layer.quantized_length == 0:
         return None
-    try:
-        valid = _key_validity(mask, batch, layer.stored_length)
-    except ValueError:
+    if not _mask_covered(mask, layer.stored_length):
         return None
-    import triton
-    import triton.language as tl
-
-    from .decode import headq_decode_kernel, headq_merge_kernel
-
-    cfg = layer.config
-    kv_heads = layer.shape[1]
-    groups = q_heads // kv_heads
-    block_g = max(LAUNCH["min_rows"], _smallest_dot_rows(), triton.next_power_of_2(groups))
+    plan: _DecodePlan | None = getattr(layer, "_decode_plan", None)
+    if plan is None or plan.launch != tuple(LAUNCH.values()):
+        plan = _DecodePlan(layer, q_heads, query.device)
+        layer._decode_plan = plan  # type: ignore[attr-defined]
+    valid = _key_validity(mask, batch, layer.stored_length)
     n_tokens, rank = layer.quantized_length, layer.rank
     assert isinstance(layer.key_store, QuantizedStore)
     keys = layer.key_store.packed()
     if rank:
         assert layer.decoder is not None and isinstance(layer.side_store, QuantizedStore)
-        decoder, side = layer.decoder.contiguous(), layer.side_store.packed()
+        decoder, side = layer.decoder, layer.side_store.packed()
+        # the kernel steps side-code rows by their width, a constant, so that it can load them in vectors
+        assert side.codes.stride(2) == plan.side_bytes and side.codes.stride(3) == 1 and decoder.is_contiguous()
     else:
         decoder, side = query, keys  # not read when R == 0
-    if isinstance(layer.value_store, DenseStore):
+    if plan.value_bits == 0:
+        assert isinstance(layer.value_store, DenseStore)
         value_codes = value_scale = value_zero = layer.value_store.rows()
-        value_bits = 0
     else:
         assert isinstance(layer.value_store, QuantizedStore)
         packed = layer.value_store.packed()
         value_codes, value_scale, value_zero = packed.codes, packed.scale, packed.zero
-        value_bits = cfg.value_bits or 0
-    side_bits = cfg.side_bits or 8
-    side_bytes = packed_row_bytes(rank, side_bits)
-    # the kernel steps side-code rows by their width, a constant, so that it can load them in vectors
-    assert not rank or side.codes.stride(2) == side_bytes and side.codes.stride(3) == 1
-    n_splits, per_split = _splits(batch * kv_heads, n_tokens, cfg.block_size, query.device)
-    m = torch.empty(batch * kv_heads, n_splits, block_g, device=query.device, dtype=torch.float32)
-    norm = torch.empty_like(m)
-    acc = torch.empty(batch * kv_heads, n_splits, block_g, head_dim, device=query.device, dtype=torch.float32)
-    validity = valid.view(torch.uint8) if valid is not None else m
+    n_splits, per_split = _splits(batch * plan.kv_heads, n_tokens, layer.config.block_size, query.device)
+    rows = batch * plan.kv_heads * n_splits * plan.block_g
+    m, norm, acc = _partials(query.device, rows, head_dim)
+    validity = valid if valid is not None else m
     window_keys, window_values = layer.window_keys, layer.window_values
-    compiled = headq_decode_kernel[(batch * kv_heads, n_splits)](
-        query, decoder,
-        keys.codes, keys.scale, keys.zero,
-        side.codes, side.scale, side.zero,
-        value_codes, value_scale, value_zero,
-        window_keys, window_values,
-        validity,
-        m, norm, acc,
-        n_tokens, window_keys.shape[2], per_split, scaling, softcap or 0.0,
-        query.stride(0), query.stride(1),
-        *_bht(keys.codes), *_bht(keys.scale),
-        side.codes.stride(0), side.codes.stride(1), *_bht(side.scale),
-        *_bht(value_codes), *_bht(value_scale),
-        *_bht(window_keys), *_bht(window_values),
-        validity.stride(0) if valid is not None else 0,
-        H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim,
-        R=rank, SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)), KEY_BITS=cfg.key_bits,
-        SIDE_BITS=side_bits, SIDE_PER_TOKEN=cfg.side_scale == "token", VALUE_BITS=value_bits, BLOCK_N=cfg.block_size,
-        TILE=min(LAUNCH["tile"], cfg.block_size),
-        ASM=bool(LAUNCH["asm"]) and query.device.type == "cuda",  # bit tricks need a GPU (not the interpreter)
-        HAS_MASK=valid is not None, SOFTCAP=softcap is not None, OP_DTYPE=getattr(tl, _OPERAND_DTYPES[layer.dtype]),
-        num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
-        **({"maxnreg": LAUNCH["maxnreg"]} if LAUNCH["maxnreg"] else {}),  # a register cap, for more programs per SM
+    compiled = plan.decode(
+        (batch * plan.kv_heads, n_splits, 1),
+        plan.decode_site(valid is not None, softcap is not None),
+        (
+            query, decoder,
+            keys.codes, keys.scale, keys.zero,
+            side.codes, side.scale, side.zero,
+            value_codes, value_scale, value_zero,
+            window_keys, window_values,
+            validity,
+            m, norm, acc,
+            n_tokens, window_keys.shape[2], per_split, scaling, softcap or 0.0,
+            query.stride(0), query.stride(1),
+            *_bht(keys.codes), *_bht(keys.scale),
+            side.codes.stride(0), side.codes.stride(1), *_bht(side.scale),
+            *_bht(value_codes), *_bht(value_scale),
+            *_bht(window_keys), *_bht(window_values),
+            validity.stride(0) if valid is not None else 0,
+        ),
     )  # fmt: skip
     global last_compiled
     last_compiled = compiled
     out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
-    splits_pad = max(2, triton.next_power_of_2(n_splits))
-    headq_merge_kernel[(batch * kv_heads,)](
-        m, norm, acc, out, n_splits, G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad
-    )
+    splits_pad = max(2, 1 << (n_splits - 1).bit_length())
+    plan.merge((batch * plan.kv_heads, 1, 1), plan.merge_site(splits_pad), (m, norm, acc, out, n_splits))
     return out
 
 

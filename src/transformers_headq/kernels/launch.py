@@ -1,0 +1,87 @@
+"""Launch Triton kernels with less host time than ``kernel[grid](...)`` costs.
+
+Every ``kernel[grid](*args, **kwargs)`` binds and specialises all of the kernel's parameters in Python,
+then builds a cache key from them, before it finds the compiled kernel. For the decode kernel's ~60
+parameters that was the largest part of a decode step's host time in the fused attention (about 95 us
+a launch on the GPU machine's host; ``benchmarks/decode_host.py``), and eager transformers decode is
+host-bound. :class:`CachedLauncher` keys the compiled kernel by exactly what Triton specialises a
+kernel on and launches it through its compiled handle:
+
+- each tensor: its dtype, and whether its address is a multiple of 16 bytes;
+- each integer: whether it equals 1 and whether it is a multiple of 16 (not for parameters declared
+  ``do_not_specialize``), and whether it needs 64 bits;
+- the constexprs and launch options (fixed per call site), and the device.
+
+The first call of each key goes through Triton's own launch (which compiles if needed) and keeps the
+compiled kernel it returns. ``HEADQ_FAST_LAUNCH=0`` turns this off. The rules are those of Triton 3.x's
+NVIDIA backend (``BaseBackend.get_int_specialization`` / ``get_tensor_specialization``); the GPU tests
+check the two launches agree for aligned and misaligned operands.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_INT32 = (-(2**31), 2**31)
+
+
+class LaunchSite:
+    """A kernel's constexprs and options at one call site, with the positions of its runtime arguments."""
+
+    def __init__(self, kernel: Any, constexprs: dict[str, Any], options: dict[str, Any]) -> None:
+        self.constexprs, self.options = constexprs, options
+        names = list(kernel.arg_names)
+        self.template: list[Any] = [constexprs.get(name) for name in names]
+        self.runtime = [i for i, name in enumerate(names) if name not in constexprs]
+        fixed = {names[i] if isinstance(i, int) else i for i in getattr(kernel, "do_not_specialize", ())}
+        self.specialised = [names[i] not in fixed for i in self.runtime]
+        self.key = (tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))
+
+
+def _specialisation(value: Any, specialised: bool) -> Any:
+    """What Triton's NVIDIA backend specialises a runtime argument on."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None  # floats (and flags) are not specialised
+    wide = not _INT32[0] <= value < _INT32[1]
+    return (value == 1, value % 16 == 0, wide) if specialised else wide
+
+
+class CachedLauncher:
+    """``kernel[grid](...)`` through the compiled kernel of the arguments' specialisation (see the module)."""
+
+    def __init__(self, kernel: Any) -> None:
+        from triton.runtime.jit import JITFunction
+
+        self.kernel = kernel
+        self.compiles = isinstance(kernel, JITFunction)  # not under TRITON_INTERPRET=1
+        self._compiled: dict[tuple[Any, ...], Any] = {}
+
+    def __call__(self, grid: tuple[int, int, int], site: LaunchSite, args: Sequence[Any]) -> Any:
+        """Launch on ``grid`` with the runtime arguments ``args`` (in order); return the compiled kernel."""
+        if not self.compiles:
+            return self._launch(grid, site, args)
+        key = (
+            site.key,
+            torch.cuda.current_device(),
+            tuple(_specialisation(a, s) for a, s in zip(args, site.specialised, strict=True)),
+        )
+        compiled = self._compiled.get(key) if os.environ.get("HEADQ_FAST_LAUNCH", "1") != "0" else None
+        if compiled is None:
+            compiled = self._compiled[key] = self._launch(grid, site, args)
+            return compiled
+        full = list(site.template)
+        for index, value in zip(site.runtime, args, strict=True):
+            full[index] = value
+        compiled[grid](*full)
+        return compiled
+
+    def _launch(self, grid: tuple[int, int, int], site: LaunchSite, args: Sequence[Any]) -> Any:
+        """Triton's own launch (it compiles on a new specialisation)."""
+        keywords = dict(zip((self.kernel.arg_names[i] for i in site.runtime), args, strict=True))
+        return self.kernel[grid](**keywords, **site.constexprs, **site.options)
