@@ -170,7 +170,8 @@ def main() -> None:
             "|" + "---|" * len(keys),
         ]
         for row in rows:
-            lines.append("| " + " | ".join(f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys) + " |")
+            cells = (f"{row[k]:.2f}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in keys)
+            lines.append("| " + " | ".join(cells) + " |")
         lines += ["", "| piece of one layer's fused attention | host us per call |", "|---|---:|"]
         lines += [f"| {name} | {us:.1f} |" for name, us in pieces]
         args.markdown.write_text("\n".join(lines) + "\n")
