@@ -69,22 +69,21 @@ def _side_query_plane(w_head, q_t, PLANE: tl.constexpr, NB: tl.constexpr, n_byte
 
 
 @triton.jit
-def _key_plane(codes_t, ks_row, kz_row, PLANE: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr,
-               DTYPE: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
-    """Dequantized keys ``[NB, T]`` of one plane from transposed packed bytes, with the block's channel scales."""
+def _key_plane(codes, ks_row, kz_row, PLANE: tl.constexpr, NB: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
+               FAST: tl.constexpr):  # fmt: skip
+    """Dequantized keys ``[T, NB]`` of one plane of a tile's packed bytes, with its block's channel scales."""
     chan = PLANE * NB + tl.arange(0, NB)
-    scale = tl.load(ks_row + chan)[:, None]
-    zero = tl.load(kz_row + chan)[:, None]
-    return dequantized_plane(codes_t, scale, zero, PLANE, BITS, DTYPE, FAST)
+    return dequantized_plane(codes, tl.load(ks_row + chan)[None, :], tl.load(kz_row + chan)[None, :], PLANE, BITS,
+                             DTYPE, FAST)  # fmt: skip
 
 
 @triton.jit
-def _side_plane(codes_t, cs_row, cz_row, direction, ok, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
+def _side_plane(codes, cs_row, cz_row, direction, ok, PLANE: tl.constexpr, BITS: tl.constexpr, DTYPE: tl.constexpr,
                 FAST: tl.constexpr):  # fmt: skip
-    """Dequantized block-scaled side codes ``[NB, T]`` of one plane from transposed packed bytes."""
-    scale = tl.load(cs_row + direction, mask=ok, other=0.0)[:, None]
-    zero = tl.load(cz_row + direction, mask=ok, other=0.0)[:, None]
-    return dequantized_plane(codes_t, scale, zero, PLANE, BITS, DTYPE, FAST)
+    """Dequantized block-scaled side codes ``[T, NB]`` of one plane, with their per-direction scales."""
+    scale = tl.load(cs_row + direction, mask=ok, other=0.0)[None, :]
+    zero = tl.load(cz_row + direction, mask=ok, other=0.0)[None, :]
+    return dequantized_plane(codes, scale, zero, PLANE, BITS, DTYPE, FAST)
 
 
 @triton.jit
@@ -152,22 +151,22 @@ def headq_decode_kernel(
             norm = tl.maximum(norm, tl.maximum(tl.max(tl.abs(qw2), axis=0), tl.max(tl.abs(qw3), axis=0)))
     norm = tl.where(norm > 0, norm, 1.0)
     kj = tl.arange(0, KNB)
-    q0 = tl.trans(_query_plane(q_rows, g_mask, norm, 0, KNB, CODE_DTYPE))  # [G, NB]: keys are the right operand
+    q0 = _query_plane(q_rows, g_mask, norm, 0, KNB, CODE_DTYPE)
     if KP > 1:
-        q1 = tl.trans(_query_plane(q_rows, g_mask, norm, 1, KNB, CODE_DTYPE))
+        q1 = _query_plane(q_rows, g_mask, norm, 1, KNB, CODE_DTYPE)
     if KP > 2:
-        q2 = tl.trans(_query_plane(q_rows, g_mask, norm, 2, KNB, CODE_DTYPE))
-        q3 = tl.trans(_query_plane(q_rows, g_mask, norm, 3, KNB, CODE_DTYPE))
+        q2 = _query_plane(q_rows, g_mask, norm, 2, KNB, CODE_DTYPE)
+        q3 = _query_plane(q_rows, g_mask, norm, 3, KNB, CODE_DTYPE)
     if R > 0:
         qw_sum = tl.sum(qw0, axis=0) / norm
-        qw0 = tl.trans((qw0 / norm[None, :]).to(CODE_DTYPE))  # [G, NB]
+        qw0 = (qw0 / norm[None, :]).to(CODE_DTYPE)
         if SP > 1:
             qw_sum += tl.sum(qw1, axis=0) / norm
-            qw1 = tl.trans((qw1 / norm[None, :]).to(CODE_DTYPE))
+            qw1 = (qw1 / norm[None, :]).to(CODE_DTYPE)
         if SP > 2:
             qw_sum += (tl.sum(qw2, axis=0) + tl.sum(qw3, axis=0)) / norm
-            qw2 = tl.trans((qw2 / norm[None, :]).to(CODE_DTYPE))
-            qw3 = tl.trans((qw3 / norm[None, :]).to(CODE_DTYPE))
+            qw2 = (qw2 / norm[None, :]).to(CODE_DTYPE)
+            qw3 = (qw3 / norm[None, :]).to(CODE_DTYPE)
     row_scaling = scaling * norm
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
@@ -201,44 +200,43 @@ def headq_decode_kernel(
         ks_row = ks_base + (tile // BLOCK_N) * s_ks_t
         kz_row = kz_base + (tile // BLOCK_N) * s_ks_t
         kb = tl.load(kc_base + rows[:, None] * s_kc_t + kj[None, :], mask=row_mask[:, None], other=0)
-        s_t = tl.zeros([BLOCK_G, TILE], tl.float32)  # keys dequantized per plane, against the fixed query
-        kbt = tl.trans(kb)
-        s_t = _dot(q0, _key_plane(kbt, ks_row, kz_row, 0, KNB, KEY_BITS, CODE_DTYPE, FAST), s_t, FP32)
+        s_t = tl.zeros([TILE, BLOCK_G], tl.float32)  # keys dequantized per plane, against the fixed query
+        s_t = _dot(_key_plane(kb, ks_row, kz_row, 0, KNB, KEY_BITS, CODE_DTYPE, FAST), q0, s_t, FP32)
         if KP > 1:
-            s_t = _dot(q1, _key_plane(kbt, ks_row, kz_row, 1, KNB, KEY_BITS, CODE_DTYPE, FAST), s_t, FP32)
+            s_t = _dot(_key_plane(kb, ks_row, kz_row, 1, KNB, KEY_BITS, CODE_DTYPE, FAST), q1, s_t, FP32)
         if KP > 2:
-            s_t = _dot(q2, _key_plane(kbt, ks_row, kz_row, 2, KNB, KEY_BITS, CODE_DTYPE, FAST), s_t, FP32)
-            s_t = _dot(q3, _key_plane(kbt, ks_row, kz_row, 3, KNB, KEY_BITS, CODE_DTYPE, FAST), s_t, FP32)
+            s_t = _dot(_key_plane(kb, ks_row, kz_row, 2, KNB, KEY_BITS, CODE_DTYPE, FAST), q2, s_t, FP32)
+            s_t = _dot(_key_plane(kb, ks_row, kz_row, 3, KNB, KEY_BITS, CODE_DTYPE, FAST), q3, s_t, FP32)
         if R > 0:
             cj = tl.arange(0, SIDE_NB)
             c_mask = row_mask[:, None] & (cj < SIDE_BYTES)[None, :]
-            cbt = tl.trans(tl.load(cc_base + rows[:, None] * SIDE_BYTES + cj[None, :], mask=c_mask, other=0))
+            cb = tl.load(cc_base + rows[:, None] * SIDE_BYTES + cj[None, :], mask=c_mask, other=0)
             if SIDE_PER_TOKEN:  # s += scale_t · (qW · codes_t) + zero_t · Σ qW
-                s_c = tl.zeros([BLOCK_G, TILE], tl.float32)
-                s_c = _dot(qw0, plane_codes(cbt, 0, SIDE_BITS, CODE_DTYPE, FAST), s_c, FP32)
+                s_c = tl.zeros([TILE, BLOCK_G], tl.float32)
+                s_c = _dot(plane_codes(cb, 0, SIDE_BITS, CODE_DTYPE, FAST), qw0, s_c, FP32)
                 if SP > 1:
-                    s_c = _dot(qw1, plane_codes(cbt, 1, SIDE_BITS, CODE_DTYPE, FAST), s_c, FP32)
+                    s_c = _dot(plane_codes(cb, 1, SIDE_BITS, CODE_DTYPE, FAST), qw1, s_c, FP32)
                 if SP > 2:
-                    s_c = _dot(qw2, plane_codes(cbt, 2, SIDE_BITS, CODE_DTYPE, FAST), s_c, FP32)
-                    s_c = _dot(qw3, plane_codes(cbt, 3, SIDE_BITS, CODE_DTYPE, FAST), s_c, FP32)
+                    s_c = _dot(plane_codes(cb, 2, SIDE_BITS, CODE_DTYPE, FAST), qw2, s_c, FP32)
+                    s_c = _dot(plane_codes(cb, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3, s_c, FP32)
                 c_scale = tl.load(cs_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
                 c_zero = tl.load(cz_base + rows * s_cs_t, mask=row_mask, other=0.0).to(tl.float32)
-                s_t += s_c * (c_scale / code_unit(FAST))[None, :] + qw_sum[:, None] * c_zero[None, :]
+                s_t += s_c * (c_scale / code_unit(FAST))[:, None] + c_zero[:, None] * qw_sum[None, :]
             else:  # a scale and zero per direction, shared by the block: dequantized like the keys
                 cs_row = cs_base + (tile // BLOCK_N) * s_cs_t
                 cz_row = cz_base + (tile // BLOCK_N) * s_cs_t
-                s_t = _dot(qw0, _side_plane(cbt, cs_row, cz_row, c_dir0, c_ok0, 0, SIDE_BITS, CODE_DTYPE, FAST), s_t,
+                s_t = _dot(_side_plane(cb, cs_row, cz_row, c_dir0, c_ok0, 0, SIDE_BITS, CODE_DTYPE, FAST), qw0, s_t,
                            FP32)  # fmt: skip
                 if SP > 1:
-                    s_t = _dot(qw1, _side_plane(cbt, cs_row, cz_row, c_dir1, c_ok1, 1, SIDE_BITS, CODE_DTYPE, FAST),
+                    s_t = _dot(_side_plane(cb, cs_row, cz_row, c_dir1, c_ok1, 1, SIDE_BITS, CODE_DTYPE, FAST), qw1,
                                s_t, FP32)  # fmt: skip
                 if SP > 2:
-                    s_t = _dot(qw2, _side_plane(cbt, cs_row, cz_row, c_dir2, c_ok2, 2, SIDE_BITS, CODE_DTYPE, FAST),
+                    s_t = _dot(_side_plane(cb, cs_row, cz_row, c_dir2, c_ok2, 2, SIDE_BITS, CODE_DTYPE, FAST), qw2,
                                s_t, FP32)  # fmt: skip
-                    s_t = _dot(qw3, _side_plane(cbt, cs_row, cz_row, c_dir3, c_ok3, 3, SIDE_BITS, CODE_DTYPE, FAST),
+                    s_t = _dot(_side_plane(cb, cs_row, cz_row, c_dir3, c_ok3, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3,
                                s_t, FP32)  # fmt: skip
         p, alpha, m_i, l_i = _softmax_step(
-            s_t, rows, row_mask, m_i, l_i, row_scaling, softcap, valid_row, HAS_MASK, SOFTCAP
+            tl.trans(s_t), rows, row_mask, m_i, l_i, row_scaling, softcap, valid_row, HAS_MASK, SOFTCAP
         )
         if VALUE_BITS > 0:  # per-token scale and zero over the whole head, folded into p
             v_scale = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
