@@ -16,7 +16,9 @@ wall time is the host's. This script times, for each cache on the same random Ll
 from __future__ import annotations
 
 import argparse
+import cProfile
 import functools
+import pstats
 import statistics
 import time
 from collections import defaultdict
@@ -144,7 +146,15 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
         ("torch.empty (one partials buffer)", lambda: torch.empty(batch * KV_HEADS, 8, 16, device="cuda")),
         ("torch.cat (window keys + 1 token)", lambda: torch.cat([layer.window_keys, key], dim=-2)),
     ]
-    return [(name, per_call(fn)) for name, fn in pieces]
+    rows = [(name, per_call(fn)) for name, fn in pieces]
+    profile = cProfile.Profile()  # where the whole call's host time goes, by Python function
+    profile.enable()
+    for _ in range(calls):
+        kernels.fused_decode_attention(layer, q, None, scaling, None)
+    profile.disable()
+    torch.cuda.synchronize()
+    pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+    return rows
 
 
 def main() -> None:

@@ -24,14 +24,16 @@ if TYPE_CHECKING:
     from ..cache import HeadQLayer
 
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
-# Launch settings of the split kernel: the best of the H100 sweep in benchmarks/kernel-tuning-h100-v8-planes.txt.
-# tile: tokens a loop step; programs_per_sm: how many splits to aim for; min_split_tokens: the fewest tokens a
-# split gets; asm: the PTX code conversion (0: Triton's integer-to-float, measured 1.7x slower); maxnreg: a
-# register cap (0: none; caps spilled and were slower); min_rows: the fewest query rows a program's products
-# have (the query heads sharing a KV head, padded to a power of two; Triton pads them to the tensor cores'
-# 16 rows itself, and work on padding rows is wasted: 8 against 16 cut the loop's instructions by 11%).
+# Launch settings of the split kernel, from the H100 sweeps in benchmarks/kernel-tuning-h100-v8-planes.txt and the
+# A/B in benchmarks/kernel-ab-h100.txt. tile: tokens a loop step; programs_per_sm: how many splits to aim for;
+# min_split_tokens: the fewest tokens a split gets; asm: the PTX code conversion (0: Triton's integer-to-float,
+# measured 1.7x slower); maxnreg: a register cap (0: none; caps spilled and were slower); min_rows: the fewest query
+# rows a program's products have (the query heads sharing a KV head, padded to a power of two; Triton pads them to
+# the tensor cores' 16 rows itself, but work on padding rows in registers is wasted). One warp with 8 rows was the
+# fastest at batch 8 (32k: 0.230 against 0.242 ms for two warps with 16 rows; 128k: 0.735 against 0.776 ms), two
+# warps with 16 rows at 32k x 32 (0.866 against 0.967 ms): one setting is kept, the better one at batch 8.
 LAUNCH = {
-    "num_warps": 2, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0, "min_split_tokens": 256,
+    "num_warps": 1, "num_stages": 3, "tile": 64, "programs_per_sm": 16, "asm": 1, "maxnreg": 0, "min_split_tokens": 256,
     "min_rows": 8,
 }  # fmt: skip
 # The Triton dtype (a name in triton.language) of each torch dtype: kernel operands, stored metadata.
