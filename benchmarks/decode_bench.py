@@ -352,7 +352,7 @@ def main() -> None:
     peak = DATASHEET_BANDWIDTH.get(next((k for k in DATASHEET_BANDWIDTH if k in gpu), ""), copy)
     print(f"{gpu}: device-to-device copy {copy / 1e12:.2f} TB/s, peak taken as {peak / 1e12:.2f} TB/s", flush=True)
     rows = []
-    for context in map(int, args.contexts.split(",")):
+    for context in map(int, filter(None, args.contexts.split(","))):
         for batch in map(int, args.batches.split(",")):
             dense_gib = 2 * batch * context * KV_HEADS * HEAD_DIM * 2 / 2**30
             for cache in args.caches.split(","):

@@ -4,8 +4,9 @@ Eager transformers launches every kernel of a decode step from Python, so with a
 wall time is the host's. This script times, for each cache on the same random Llama-3-8B-shaped model
 (bf16, caches filled with ``--context`` random tokens per sequence):
 
-- the step's wall time (mean, median and slowest of ``--steps`` synchronised steps; HeadQ quantizes its
-  window once every 64 steps, which the mean includes);
+- the step's wall time and its host time (until the forward returns), mean and median of ``--steps``
+  synchronised steps after a warm-up through HeadQ's first block flush; again with Python's garbage
+  collector off; and the operations that synchronise with the GPU in a step (torch's sync debug mode);
 - the host time spent inside the cache's ``update`` and inside the attention function (the time the
   Python call takes, not the GPU's: nothing synchronises inside a step), summed over the layers;
 - for HeadQ, the host time per call of the pieces of one layer's fused attention (launches, buffers).
@@ -18,9 +19,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import functools
+import gc
 import pstats
 import statistics
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -47,23 +50,63 @@ def _timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _instrument(cache_kind: str) -> None:
-    """Wrap the cache's update and the attention function with host timers."""
+def _instrument(cache_kind: str) -> Callable[[], None]:
+    """Wrap the cache's update and the attention function with host timers; return what undoes it."""
     from transformers import AttentionInterface
     from transformers.cache_utils import DynamicLayer
 
-    from transformers_headq.attention import ATTENTION_NAME, headq_attention_forward
+    from transformers_headq.attention import ATTENTION_NAME
     from transformers_headq.cache import HeadQLayer
 
-    if cache_kind == "headq":
-        HeadQLayer.update = _timed("cache update", HeadQLayer.update)  # type: ignore[method-assign]
-        AttentionInterface.register(ATTENTION_NAME, _timed("attention", headq_attention_forward))
-    else:
-        DynamicLayer.update = _timed("cache update", DynamicLayer.update)  # type: ignore[method-assign]
-        AttentionInterface.register("sdpa", _timed("attention", AttentionInterface._global_mapping["sdpa"]))
+    layer_type: Any = HeadQLayer if cache_kind == "headq" else DynamicLayer
+    name = ATTENTION_NAME if cache_kind == "headq" else "sdpa"
+    update, attention = layer_type.update, AttentionInterface._global_mapping[name]
+    layer_type.update = _timed("cache update", update)
+    AttentionInterface.register(name, _timed("attention", attention))
+
+    def undo() -> None:
+        layer_type.update = update
+        AttentionInterface.register(name, attention)
+
+    return undo
+
+
+def _time_steps(step: Callable[[], Any], steps: int) -> dict[str, float]:
+    """Wall and host (until the forward returns) milliseconds of synchronised steps, and timed parts (medians)."""
+    walls, hosts, parts = [], [], defaultdict(list)
+    for _ in range(steps):
+        HOST.clear()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        launched = time.perf_counter()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - started)
+        hosts.append(launched - started)
+        for part, seconds in HOST.items():
+            parts[part].append(seconds)
+    return {
+        "wall_ms_mean": statistics.fmean(walls) * 1e3,
+        "wall_ms_median": statistics.median(walls) * 1e3,
+        "host_ms_median": statistics.median(hosts) * 1e3,
+        **{f"{part} ms": statistics.median(v) * 1e3 for part, v in parts.items()},
+    }
+
+
+def _synchronising_calls(step: Callable[[], Any]) -> list[str]:
+    """Warnings torch raises for operations that synchronise with the GPU during one step."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sorted({str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)})
 
 
 def step_rows(batch: int, context: int, steps: int) -> list[dict[str, Any]]:
+    """Per cache: plain steps, steps with Python's garbage collector off, steps with host timers on parts."""
     from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -85,34 +128,29 @@ def step_rows(batch: int, context: int, steps: int) -> list[dict[str, Any]]:
             for i in range(LAYERS):
                 k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
                 cache.update(k, torch.randn_like(k), i)
-        _instrument(cache_kind)  # after the attention implementation is set, which registers it again
         token = torch.randint(0, 1000, (batch, 1), device="cuda")
-        walls, hosts, parts = [], [], defaultdict(list)
+        step = functools.partial(model, input_ids=token, past_key_values=cache, use_cache=True)
         with torch.no_grad():
-            for i in range(steps + 2):
-                HOST.clear()
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                model(input_ids=token, past_key_values=cache, use_cache=True)
-                launched = time.perf_counter()
-                torch.cuda.synchronize()
-                if i >= 2:  # two warm-up steps
-                    walls.append(time.perf_counter() - started)
-                    hosts.append(launched - started)
-                    for part, seconds in HOST.items():
-                        parts[part].append(seconds)
+            for _ in range(HEADQ.block_size + 2):  # through HeadQ's first block flush (its stores grow there)
+                step()
+            plain = _time_steps(step, steps)
+            gc.disable()
+            no_gc = _time_steps(step, steps)
+            gc.enable()
+            syncs = _synchronising_calls(step)
+            undo = _instrument(cache_kind)
+            timed = _time_steps(step, steps)
+            undo()
         row = {
             "cache": cache_kind,
-            "wall_ms_mean": statistics.fmean(walls) * 1e3,
-            "wall_ms_median": statistics.median(walls) * 1e3,
-            "wall_ms_max": max(walls) * 1e3,
-            "slowest_step": walls.index(max(walls)),
-            "host_ms_median": statistics.median(hosts) * 1e3,
-            **{f"{part} ms": statistics.median(v) * 1e3 for part, v in parts.items()},
+            **plain,
+            "wall_ms_median_gc_off": no_gc["wall_ms_median"],
+            **{k: v for k, v in timed.items() if k.endswith(" ms")},
+            "synchronising calls": "; ".join(syncs) or "none",
         }
         print(row, flush=True)
         rows.append(row)
-        del cache
+        del cache, step
         torch.cuda.empty_cache()
     return rows
 
