@@ -144,16 +144,23 @@ def test_fused_decode_half_precision_cache(monkeypatch, name, dtype, tolerance):
 
 def test_launch_specialisation_follows_triton():
     """The fast launch keys compiled kernels by what Triton specialises on (alignment, 1, multiples of 16)."""
-    from transformers_headq.kernels.launch import _specialisation
+    from transformers_headq.kernels.decode import headq_merge_kernel
+    from transformers_headq.kernels.launch import LaunchSite
 
+    site = LaunchSite(headq_merge_kernel, {"G": 4, "BLOCK_G": 8, "D": 64, "S_PAD": 4}, {})
     buf = torch.zeros(64)
-    assert _specialisation(buf, True) == (torch.float32, True)
-    assert _specialisation(buf[1:], True) == (torch.float32, False)  # 4 bytes past a 16-byte boundary
-    assert _specialisation(1, True) != _specialisation(3, True)  # Triton turns 1 into a constant
-    assert _specialisation(32, True) != _specialisation(33, True)  # and marks multiples of 16
-    assert _specialisation(32, False) == _specialisation(33, False)  # unless told not to specialise
-    assert _specialisation(2**40, True) != _specialisation(16, True)  # 64-bit integers
-    assert _specialisation(0.5, True) is None
+
+    def key(m=buf, n_splits=3):  # m_ptr, l_ptr, acc_ptr, out_ptr, n_splits
+        return site.specialisation([m, buf, buf, buf, n_splits])
+
+    assert key() == key(m=torch.ones(32)) != key(m=buf[1:])  # 4 bytes past a 16-byte boundary
+    assert key(m=buf.double()) != key()  # dtypes
+    assert key(n_splits=1) != key(n_splits=3)  # Triton turns 1 into a constant
+    assert key(n_splits=32) != key(n_splits=33) == key(n_splits=3)  # and marks multiples of 16
+    assert key(n_splits=2**40) != key(n_splits=3)  # 64-bit integers
+
+    fixed = LaunchSite(type("K", (), {"arg_names": ["n"], "do_not_specialize": ["n"]})(), {}, {})
+    assert fixed.specialisation([32]) == fixed.specialisation([33]) != fixed.specialisation([2**40])
 
 
 def test_fused_decode_with_misaligned_query_after_aligned(monkeypatch):

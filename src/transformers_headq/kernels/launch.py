@@ -30,7 +30,11 @@ _INT32 = (-(2**31), 2**31)
 
 
 class LaunchSite:
-    """A kernel's constexprs and options at one call site, with the positions of its runtime arguments."""
+    """A kernel's constexprs and options at one call site, with the positions of its runtime arguments.
+
+    A site's runtime arguments keep their kinds from call to call (tensors stay tensors, integers stay
+    integers): which positions Triton specialises, and how, is worked out once, on the first call.
+    """
 
     def __init__(self, kernel: Any, constexprs: dict[str, Any], options: dict[str, Any]) -> None:
         self.constexprs, self.options = constexprs, options
@@ -38,18 +42,32 @@ class LaunchSite:
         self.template: list[Any] = [constexprs.get(name) for name in names]
         self.runtime = [i for i, name in enumerate(names) if name not in constexprs]
         fixed = {names[i] if isinstance(i, int) else i for i in getattr(kernel, "do_not_specialize", ())}
-        self.specialised = [names[i] not in fixed for i in self.runtime]
+        self._specialised = [names[i] not in fixed for i in self.runtime]
         self.key = (tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))
+        self._tensors: list[int] | None = None  # positions in the runtime arguments, set on the first call
+        self._ints: list[int] = []
+        self._fixed_ints: list[int] = []
+
+    def specialisation(self, args: Sequence[Any]) -> tuple[Any, ...]:
+        """What Triton's NVIDIA backend specialises these runtime arguments on (see the module)."""
+        if self._tensors is None:
+            kinds = [_kind(a, s) for a, s in zip(args, self._specialised, strict=True)]
+            self._ints = [i for i, k in enumerate(kinds) if k == "int"]
+            self._fixed_ints = [i for i, k in enumerate(kinds) if k == "fixed int"]
+            self._tensors = [i for i, k in enumerate(kinds) if k == "tensor"]
+        return (
+            tuple([(args[i].dtype, args[i].data_ptr() & 15 == 0) for i in self._tensors]),
+            tuple([(args[i] == 1, args[i] & 15 == 0, not _INT32[0] <= args[i] < _INT32[1]) for i in self._ints]),
+            tuple([not _INT32[0] <= args[i] < _INT32[1] for i in self._fixed_ints]),
+        )
 
 
-def _specialisation(value: Any, specialised: bool) -> Any:
-    """What Triton's NVIDIA backend specialises a runtime argument on."""
+def _kind(value: Any, specialised: bool) -> str:
     if isinstance(value, torch.Tensor):
-        return value.dtype, value.data_ptr() % 16 == 0
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None  # floats (and flags) are not specialised
-    wide = not _INT32[0] <= value < _INT32[1]
-    return (value == 1, value % 16 == 0, wide) if specialised else wide
+        return "tensor"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return "int" if specialised else "fixed int"
+    return "other"  # floats (and flags) are not specialised
 
 
 class CachedLauncher:
@@ -66,11 +84,7 @@ class CachedLauncher:
         """Launch on ``grid`` with the runtime arguments ``args`` (in order); return the compiled kernel."""
         if not self.compiles:
             return self._launch(grid, site, args)
-        key = (
-            site.key,
-            torch.cuda.current_device(),
-            tuple(_specialisation(a, s) for a, s in zip(args, site.specialised, strict=True)),
-        )
+        key = (site.key, torch.cuda.current_device(), site.specialisation(args))
         compiled = self._compiled.get(key) if os.environ.get("HEADQ_FAST_LAUNCH", "1") != "0" else None
         if compiled is None:
             compiled = self._compiled[key] = self._launch(grid, site, args)
