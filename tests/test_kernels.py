@@ -184,3 +184,19 @@ def test_fused_decode_with_misaligned_query_after_aligned(monkeypatch):
     for out in outputs:
         assert out is not None
         torch.testing.assert_close(out, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
+
+
+def test_fused_decode_after_a_layer_of_another_head_dim(monkeypatch):
+    """Layers of different head dims with the same number of partial rows share no stale scratch space."""
+    from transformers_headq.kernels import fused_decode_attention
+
+    for name in ("k2-r4s4-block-v2", "k8-r20s4-token-v2", "k2-r4s4-block-v2"):  # head dims 64, 128, 64
+        config, head_dim = CASES[name]
+        cache, query = _filled_cache(config, tokens=71, seed=5, head_dim=head_dim)
+        key, value = cache.update(*torch.randn(2, 3, 2, 1, head_dim, device=DEVICE), 0)
+        fused = fused_decode_attention(cache.layers[0], query, None, 0.25, None)
+        with monkeypatch.context() as patch:
+            patch.setenv("HEADQ_KERNELS", "0")
+            reference, _ = headq_attention_forward(MODULE, query, key, value, None, scaling=0.25)
+        assert fused is not None
+        torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)

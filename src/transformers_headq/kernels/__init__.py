@@ -162,21 +162,21 @@ class _DecodePlan:
         return site
 
 
-_WORKSPACE: dict[tuple[torch.device, int], torch.Tensor] = {}
+_WORKSPACE: dict[torch.device, torch.Tensor] = {}
 
 
 def _partials(device: torch.device, rows: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split-kernel partials (running max, normaliser, output) of ``rows`` rows, in a buffer kept for reuse.
+    """Split-kernel partials (running max, normaliser, output) of ``rows`` rows, from a buffer kept for reuse.
 
     Every layer's decode step writes them and its merge reads them before the next launch on the stream,
-    so one buffer serves all layers and steps (no allocation per step).
+    so one buffer a device serves all layers and steps (no allocation per step); it grows to the largest
+    step seen.
     """
-    key = (device, rows)
-    buf = _WORKSPACE.get(key)
-    if buf is None:
-        _WORKSPACE.clear()  # keep one size: the shape changes with batch and splits only
-        buf = _WORKSPACE[key] = torch.empty(rows * (head_dim + 2), device=device, dtype=torch.float32)
-    return buf[:rows], buf[rows : 2 * rows], buf[2 * rows :]
+    needed = rows * (head_dim + 2)
+    buf = _WORKSPACE.get(device)
+    if buf is None or buf.numel() < needed:
+        buf = _WORKSPACE[device] = torch.empty(needed, device=device, dtype=torch.float32)
+    return buf[:rows], buf[rows : 2 * rows], buf[2 * rows : needed]
 
 
 def fused_decode_attention(
