@@ -13,12 +13,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..quantize import GroupQuantizer, QuantizedTokens, packed_row_bytes
 from ..store import DenseStore, QuantizedStore
+from .launch import CachedLauncher, LaunchSite
 
 if TYPE_CHECKING:
     from ..cache import HeadQLayer
@@ -120,7 +121,6 @@ class _DecodePlan:
         import triton.language as tl
 
         from .decode import headq_decode_kernel, headq_merge_kernel
-        from .launch import CachedLauncher, LaunchSite
 
         cfg = layer.config
         self.launch = tuple(LAUNCH.values())
@@ -142,23 +142,24 @@ class _DecodePlan:
         if LAUNCH["maxnreg"]:  # a register cap, for more programs per SM
             self._options["maxnreg"] = LAUNCH["maxnreg"]
         self._sites: dict[tuple[bool, bool], LaunchSite] = {}
-        self._site_type = LaunchSite
         self.decode = CachedLauncher(headq_decode_kernel)
         self.merge = CachedLauncher(headq_merge_kernel)
         self._merge_sites: dict[int, LaunchSite] = {}
 
-    def decode_site(self, has_mask: bool, has_softcap: bool) -> Any:
+    def decode_site(self, has_mask: bool, has_softcap: bool) -> LaunchSite:
+        """The split kernel's launch site for a step with or without a padding mask and soft-capping."""
         site = self._sites.get((has_mask, has_softcap))
         if site is None:
             constexprs = {**self._constexprs, "HAS_MASK": has_mask, "SOFTCAP": has_softcap}
-            site = self._sites[(has_mask, has_softcap)] = self._site_type(self.decode.kernel, constexprs, self._options)
+            site = self._sites[(has_mask, has_softcap)] = LaunchSite(self.decode.kernel, constexprs, self._options)
         return site
 
-    def merge_site(self, splits_pad: int) -> Any:
+    def merge_site(self, splits_pad: int) -> LaunchSite:
+        """The merge kernel's launch site for up to ``splits_pad`` splits (a power of two)."""
         site = self._merge_sites.get(splits_pad)
         if site is None:
             constexprs = {"G": self.groups, "BLOCK_G": self.block_g, "D": self.head_dim, "S_PAD": splits_pad}
-            site = self._merge_sites[splits_pad] = self._site_type(self.merge.kernel, constexprs, {})
+            site = self._merge_sites[splits_pad] = LaunchSite(self.merge.kernel, constexprs, {})
         return site
 
 
