@@ -236,31 +236,12 @@ def e2e_rows(batch: int, context: int, steps: int = 64, profile: Path | None = N
     With ``profile``, one more step per cache runs under the torch profiler; its top operators by CPU and
     by GPU time are appended to that file (where a step's time goes: kernels, or Python and launches).
     """
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    from transformers_headq import enable_headq_attention
-
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=Q_HEADS,
-        num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=131072,
-    )  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    model = llama_3_8b_model()
     rows = []
     for cache_kind in ("dynamic-bf16", "headq"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        if cache_kind == "headq":
-            enable_headq_attention(model)
-            cache: Any = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
-            for layer in cache.layers:
-                fill_headq_layer(layer, batch, context)
-        else:
-            model.set_attn_implementation("sdpa")
-            cache = DynamicCache()
-            for i in range(LAYERS):
-                k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                cache.update(k, torch.randn_like(k), i)
+        cache = filled_model_cache(model, cache_kind, batch, context)
         token = torch.randint(0, 1000, (batch, 1), device="cuda")
         step = functools.partial(_decode_step, model, token, cache)
         with torch.no_grad():
@@ -313,6 +294,38 @@ def e2e_rows(batch: int, context: int, steps: int = 64, profile: Path | None = N
         print(f"e2e {cache_kind:13s} T={context} B={batch}: {seconds * 1e3:.1f} ms/step, GPU busy {gpu_ms:.1f} ms")
         del cache, step
     return rows
+
+
+def llama_3_8b_model():  # type: ignore[no-untyped-def]
+    """A Llama-3-8B-shaped model with random bf16 weights on the GPU (timing needs no trained weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=Q_HEADS,
+        num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=131072,
+    )  # fmt: skip
+    with torch.device("cuda"):
+        return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+
+
+def filled_model_cache(model, cache_kind: str, batch: int, context: int) -> Any:  # type: ignore[no-untyped-def]
+    """A cache of ``context`` random tokens a sequence for every layer, with ``model`` set to its attention."""
+    from transformers import DynamicCache
+
+    from transformers_headq import enable_headq_attention
+
+    if cache_kind == "headq":
+        enable_headq_attention(model)
+        cache = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
+        for layer in cache.layers:
+            fill_headq_layer(layer, batch, context)
+        return cache
+    model.set_attn_implementation("sdpa")
+    dynamic = DynamicCache()
+    for i in range(LAYERS):
+        k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        dynamic.update(k, torch.randn_like(k), i)
+    return dynamic
 
 
 def _decode_step(model, token: torch.Tensor, cache: Any) -> None:  # type: ignore[no-untyped-def]

@@ -30,10 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from decode_bench import HEAD_DIM, HEADQ, KV_HEADS, LAYERS, Q_HEADS, fill_headq_layer, random_basis  # noqa: I001
+from decode_bench import (  # noqa: I001 (a script beside it, not a package)
+    HEAD_DIM,
+    HEADQ,
+    KV_HEADS,
+    Q_HEADS,
+    fill_headq_layer,
+    filled_model_cache,
+    llama_3_8b_model,
+    random_basis,
+)
 
 import transformers_headq.kernels as kernels
-from transformers_headq import HeadQCache, enable_headq_attention
+from transformers_headq import HeadQCache
 
 HOST: dict[str, float] = defaultdict(float)  # seconds of host time by part, reset per measured step
 
@@ -108,27 +117,10 @@ def _synchronising_calls(step: Callable[[], Any]) -> list[str]:
 
 def step_rows(batch: int, context: int, steps: int) -> list[dict[str, Any]]:
     """Per cache: plain steps, steps with Python's garbage collector off, steps with host timers on parts."""
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=Q_HEADS,
-        num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=131072,
-    )  # fmt: skip
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    model = llama_3_8b_model()
     rows = []
     for cache_kind in ("dynamic-bf16", "headq"):
-        if cache_kind == "headq":
-            enable_headq_attention(model)
-            cache: Any = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
-            for layer in cache.layers:
-                fill_headq_layer(layer, batch, context)
-        else:
-            model.set_attn_implementation("sdpa")
-            cache = DynamicCache()
-            for i in range(LAYERS):
-                k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-                cache.update(k, torch.randn_like(k), i)
+        cache = filled_model_cache(model, cache_kind, batch, context)
         token = torch.randint(0, 1000, (batch, 1), device="cuda")
         step = functools.partial(model, input_ids=token, past_key_values=cache, use_cache=True)
         with torch.no_grad():
