@@ -163,20 +163,21 @@ class _DecodePlan:
         return site
 
 
-_WORKSPACE: dict[torch.device, torch.Tensor] = {}
+_WORKSPACE: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _partials(device: torch.device, rows: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split-kernel partials (running max, normaliser, output) of ``rows`` rows, from a buffer kept for reuse.
 
-    Every layer's decode step writes them and its merge reads them before the next launch on the stream,
-    so one buffer a device serves all layers and steps (no allocation per step); it grows to the largest
-    step seen.
+    Every layer's decode step writes them and its merge reads them before the next launch on the same
+    stream, so one buffer a device and stream serves all layers and steps (no allocation per step); it
+    grows to the largest step seen. (Caches decoding on other streams at the same time get their own.)
     """
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     needed = rows * (head_dim + 2)
-    buf = _WORKSPACE.get(device)
+    buf = _WORKSPACE.get((device, stream))
     if buf is None or buf.numel() < needed:
-        buf = _WORKSPACE[device] = torch.empty(needed, device=device, dtype=torch.float32)
+        buf = _WORKSPACE[(device, stream)] = torch.empty(needed, device=device, dtype=torch.float32)
     return buf[:rows], buf[rows : 2 * rows], buf[2 * rows : needed]
 
 
@@ -199,7 +200,7 @@ def fused_decode_attention(
     if not _mask_covered(mask, layer.stored_length):
         return None
     plan: _DecodePlan | None = getattr(layer, "_decode_plan", None)
-    if plan is None or plan.launch != tuple(LAUNCH.values()):
+    if plan is None or plan.launch != tuple(LAUNCH.values()) or plan.groups * plan.kv_heads != q_heads:
         plan = _DecodePlan(layer, q_heads, query.device)
         layer._decode_plan = plan  # type: ignore[attr-defined]
     valid = _key_validity(mask, batch, layer.stored_length)
