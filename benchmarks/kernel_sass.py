@@ -3,9 +3,12 @@
 Triton compiles for any target on a CPU machine, and its wheel ships ptxas and cuobjdump, so registers,
 spills, shared memory and the instruction mix of the token loop can be read here, at no device time,
 before a change is timed on the GPU. Settings: the benchmark's (Llama-3-8B shapes, K2 r16 s4/block V2,
-bf16) and the library's launch settings, or ``--set key=value`` overrides. Use the GPU machine's Triton
-(3.6.0 on the H100s here): other versions generate other code (Triton 3.9.0 gives 2217 loop instructions
-and no asynchronous copies where the device's 3.6.0 gave about 1765 with them; both 255 registers).
+bf16) and the library's launch settings, or ``--set key=value`` overrides, with the integer and alignment
+specialisations Triton gives that launch on the GPU (without them loads are neither vectorised nor made
+asynchronous, and the count is not the device's). Prefer the GPU machine's Triton (3.6.0 on the H100s here;
+``pip install --target DIR triton==3.6.0`` and put DIR first on PYTHONPATH): for the one-warp kernel 3.6.0 gives
+2029 loop instructions and 3.9.0 2003, both with asynchronous copies and 255 registers. Instruction counts did
+not predict GPU time for the variants measured (benchmarks/kernel-ab-h100.txt): time them on the GPU.
 
     python benchmarks/kernel_sass.py [--set tile=32 --set num_warps=4] [--sass PATH]
 """
