@@ -7,6 +7,7 @@ set -euo pipefail
 out=${1:?usage: decode_gpu_record.sh OUT_DIR}
 here=$(dirname "$0")
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # absolute: the benchmarks run from their folder
 python3 -m pytest -o addopts="" -p no:cacheprovider -q "$here/../tests/test_kernels.py" \
   "$here/../tests/test_pack_kernel.py" 2>&1 | tee "$out/kernel-tests-h100.txt" | tail -3
 cd "$here"
