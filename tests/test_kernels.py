@@ -200,3 +200,23 @@ def test_fused_decode_after_a_layer_of_another_head_dim(monkeypatch):
             reference, _ = headq_attention_forward(MODULE, query, key, value, None, scaling=0.25)
         assert fused is not None
         torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
+
+
+def test_copied_cache_decodes_like_the_original():
+    """``copy.deepcopy`` of a cache after fused steps (reusing a prompt's cache) copies no compiled kernels."""
+    import copy
+
+    from transformers_headq.kernels import fused_decode_attention
+
+    config, head_dim = CASES["k2-r4s4-block-v2"]
+    cache, query = _filled_cache(config, tokens=71, seed=7, head_dim=head_dim)
+    cache.update(*torch.randn(2, 3, 2, 1, head_dim, device=DEVICE), 0)
+    assert fused_decode_attention(cache.layers[0], query, None, 0.25, None) is not None
+    copied = copy.deepcopy(cache)
+    step = torch.randn(2, 3, 2, 1, head_dim, device=DEVICE)
+    cache.update(*step, 0)
+    copied.update(*step, 0)
+    original = fused_decode_attention(cache.layers[0], query, None, 0.25, None)
+    again = fused_decode_attention(copied.layers[0], query, None, 0.25, None)
+    assert original is not None and again is not None
+    torch.testing.assert_close(again, original, rtol=0, atol=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,7 +113,8 @@ def _mask_covered(mask: torch.Tensor | None, kv_len: int) -> bool:
 class _DecodePlan:
     """What a layer's fused decode launches keep from step to step: its settings and launch sites.
 
-    Made on a layer's first fused decode step and kept on the layer (its storage settings do not change);
+    Made on a layer's first fused decode step and kept in :data:`_PLANS` while the layer lives (its storage
+    settings do not change; kept outside the layer, so that copying a cache copies no compiled kernels);
     made again if :data:`LAUNCH` changes (the tuning scripts do that).
     """
 
@@ -163,6 +165,7 @@ class _DecodePlan:
         return site
 
 
+_PLANS: weakref.WeakKeyDictionary[HeadQLayer, _DecodePlan] = weakref.WeakKeyDictionary()
 _WORKSPACE: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -199,10 +202,9 @@ def fused_decode_attention(
         return None
     if not _mask_covered(mask, layer.stored_length):
         return None
-    plan: _DecodePlan | None = getattr(layer, "_decode_plan", None)
+    plan = _PLANS.get(layer)
     if plan is None or plan.launch != tuple(LAUNCH.values()) or plan.groups * plan.kv_heads != q_heads:
-        plan = _DecodePlan(layer, q_heads, query.device)
-        layer._decode_plan = plan  # type: ignore[attr-defined]
+        plan = _PLANS[layer] = _DecodePlan(layer, q_heads, query.device)
     valid = _key_validity(mask, batch, layer.stored_length)
     n_tokens, rank = layer.quantized_length, layer.rank
     assert isinstance(layer.key_store, QuantizedStore)
