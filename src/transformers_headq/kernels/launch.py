@@ -43,7 +43,6 @@ class LaunchSite:
         self.runtime = [i for i, name in enumerate(names) if name not in constexprs]
         fixed = {names[i] if isinstance(i, int) else i for i in getattr(kernel, "do_not_specialize", ())}
         self._specialised = [names[i] not in fixed for i in self.runtime]
-        self.key = (tuple(sorted((k, str(v)) for k, v in constexprs.items())), tuple(sorted(options.items())))
         self._tensors: list[int] | None = None  # positions in the runtime arguments, set on the first call
         self._ints: list[int] = []
         self._fixed_ints: list[int] = []
@@ -84,7 +83,7 @@ class CachedLauncher:
         """Launch on ``grid`` with the runtime arguments ``args`` (in order); return the compiled kernel."""
         if not self.compiles:
             return self._launch(grid, site, args)
-        key = (site.key, torch.cuda.current_device(), site.specialisation(args))
+        key = (site, torch.cuda.current_device(), site.specialisation(args))  # a site: one set of constexprs
         compiled = self._compiled.get(key) if os.environ.get("HEADQ_FAST_LAUNCH", "1") != "0" else None
         if compiled is None:
             compiled = self._compiled[key] = self._launch(grid, site, args)
