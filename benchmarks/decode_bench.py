@@ -5,7 +5,8 @@ timing). Caches are filled with random states directly (a 32k x 32 prefill throu
 only measure prefill), then one decode step is timed:
 
 - ``attention``: one layer's decode attention per step, as ratios to bf16 sdpa on dense K/V in the
-  same run (HeadQ: the fused kernel with its window merge and ``qW``; quanto: what its cache does
+  same run (``dynamic-bf16``: the backend torch picks, cuDNN on an H100; ``dynamic-bf16-flash``: its
+  flash backend forced) (HeadQ: the fused kernel with its window merge and ``qW``; quanto: what its cache does
   per step, a dequantization of the cache then sdpa);
 - ``e2e``: a whole-model decode step (32 layers) with each cache, tokens per second;
 - KV bytes per token, achieved bandwidth as a share of the copy bandwidth measured here, and the
@@ -17,6 +18,7 @@ only measure prefill), then one decode step is timed:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import functools
 import io
@@ -42,6 +44,15 @@ HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=
 
 class _Module(torch.nn.Module):
     training = False
+
+
+def sdpa_backend(cache_kind: str) -> contextlib.AbstractContextManager[None]:
+    """Where ``cache_kind`` ends in ``-flash``: sdpa limited to its flash backend; else torch's own choice."""
+    if not cache_kind.endswith("-flash"):
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
 def bench(fn, warmup: int = 25, rep: int = 100) -> float:
@@ -149,10 +160,11 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     dense_bytes_per_token = 2 * KV_HEADS * HEAD_DIM * 2
     graph_ms = None
-    if cache == "dynamic-bf16":
+    if cache.startswith("dynamic-bf16"):
         k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        with sdpa_backend(cache):
+            ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         bytes_per_token, read = dense_bytes_per_token, 2 * k.numel() * 2
     elif cache == "headq":
         layer = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ).layers[0]
@@ -238,62 +250,66 @@ def e2e_rows(batch: int, context: int, steps: int = 64, profile: Path | None = N
     """
     model = llama_3_8b_model()
     rows = []
-    for cache_kind in ("dynamic-bf16", "headq"):
+    for cache_kind in ("dynamic-bf16", "dynamic-bf16-flash", "headq"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cache = filled_model_cache(model, cache_kind, batch, context)
-        token = torch.randint(0, 1000, (batch, 1), device="cuda")
-        step = functools.partial(_decode_step, model, token, cache)
-        with torch.no_grad():
-            # Warm-up through HeadQ's first block flush: the stores, filled to exactly their capacity, double
-            # it there (a one-off O(cache) copy, reported apart); the timed steps then hold one regular flush.
-            warmup = []
-            for _ in range(HEADQ.block_size + 2):
-                started = time.perf_counter()
-                step()
-                warmup.append(time.perf_counter() - started)
-            times = []
-            for _ in range(steps):
-                started = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - started)
-            # the device's own work in one step (kernels only): what the step costs where the host keeps up
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as busy:
-                step()
-        seconds = statistics.fmean(times)
-        gpu_ms = sum(e.self_device_time_total for e in busy.key_averages()) / 1e3
-        if profile is not None:
-            with torch.no_grad(), torch.profiler.profile() as prof:
-                step()
-            table = prof.key_averages()
-            python = cProfile.Profile()  # where the host time of a step goes, by Python function
-            with torch.no_grad():
-                python.enable()
-                step()
-                python.disable()
-            functions = io.StringIO()
-            pstats.Stats(python, stream=functions).sort_stats("tottime").print_stats(25)
-            with profile.open("a") as f:
-                f.write(f"# {cache_kind} T={context} B={batch}: {seconds * 1e3:.1f} ms/step\n")
-                f.write(functions.getvalue() + "\n")
-                f.write(table.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
-                f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")
-        rows.append(
-            {
-                "cache": cache_kind,
-                "context": context,
-                "batch": batch,
-                "decode_ms_per_step": seconds * 1e3,
-                "decode_ms_median": statistics.median(times) * 1e3,
-                "slowest_warmup_step_ms": max(warmup) * 1e3,
-                "decode_tokens_per_s": batch / seconds,
-                "gpu_busy_ms_per_step": gpu_ms,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            }
-        )
-        print(f"e2e {cache_kind:13s} T={context} B={batch}: {seconds * 1e3:.1f} ms/step, GPU busy {gpu_ms:.1f} ms")
-        del cache, step
+        try:
+            with torch.no_grad(), sdpa_backend(cache_kind):
+                rows.append(_e2e_row(model, cache_kind, batch, context, steps, profile))
+        except RuntimeError as error:  # e.g. no flash kernel for these shapes on this GPU
+            print(f"e2e {cache_kind} T={context} B={batch}: {error}", flush=True)
     return rows
+
+
+def _e2e_row(model, cache_kind: str, batch: int, context: int, steps: int, profile: Path | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """The whole-model decode row of one cache kind (see :func:`e2e_rows`), in the caller's sdpa backend."""
+    cache = filled_model_cache(model, cache_kind, batch, context)
+    token = torch.randint(0, 1000, (batch, 1), device="cuda")
+    step = functools.partial(_decode_step, model, token, cache)
+    # Warm-up through HeadQ's first block flush: the stores, filled to exactly their capacity, double
+    # it there (a one-off O(cache) copy, reported apart); the timed steps then hold one regular flush.
+    warmup = []
+    for _ in range(HEADQ.block_size + 2):
+        started = time.perf_counter()
+        step()
+        warmup.append(time.perf_counter() - started)
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    # the device's own work in one step (kernels only): what the step costs where the host keeps up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as busy:
+        step()
+    seconds = statistics.fmean(times)
+    gpu_ms = sum(e.self_device_time_total for e in busy.key_averages()) / 1e3
+    if profile is not None:
+        with torch.profiler.profile() as prof:
+            step()
+        table = prof.key_averages()
+        python = cProfile.Profile()  # where the host time of a step goes, by Python function
+        python.enable()
+        step()
+        python.disable()
+        functions = io.StringIO()
+        pstats.Stats(python, stream=functions).sort_stats("tottime").print_stats(25)
+        with profile.open("a") as f:
+            f.write(f"# {cache_kind} T={context} B={batch}: {seconds * 1e3:.1f} ms/step\n")
+            f.write(functions.getvalue() + "\n")
+            f.write(table.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
+            f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")
+    print(f"e2e {cache_kind:18s} T={context} B={batch}: {seconds * 1e3:.1f} ms/step, GPU busy {gpu_ms:.1f} ms")
+    return {
+        "cache": cache_kind,
+        "context": context,
+        "batch": batch,
+        "decode_ms_per_step": seconds * 1e3,
+        "decode_ms_median": statistics.median(times) * 1e3,
+        "slowest_warmup_step_ms": max(warmup) * 1e3,
+        "decode_tokens_per_s": batch / seconds,
+        "gpu_busy_ms_per_step": gpu_ms,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def llama_3_8b_model():  # type: ignore[no-untyped-def]
@@ -314,7 +330,7 @@ def filled_model_cache(model, cache_kind: str, batch: int, context: int) -> Any:
 
     from transformers_headq import enable_headq_attention
 
-    if cache_kind == "headq":
+    if cache_kind == "headq":  # dynamic-bf16 and dynamic-bf16-flash: DynamicCache with sdpa
         enable_headq_attention(model)
         cache = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
         for layer in cache.layers:
@@ -344,7 +360,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", default="4096,16384,32768,65536,131072")
     parser.add_argument("--batches", default="1,8,32")
-    parser.add_argument("--caches", default="dynamic-bf16,headq,quanto")
+    parser.add_argument("--caches", default="dynamic-bf16,dynamic-bf16-flash,headq,quanto")
     parser.add_argument("--check", action="store_true", help="compare the kernel with the torch path first")
     parser.add_argument("--e2e", default="32768x8", help="CONTEXTxBATCH pairs for whole-model decode, ',' separated")
     parser.add_argument("--budget-gib", type=float, default=40.0)
@@ -375,6 +391,9 @@ def main() -> None:
                     row = attention_row(cache, batch, context, peak)
                 except torch.OutOfMemoryError:
                     print(f"{cache} T={context} B={batch}: out of memory", flush=True)
+                    continue
+                except RuntimeError as error:  # e.g. no flash kernel for these shapes on this GPU
+                    print(f"{cache} T={context} B={batch}: {error}", flush=True)
                     continue
                 finally:
                     torch.cuda.empty_cache()
@@ -409,37 +428,42 @@ def main() -> None:
 def markdown(rows, e2e, packs, checks, gpu, peak, budget) -> str:  # type: ignore[no-untyped-def]
     lines = [f"GPU: {gpu}; peak bandwidth {peak / 1e12:.2f} TB/s; torch {torch.__version__}"]
     lines += [f"HeadQ kernel launch settings: {LAUNCH}", ""]
-    columns = ["cache", "context", "batch", "attn ms/step", "vs bf16 sdpa", "graph ms", "KV bytes/token", "vs bf16"]
+    columns = ["cache", "context", "batch", "attn ms/step", "vs bf16 sdpa", "vs bf16 flash", "graph ms"]
+    columns += ["KV bytes/token", "vs bf16"]
     columns += ["BW share", "kernel BW share", f"fits in {budget:.0f} GiB"]
     lines += ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
     for r in rows:
         same = [b for b in rows if (b["context"], b["batch"]) == (r["context"], r["batch"])]
-        base = next((b for b in same if b["cache"] == "dynamic-bf16"), None)
-        speed = f"{base['attn_ms_per_step'] / r['attn_ms_per_step']:.2f}x" if base else "-"
+        speed, flash_speed = (
+            next((f"{b['attn_ms_per_step'] / r['attn_ms_per_step']:.2f}x" for b in same if b["cache"] == name), "-")
+            for name in ("dynamic-bf16", "dynamic-bf16-flash")
+        )
         graph = "-" if r["attn_ms_cuda_graph"] is None else f"{r['attn_ms_cuda_graph']:.3f}"
         kernel_bw = "-" if r["kernel_bandwidth_fraction"] is None else f"{100 * r['kernel_bandwidth_fraction']:.0f}%"
         lines.append(
-            f"| {r['cache']} | {r['context']} | {r['batch']} | {r['attn_ms_per_step']:.3f} | {speed} | {graph} | "
+            f"| {r['cache']} | {r['context']} | {r['batch']} | {r['attn_ms_per_step']:.3f} | {speed} | {flash_speed} | "
+            f"{graph} | "
             f"{r['kv_bytes_per_token']:.0f} | {r['kv_bytes_ratio_to_bf16']:.3f} | "
             f"{100 * r['bandwidth_fraction']:.0f}% | {kernel_bw} | {fits(r['kv_bytes_per_token'], budget)} |"
         )
     if e2e:
         lines += [
             "",
-            "| cache | context | batch | decode ms/step | median ms | tokens/s | vs dynamic | GPU busy ms/step "
-            "| vs dynamic | peak GiB | slowest warm-up step ms |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| cache | context | batch | decode ms/step | median ms | tokens/s | vs dynamic | vs dynamic flash "
+            "| GPU busy ms/step | vs dynamic | peak GiB | slowest warm-up step ms |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in e2e:
-            base = next(
-                b for b in e2e if (b["cache"], b["context"], b["batch"]) == ("dynamic-bf16", r["context"], r["batch"])
-            )
+            same = [b for b in e2e if (b["context"], b["batch"]) == (r["context"], r["batch"])]
+            base = next(b for b in same if b["cache"] == "dynamic-bf16")
+            flash = next((b for b in same if b["cache"] == "dynamic-bf16-flash"), None)
+            vs_flash = "-" if flash is None else f"{r['decode_tokens_per_s'] / flash['decode_tokens_per_s']:.2f}x"
             lines.append(
                 f"| {r['cache']} | {r['context']} | {r['batch']} | {r['decode_ms_per_step']:.1f} | "
                 f"{r['decode_ms_median']:.1f} | {r['decode_tokens_per_s']:.1f} | "
-                f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | {r['gpu_busy_ms_per_step']:.1f} | "
-                f"{base['gpu_busy_ms_per_step'] / r['gpu_busy_ms_per_step']:.2f}x | {r['peak_gib']:.1f} | "
-                f"{r['slowest_warmup_step_ms']:.0f} |"
+                f"{r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}x | {vs_flash} | "
+                f"{r['gpu_busy_ms_per_step']:.1f} | {base['gpu_busy_ms_per_step'] / r['gpu_busy_ms_per_step']:.2f}x | "
+                f"{r['peak_gib']:.1f} | {r['slowest_warmup_step_ms']:.0f} |"
             )
     if packs:
         lines += ["", "| quantize and pack (one layer) | tokens | torch ms | kernel ms | speed-up | identical |"]

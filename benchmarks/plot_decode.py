@@ -12,7 +12,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-STYLE = {"dynamic-bf16": ("tab:gray", "o"), "headq": ("tab:blue", "s"), "quanto": ("tab:red", "^")}
+STYLE = {
+    "dynamic-bf16": ("tab:gray", "o"),
+    "dynamic-bf16-flash": ("tab:green", "D"),
+    "headq": ("tab:blue", "s"),
+    "quanto": ("tab:red", "^"),
+}
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
