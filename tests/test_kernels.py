@@ -99,6 +99,26 @@ def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap, spli
     torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
 
 
+@pytest.mark.parametrize("tokens", [150, 221])  # 9 and 13 splits: the merge's chunks of 8, the last one partial
+def test_fused_decode_merges_many_splits(monkeypatch, tokens):
+    from transformers_headq import kernels
+    from transformers_headq.kernels import fused_decode_attention
+
+    monkeypatch.setitem(kernels.LAUNCH, "min_split_tokens", 16)  # one quantization block a split
+    monkeypatch.setitem(kernels.LAUNCH, "programs_per_sm", 1000)  # as many splits as blocks, on any device
+    config, head_dim = CASES["k2-r4s4-block-v2"]
+    cache, query = _filled_cache(config, tokens=tokens, seed=tokens, head_dim=head_dim)
+    layer = cache.layers[0]
+    splits, _ = kernels._splits(3 * 2, layer.quantized_length, config.block_size, query.device)
+    assert splits > 8 and splits % 8, splits
+    key, value = cache.update(*torch.randn(2, 3, 2, 1, head_dim, device=DEVICE), 0)
+    fused = fused_decode_attention(layer, query, None, 0.25, None)
+    assert fused is not None
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference, _ = headq_attention_forward(MODULE, query, key, value, None, scaling=0.25)
+    torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
+
+
 def test_uncovered_settings_fall_back():
     from transformers_headq.kernels import fused_decode_attention
 
@@ -147,7 +167,7 @@ def test_launch_specialisation_follows_triton():
     from transformers_headq.kernels.decode import headq_merge_kernel
     from transformers_headq.kernels.launch import LaunchSite
 
-    site = LaunchSite(headq_merge_kernel, {"G": 4, "BLOCK_G": 8, "D": 64, "S_PAD": 4}, {})
+    site = LaunchSite(headq_merge_kernel, {"G": 4, "BLOCK_G": 8, "D": 64, "S_PAD": 4, "CHUNK": 4}, {})
     buf = torch.zeros(64)
 
     def key(m=buf, n_splits=3):  # m_ptr, l_ptr, acc_ptr, out_ptr, n_splits

@@ -160,7 +160,8 @@ class _DecodePlan:
         """The merge kernel's launch site for up to ``splits_pad`` splits (a power of two)."""
         site = self._merge_sites.get(splits_pad)
         if site is None:
-            constexprs = {"G": self.groups, "BLOCK_G": self.block_g, "D": self.head_dim, "S_PAD": splits_pad}
+            constexprs = {"G": self.groups, "BLOCK_G": self.block_g, "D": self.head_dim, "S_PAD": splits_pad,
+                          "CHUNK": min(splits_pad, 16)}  # fmt: skip
             site = self._merge_sites[splits_pad] = LaunchSite(self.merge.kernel, constexprs, {})
         return site
 
@@ -252,7 +253,7 @@ def fused_decode_attention(
     last_compiled = compiled
     out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
     splits_pad = max(2, 1 << (n_splits - 1).bit_length())
-    plan.merge((batch * plan.kv_heads, 1, 1), plan.merge_site(splits_pad), (m, norm, acc, out, n_splits))
+    plan.merge((batch * plan.kv_heads, plan.groups, 1), plan.merge_site(splits_pad), (m, norm, acc, out, n_splits))
     return out
 
 

@@ -317,25 +317,30 @@ def _softmax_step(s, slots, slot_mask, m_i, l_i, row_scaling, softcap, valid_row
 @triton.jit
 def headq_merge_kernel(
     m_ptr, l_ptr, acc_ptr, out_ptr, n_splits,
-    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr,
+    G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """Combine the splits of one (sequence, KV head): ``out [B, 1, Hq, D]`` in its own dtype."""
+    """Combine the splits of one query row of one (sequence, KV head) into ``out [B, 1, Hq, D]``, in its dtype.
+
+    One program a query row, not a KV head: at batch 1 a long cache has a hundred splits or more for only
+    a few KV heads, and one program a KV head left most of the GPU idle while it walked them. The splits'
+    outputs are read ``CHUNK`` at a time.
+    """
     pid_bh = tl.program_id(0)
+    row = tl.program_id(1)  # a real query row: < G
     sp = tl.arange(0, S_PAD)
-    g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
-    g_mask = g < G
-    both = (sp < n_splits)[:, None] & g_mask[None, :]
-    idx = (pid_bh * n_splits + sp[:, None]) * BLOCK_G + g[None, :]  # [S, G]
-    m = tl.load(m_ptr + idx, mask=both, other=float("-inf"))
+    first_row = pid_bh * n_splits * BLOCK_G + row  # partials of split s: first_row + s * BLOCK_G
+    m = tl.load(m_ptr + first_row + sp * BLOCK_G, mask=sp < n_splits, other=float("-inf"))
     top = tl.max(m, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    total = tl.sum(tl.load(l_ptr + idx, mask=both, other=0.0) * tl.exp(m - top[None, :]), axis=0)  # [G]
-    total = tl.where(g_mask, total, 1.0)  # padding rows: never stored
-    result = tl.zeros([BLOCK_G, D], tl.float32)
-    for i in range(0, n_splits):
-        rows = (pid_bh * n_splits + i) * BLOCK_G + g
-        weight = tl.exp(tl.load(m_ptr + rows, mask=g_mask, other=float("-inf")) - top)
-        result += tl.load(acc_ptr + rows[:, None] * D + d[None, :], mask=g_mask[:, None], other=0.0) * weight[:, None]
-    result = (result / total[:, None]).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + (pid_bh * G + g[:, None]) * D + d[None, :], result, mask=g_mask[:, None])
+    total = tl.sum(tl.load(l_ptr + first_row + sp * BLOCK_G, mask=sp < n_splits, other=0.0) * tl.exp(m - top))
+    c = tl.arange(0, CHUNK)
+    result = tl.zeros([D], tl.float32)
+    for first in range(0, n_splits, CHUNK):
+        here = (first + c) < n_splits
+        rows = first_row + (first + c) * BLOCK_G
+        weight = tl.exp(tl.load(m_ptr + rows, mask=here, other=float("-inf")) - top)
+        acc = tl.load(acc_ptr + rows[:, None] * D + d[None, :], mask=here[:, None], other=0.0)
+        result += tl.sum(acc * weight[:, None], axis=0)
+    result = (result / total).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + (pid_bh * G + row) * D + d, result)
