@@ -148,9 +148,11 @@ class HeadQLayer(CacheLayerMixin):
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole blocks into the stores; the side code encodes the key error on ``U``."""
-        key_hat = self.key_store.append(keys)
+        start = self.key_store.length
+        self.key_store.append(keys)
         if self.side_store is not None:
             assert self.encoder is not None
+            key_hat = self.key_store.read(start, self.key_store.length, keys.dtype)  # as stored, in the model dtype
             error = keys.float() - key_hat.float()
             side = torch.einsum("bhtd,hdr->bhtr", error, self.encoder)
             self.side_store.append(side.to(self.dtype) if isinstance(self.side_store, DenseStore) else side)

@@ -76,8 +76,8 @@ class TokenStore(Protocol):
 
     length: int
 
-    def append(self, rows: torch.Tensor) -> torch.Tensor:
-        """Store ``rows`` ``[B, H, n, C]``; return what a reader will see for them, in rows' dtype."""
+    def append(self, rows: torch.Tensor) -> None:
+        """Store ``rows`` ``[B, H, n, C]`` (:meth:`read` gives back what a reader sees of them)."""
 
     def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Dense rows ``[start, end)`` as the reader sees them."""
@@ -99,12 +99,11 @@ class DenseStore:
         self._buf: TokenBuffer | None = None
         self.length = 0
 
-    def append(self, rows: torch.Tensor) -> torch.Tensor:
+    def append(self, rows: torch.Tensor) -> None:
         if self._buf is None:
             self._buf = TokenBuffer(rows)
         self._buf.append(rows)
         self.length = self._buf.length
-        return rows
 
     def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         assert self._buf is not None
@@ -152,7 +151,7 @@ class QuantizedStore:
     def _tokens_per_scale_row(self) -> int:
         return self.quantizer.group if self.quantizer.grouping == "channel" else 1
 
-    def append(self, rows: torch.Tensor) -> torch.Tensor:
+    def append(self, rows: torch.Tensor) -> None:
         from .kernels import quantize_pack  # here: the kernels module reads the stores
 
         q = quantize_pack(self.quantizer, rows)  # one GPU pass where it applies, identical codes
@@ -165,7 +164,6 @@ class QuantizedStore:
         self._scale.append(q.scale)
         self._zero.append(q.zero)
         self.length = self._codes.length
-        return self.quantizer.dequantize(q, self.n_channels, rows.dtype)
 
     def _check_aligned(self, *positions: int) -> None:
         per = self._tokens_per_scale_row
