@@ -350,10 +350,9 @@ def _decode_step(model, token: torch.Tensor, cache: Any) -> None:  # type: ignor
     torch.cuda.synchronize()
 
 
-def fits(bytes_per_token: float, budget_gib: float) -> str:
+def fits(bytes_per_token: float, budget_gib: float) -> int:
     """Largest batch x context (tokens) of KV cache for all layers within ``budget_gib``."""
-    tokens = budget_gib * 2**30 / (bytes_per_token * LAYERS)
-    return f"{tokens / 1e6:.2f} M tokens"
+    return int(budget_gib * 2**30 / (bytes_per_token * LAYERS))
 
 
 def main() -> None:
@@ -398,6 +397,8 @@ def main() -> None:
                 finally:
                     torch.cuda.empty_cache()
                 row["gpu"] = gpu
+                row["fits_tokens_in_budget"] = fits(row["kv_bytes_per_token"], args.budget_gib)
+                row["budget_gib"] = args.budget_gib
                 rows.append(row)
                 graph = f" (graph {row['attn_ms_cuda_graph']:.3f})" if row["attn_ms_cuda_graph"] else ""
                 print(
@@ -444,7 +445,8 @@ def markdown(rows, e2e, packs, checks, gpu, peak, budget) -> str:  # type: ignor
             f"| {r['cache']} | {r['context']} | {r['batch']} | {r['attn_ms_per_step']:.3f} | {speed} | {flash_speed} | "
             f"{graph} | "
             f"{r['kv_bytes_per_token']:.0f} | {r['kv_bytes_ratio_to_bf16']:.3f} | "
-            f"{100 * r['bandwidth_fraction']:.0f}% | {kernel_bw} | {fits(r['kv_bytes_per_token'], budget)} |"
+            f"{100 * r['bandwidth_fraction']:.0f}% | {kernel_bw} | "
+            f"{fits(r['kv_bytes_per_token'], budget) / 1e6:.2f} M tokens |"
         )
     if e2e:
         lines += [
