@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -215,6 +215,76 @@ def evaluate(
         markdown.write_text(table + "\n")
     if json_path is not None:
         json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+
+
+@app.command()
+def bench(
+    model: ModelOption = DEFAULT_MODEL,
+    basis: Annotated[str, typer.Option(help="basis folder or Hub id ('shipped': the packaged one)")] = "shipped",
+    context: Annotated[int, typer.Option(help="cached tokens a sequence before the timed steps")] = 1024,
+    batch: Annotated[int, typer.Option(help="sequences decoded together")] = 1,
+    steps: Annotated[int, typer.Option(help="timed decode steps (after block_size + 2 warm-up steps)")] = 16,
+    caches: Annotated[str, typer.Option(help="comma-separated: dynamic, dynamic-flash, quanto, headq")] = (
+        "dynamic,dynamic-flash,quanto,headq"
+    ),
+    device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    settings: Annotated[
+        list[str] | None, typer.Option("--set", help="a HeadQ setting over the basis's: key=value, e.g. value_bits=2")
+    ] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
+    markdown: Annotated[Path | None, typer.Option(help="write the markdown table here too")] = None,
+) -> None:
+    """Whole-model decode speed of HeadQ against DynamicCache (sdpa, flash) and quanto 2-bit, on this device.
+
+    Caches hold random states (the speed does not depend on them); on CUDA the GPU's busy time a step
+    and peak memory are reported too. The timed steps come after block_size + 2 warm-up steps."""
+    from .factory import HeadQCacheFactory
+    from .shipped import resolve_basis
+    from .speed import compare_decode_speed, markdown_table
+
+    overrides = _settings(settings or [])  # before the model loads: a typo fails at once
+    loaded = _load(model, device, dtype)
+    try:
+        factory = HeadQCacheFactory.from_pretrained(resolve_basis(basis), loaded.model, **overrides)
+    except (TypeError, ValueError) as exc:  # unknown or invalid settings
+        raise typer.BadParameter(str(exc), param_hint="--set") from exc
+    names = tuple(name.strip() for name in caches.split(",") if name.strip())
+    with console.status(f"timing decode steps at {context} tokens x batch {batch}"):
+        rows = compare_decode_speed(
+            loaded.model, factory, batch=batch, context=context, steps=steps, caches=names,
+            block_size=factory.config.block_size,
+            on_skip=lambda name, why: console.print(f"[yellow]{name} left out: {why}[/yellow]"),
+        )  # fmt: skip
+    table = markdown_table(rows)
+    where = torch.cuda.get_device_name(loaded.model.device) if loaded.model.device.type == "cuda" else "CPU"
+    console.print(f"\n{loaded.name}, {dtype}, on {where}: random states, {steps} timed steps a cache\n")
+    typer.echo(table)
+    if markdown is not None:
+        markdown.write_text(table + "\n")
+    if json_path is not None:
+        json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+
+
+def _settings(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs as HeadQ setting overrides: integers, floats, ``none`` or strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes key=value (e.g. value_bits=2), not {item!r}")
+        value: object = None if text.lower() == "none" else text
+        for kind in (int, float):
+            try:
+                value = kind(text)
+                break
+            except ValueError:
+                continue
+        out[key.strip()] = value
+    unknown = set(out) - {field.name for field in dataclasses.fields(HeadQConfig)}
+    if unknown:
+        raise typer.BadParameter(f"unknown HeadQ settings {sorted(unknown)}", param_hint="--set")
+    return out
 
 
 def _key_pca_beside(basis: str) -> QueryBasis | None:

@@ -1,0 +1,257 @@
+"""Whole-model decode speed of HeadQ against transformers' own caches, on the user's model and device.
+
+Each cache is filled with ``context`` random key/value states a sequence for every layer (timing does
+not depend on their values, and a real prefill of a long batch would only measure prefill), then the
+model decodes one token a sequence per step. Reported per cache: wall time per step (mean and median,
+each step followed by a synchronisation, as a generation loop waits for its token), tokens per second,
+the GPU's busy time in one step (CUDA only: the sum of its kernel times, which is what the step costs the
+device where the host keeps up), peak GPU memory and KV bytes per token.
+
+Caches: ``dynamic`` (``DynamicCache`` with the model's sdpa attention, the backend torch picks),
+``dynamic-flash`` (the same, sdpa limited to its flash backend; CUDA only), ``quanto`` (transformers'
+``QuantizedCache``, 2-bit, which dequantizes everything it holds at every step) and ``headq``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .fingerprint import model_fingerprint, text_config
+from .loading import cache_kwargs
+
+CACHE_KINDS = ("dynamic", "dynamic-flash", "quanto", "headq")
+_FILL_CHUNK = 4096  # tokens a fill step appends: bounds the temporary states of long contexts
+_QUANTO_GROUP, _QUANTO_RESIDUAL = 64, 128
+
+
+@dataclass
+class DecodeSpeed:
+    """One cache's decode speed at one (context, batch)."""
+
+    cache: str
+    context: int
+    batch: int
+    steps: int
+    ms_per_step: float
+    ms_median: float
+    tokens_per_s: float
+    slowest_warmup_ms: float
+    kv_bytes_per_token: float  # all layers, keys and values, everything stored counted
+    gpu_busy_ms: float | None = None
+    peak_gib: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def measure_decode_speed(
+    model: Any,
+    make_cache: Callable[[], Any],
+    cache_name: str,
+    *,
+    batch: int,
+    context: int,
+    steps: int,
+    warmup: int,
+    profile: Callable[[Callable[[], None]], None] | None = None,
+) -> DecodeSpeed:
+    """Fill a fresh cache from ``make_cache`` and time ``steps`` decode steps after ``warmup`` untimed ones.
+
+    ``warmup`` should reach past HeadQ's first block flush (``block_size + 2`` steps): a cache filled to
+    exactly its stores' capacity doubles them there, a one-off copy reported as ``slowest_warmup_ms``.
+    ``profile``, if given, is called with the step function once more after the timed steps.
+    """
+    device = model.device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    cache = make_cache()
+    fill_with_random_states(model, cache, batch, context)
+    kv_bytes = _kv_bytes_per_token(cache, model, batch * context)
+    token = torch.randint(0, text_config(model.config).vocab_size, (batch, 1), device=device)
+
+    cache_kwarg = cache_kwargs(model, cache)
+
+    def step() -> None:
+        model(input_ids=token, use_cache=True, **cache_kwarg)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad(), _sdpa_backend(cache_name):
+        warm = [_seconds(step) for _ in range(warmup)]
+        times = [_seconds(step) for _ in range(steps)]
+        busy = _gpu_busy_ms(step) if cuda else None
+        if profile is not None:
+            profile(step)
+    mean = statistics.fmean(times)
+    return DecodeSpeed(
+        cache=cache_name,
+        context=context,
+        batch=batch,
+        steps=steps,
+        ms_per_step=mean * 1e3,
+        ms_median=statistics.median(times) * 1e3,
+        tokens_per_s=batch / mean,
+        slowest_warmup_ms=max(warm, default=0.0) * 1e3,
+        kv_bytes_per_token=kv_bytes,
+        gpu_busy_ms=busy,
+        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+    )
+
+
+def compare_decode_speed(
+    model: Any,
+    headq_cache: Callable[[], Any],
+    *,
+    batch: int,
+    context: int,
+    steps: int = 32,
+    warmup: int | None = None,
+    caches: tuple[str, ...] = CACHE_KINDS,
+    block_size: int = 64,
+    on_skip: Callable[[str, str], None] = lambda name, why: None,
+) -> list[DecodeSpeed]:
+    """Decode speed of each of ``caches`` on ``model``; ``headq_cache`` makes HeadQ's (a ``HeadQCacheFactory``).
+
+    The baselines run first with the model on sdpa; caches that cannot run here (``dynamic-flash`` off CUDA,
+    ``quanto`` without optimum-quanto) are reported to ``on_skip(name, why)`` and left out.
+    """
+    unknown = set(caches) - set(CACHE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown caches {sorted(unknown)}: choose from {', '.join(CACHE_KINDS)}")
+    warmup = block_size + 2 if warmup is None else warmup
+    rows = []
+    for name in sorted(caches, key=CACHE_KINDS.index):
+        why = _cannot_run(name, model.device)
+        if why:
+            on_skip(name, why)
+            continue
+        if name == "headq":
+            from .attention import enable_headq_attention
+
+            enable_headq_attention(model)
+            make = headq_cache
+        else:
+            model.set_attn_implementation("sdpa")
+            make = _baseline_factory(name, model)
+        rows.append(measure_decode_speed(model, make, name, batch=batch, context=context, steps=steps, warmup=warmup))
+    return rows
+
+
+def fill_with_random_states(model: Any, cache: Any, batch: int, context: int) -> None:
+    """Append ``context`` random tokens a sequence to every layer of ``cache``, in chunks, as a prefill would.
+
+    Keys get per-channel scales from 0.3 to 4 (the channel outliers real keys have), values are standard
+    normal; both in the model's dtype.
+    """
+    fp = model_fingerprint(model.config)
+    shape = (batch, fp["num_key_value_heads"], fp["head_dim"])
+    dtype, device = model.dtype, model.device
+    channel_scale = torch.linspace(0.3, 4.0, shape[2], device=device, dtype=dtype)
+    for layer in range(fp["num_hidden_layers"]):
+        for n in _chunks(context):
+            keys = torch.randn(shape[0], shape[1], n, shape[2], device=device, dtype=dtype) * channel_scale
+            values = torch.randn(shape[0], shape[1], n, shape[2], device=device, dtype=dtype)
+            cache.update(keys, values, layer)
+
+
+def markdown_table(rows: list[DecodeSpeed]) -> str:
+    """Rows as a markdown table, with ratios to ``dynamic`` (and ``dynamic-flash``) of the same shape."""
+    columns = ["cache", "context", "batch", "ms/step", "median ms", "tokens/s", "vs dynamic", "vs dynamic-flash"]
+    columns += ["GPU busy ms/step", "peak GiB", "KV bytes/token", "slowest warm-up ms"]
+    lines = ["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+    for r in rows:
+        ratios = []
+        for base_name in ("dynamic", "dynamic-flash"):
+            base = next((b for b in rows if (b.cache, b.context, b.batch) == (base_name, r.context, r.batch)), None)
+            ratios.append("-" if base is None else f"{r.tokens_per_s / base.tokens_per_s:.2f}x")
+        busy = "-" if r.gpu_busy_ms is None else f"{r.gpu_busy_ms:.1f}"
+        peak = "-" if r.peak_gib is None else f"{r.peak_gib:.1f}"
+        lines.append(
+            f"| {r.cache} | {r.context} | {r.batch} | {r.ms_per_step:.1f} | {r.ms_median:.1f} | "
+            f"{r.tokens_per_s:.1f} | {ratios[0]} | {ratios[1]} | {busy} | {peak} | {r.kv_bytes_per_token:.0f} | "
+            f"{r.slowest_warmup_ms:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------ helpers
+def _chunks(total: int) -> Iterator[int]:
+    done = 0
+    while done < total:
+        n = min(_FILL_CHUNK, total - done)
+        yield n
+        done += n
+
+
+def _seconds(step: Callable[[], None]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
+
+
+def _gpu_busy_ms(step: Callable[[], None]) -> float:
+    """Sum of the kernel times of one step (torch profiler, CUDA activity only)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as busy:
+        step()
+    return sum(e.self_device_time_total for e in busy.key_averages()) / 1e3
+
+
+def _sdpa_backend(cache_name: str) -> contextlib.AbstractContextManager[None]:
+    """sdpa limited to its flash backend for ``dynamic-flash``; torch's own choice otherwise."""
+    if cache_name != "dynamic-flash":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
+
+
+def _cannot_run(name: str, device: torch.device) -> str | None:
+    """Why cache ``name`` cannot be measured on ``device`` (``None``: it can)."""
+    if name == "dynamic-flash" and device.type != "cuda":
+        return "sdpa's flash backend needs a CUDA device"
+    if name == "quanto":
+        import importlib.util
+
+        if importlib.util.find_spec("optimum.quanto") is None:
+            return "needs optimum-quanto: pip install 'transformers-headq[baselines]'"
+    return None
+
+
+def _baseline_factory(name: str, model: Any) -> Callable[[], Any]:
+    from transformers import DynamicCache, QuantizedCache
+
+    if name == "quanto":
+        head_dim = model_fingerprint(model.config)["head_dim"]
+        return lambda: QuantizedCache(
+            backend="quanto",
+            config=model.config,
+            nbits=2,
+            q_group_size=min(_QUANTO_GROUP, head_dim),
+            residual_length=_QUANTO_RESIDUAL,
+        )
+    return DynamicCache
+
+
+def _kv_bytes_per_token(cache: Any, model: Any, tokens: int) -> float:
+    """Bytes a filled cache holds for keys and values a token (batch x context of them), all layers."""
+    from .cache import HeadQCache
+
+    if isinstance(cache, HeadQCache):
+        return cache.memory_bytes() / tokens
+    if hasattr(cache.layers[0], "_quantized_keys"):  # quanto: codes, group scales and shifts, residual
+        from .evaluate import quanto_bits_per_element
+
+        fp = model_fingerprint(model.config)
+        key_bits, value_bits = quanto_bits_per_element(cache)
+        return fp["num_hidden_layers"] * fp["num_key_value_heads"] * fp["head_dim"] * (key_bits + value_bits) / 8
+    dense = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return dense / tokens
