@@ -18,15 +18,12 @@ only measure prefill), then one decode step is timed:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import functools
 import io
 import json
 import os
 import pstats
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ import torch.nn.functional as F
 from transformers_headq import HeadQCache, HeadQConfig
 from transformers_headq.attention import headq_attention_forward
 from transformers_headq.kernels import LAUNCH, fused_decode_attention
+from transformers_headq.speed import sdpa_backend
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 DATASHEET_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM datasheets; else the measured copy
@@ -44,15 +42,6 @@ HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=
 
 class _Module(torch.nn.Module):
     training = False
-
-
-def sdpa_backend(cache_kind: str) -> contextlib.AbstractContextManager[None]:
-    """Where ``cache_kind`` ends in ``-flash``: sdpa limited to its flash backend; else torch's own choice."""
-    if not cache_kind.endswith("-flash"):
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION])
 
 
 def bench(fn, warmup: int = 25, rep: int = 100) -> float:
@@ -163,7 +152,7 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
     if cache.startswith("dynamic-bf16"):
         k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
-        with sdpa_backend(cache):
+        with sdpa_backend(cache.endswith("-flash")):
             ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         bytes_per_token, read = dense_bytes_per_token, 2 * k.numel() * 2
     elif cache == "headq":
@@ -239,77 +228,72 @@ def pack_rows(batch: int = 8, context: int = 32768) -> list[dict[str, Any]]:
 def e2e_rows(batch: int, context: int, steps: int = 64, profile: Path | None = None) -> list[dict[str, Any]]:
     """Whole-model decode steps (random Llama-3-8B shapes, bf16) with each cache: the mean of ``steps``.
 
-    64 steps span one quantization block, so HeadQ's block flush (once every 64 tokens) is in the mean.
-
-    Also the GPU's busy time in one step (sum of kernel times, from the profiler): eager transformers
-    launches each step's kernels from Python, so where the host is slower than the GPU the wall time
-    is the host's, and the busy time says what the step costs the device.
+    64 steps span one quantization block, so HeadQ's block flush (once every 64 tokens) is in the mean; the
+    warm-up reaches past HeadQ's first flush (``transformers_headq.speed.measure_decode_speed``, which also
+    takes the GPU's busy time in one step: eager transformers launches each step's kernels from Python, so
+    where the host is slower than the GPU the wall time is the host's, and the busy time says what the step
+    costs the device).
 
     With ``profile``, one more step per cache runs under the torch profiler; its top operators by CPU and
     by GPU time are appended to that file (where a step's time goes: kernels, or Python and launches).
     """
+    from transformers import DynamicCache
+
+    from transformers_headq import enable_headq_attention
+    from transformers_headq.speed import measure_decode_speed
+
     model = llama_3_8b_model()
     rows = []
     for cache_kind in ("dynamic-bf16", "dynamic-bf16-flash", "headq"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        if cache_kind == "headq":
+            enable_headq_attention(model)
+            make = functools.partial(HeadQCache, random_basis(HEADQ.rank or 0), HEADQ)
+        else:
+            model.set_attn_implementation("sdpa")
+            make = DynamicCache
+        write_profile = None if profile is None else functools.partial(_write_profile, profile, cache_kind, batch)
         try:
-            with torch.no_grad(), sdpa_backend(cache_kind):
-                rows.append(_e2e_row(model, cache_kind, batch, context, steps, profile))
+            speed = measure_decode_speed(
+                model, make, cache_kind, batch=batch, context=context, steps=steps, warmup=HEADQ.block_size + 2,
+                sdpa_flash=cache_kind.endswith("-flash"), profile=write_profile,
+            )  # fmt: skip
         except RuntimeError as error:  # e.g. no flash kernel for these shapes on this GPU
             print(f"e2e {cache_kind} T={context} B={batch}: {error}", flush=True)
+            continue
+        print(f"e2e {cache_kind:18s} T={context} B={batch}: {speed.ms_per_step:.1f} ms/step, "
+              f"GPU busy {speed.gpu_busy_ms:.1f} ms", flush=True)  # fmt: skip
+        rows.append(
+            {
+                "cache": cache_kind,
+                "context": context,
+                "batch": batch,
+                "decode_ms_per_step": speed.ms_per_step,
+                "decode_ms_median": speed.ms_median,
+                "slowest_warmup_step_ms": speed.slowest_warmup_ms,
+                "decode_tokens_per_s": speed.tokens_per_s,
+                "gpu_busy_ms_per_step": speed.gpu_busy_ms,
+                "peak_gib": speed.peak_gib,
+            }
+        )
     return rows
 
 
-def _e2e_row(model, cache_kind: str, batch: int, context: int, steps: int, profile: Path | None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """The whole-model decode row of one cache kind (see :func:`e2e_rows`), in the caller's sdpa backend."""
-    cache = filled_model_cache(model, cache_kind, batch, context)
-    token = torch.randint(0, 1000, (batch, 1), device="cuda")
-    step = functools.partial(_decode_step, model, token, cache)
-    # Warm-up through HeadQ's first block flush: the stores, filled to exactly their capacity, double
-    # it there (a one-off O(cache) copy, reported apart); the timed steps then hold one regular flush.
-    warmup = []
-    for _ in range(HEADQ.block_size + 2):
-        started = time.perf_counter()
+def _write_profile(path: Path, cache_kind: str, batch: int, step) -> None:  # type: ignore[no-untyped-def]
+    """Append one profiled step's top operators (torch profiler) and Python functions (cProfile) to ``path``."""
+    with torch.profiler.profile() as prof:
         step()
-        warmup.append(time.perf_counter() - started)
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    # the device's own work in one step (kernels only): what the step costs where the host keeps up
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as busy:
-        step()
-    seconds = statistics.fmean(times)
-    gpu_ms = sum(e.self_device_time_total for e in busy.key_averages()) / 1e3
-    if profile is not None:
-        with torch.profiler.profile() as prof:
-            step()
-        table = prof.key_averages()
-        python = cProfile.Profile()  # where the host time of a step goes, by Python function
-        python.enable()
-        step()
-        python.disable()
-        functions = io.StringIO()
-        pstats.Stats(python, stream=functions).sort_stats("tottime").print_stats(25)
-        with profile.open("a") as f:
-            f.write(f"# {cache_kind} T={context} B={batch}: {seconds * 1e3:.1f} ms/step\n")
-            f.write(functions.getvalue() + "\n")
-            f.write(table.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
-            f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")
-    print(f"e2e {cache_kind:18s} T={context} B={batch}: {seconds * 1e3:.1f} ms/step, GPU busy {gpu_ms:.1f} ms")
-    return {
-        "cache": cache_kind,
-        "context": context,
-        "batch": batch,
-        "decode_ms_per_step": seconds * 1e3,
-        "decode_ms_median": statistics.median(times) * 1e3,
-        "slowest_warmup_step_ms": max(warmup) * 1e3,
-        "decode_tokens_per_s": batch / seconds,
-        "gpu_busy_ms_per_step": gpu_ms,
-        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }
+    table = prof.key_averages()
+    python = cProfile.Profile()  # where the host time of a step goes, by Python function
+    python.enable()
+    step()
+    python.disable()
+    functions = io.StringIO()
+    pstats.Stats(python, stream=functions).sort_stats("tottime").print_stats(25)
+    with path.open("a") as f:
+        f.write(f"# {cache_kind} B={batch}\n")
+        f.write(functions.getvalue() + "\n")
+        f.write(table.table(sort_by="self_cpu_time_total", row_limit=20) + "\n")
+        f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")
 
 
 def llama_3_8b_model():  # type: ignore[no-untyped-def]
@@ -342,12 +326,6 @@ def filled_model_cache(model, cache_kind: str, batch: int, context: int) -> Any:
         k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
         dynamic.update(k, torch.randn_like(k), i)
     return dynamic
-
-
-def _decode_step(model, token: torch.Tensor, cache: Any) -> None:  # type: ignore[no-untyped-def]
-    """One decode step, then the wait a generation loop has for its next token."""
-    model(input_ids=token, past_key_values=cache, use_cache=True)
-    torch.cuda.synchronize()
 
 
 def fits(bytes_per_token: float, budget_gib: float) -> int:

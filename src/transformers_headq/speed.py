@@ -60,13 +60,15 @@ def measure_decode_speed(
     context: int,
     steps: int,
     warmup: int,
+    sdpa_flash: bool = False,
     profile: Callable[[Callable[[], None]], None] | None = None,
 ) -> DecodeSpeed:
     """Fill a fresh cache from ``make_cache`` and time ``steps`` decode steps after ``warmup`` untimed ones.
 
     ``warmup`` should reach past HeadQ's first block flush (``block_size + 2`` steps): a cache filled to
     exactly its stores' capacity doubles them there, a one-off copy reported as ``slowest_warmup_ms``.
-    ``profile``, if given, is called with the step function once more after the timed steps.
+    ``sdpa_flash`` limits sdpa to its flash backend. ``profile``, if given, is called with the step function
+    after the timed steps (to profile one more step).
     """
     device = model.device
     cuda = device.type == "cuda"
@@ -85,7 +87,7 @@ def measure_decode_speed(
         if cuda:
             torch.cuda.synchronize(device)
 
-    with torch.no_grad(), _sdpa_backend(cache_name):
+    with torch.no_grad(), sdpa_backend(sdpa_flash):
         warm = [_seconds(step) for _ in range(warmup)]
         times = [_seconds(step) for _ in range(steps)]
         busy = _gpu_busy_ms(step) if cuda else None
@@ -142,7 +144,12 @@ def compare_decode_speed(
         else:
             model.set_attn_implementation("sdpa")
             make = _baseline_factory(name, model)
-        rows.append(measure_decode_speed(model, make, name, batch=batch, context=context, steps=steps, warmup=warmup))
+        flash = name == "dynamic-flash"
+        rows.append(
+            measure_decode_speed(
+                model, make, name, batch=batch, context=context, steps=steps, warmup=warmup, sdpa_flash=flash
+            )
+        )
     return rows
 
 
@@ -205,9 +212,9 @@ def _gpu_busy_ms(step: Callable[[], None]) -> float:
     return sum(e.self_device_time_total for e in busy.key_averages()) / 1e3
 
 
-def _sdpa_backend(cache_name: str) -> contextlib.AbstractContextManager[None]:
-    """sdpa limited to its flash backend for ``dynamic-flash``; torch's own choice otherwise."""
-    if cache_name != "dynamic-flash":
+def sdpa_backend(flash: bool) -> contextlib.AbstractContextManager[None]:
+    """sdpa limited to its flash backend, or torch's own choice."""
+    if not flash:
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
