@@ -63,14 +63,14 @@ def test_bench_command_on_the_embedded_model(tmp_path):
     result = CliRunner().invoke(
         app,
         ["bench", "--context", "128", "--batch", "1", "--steps", "2", "--caches", "dynamic,headq",
-         "--set", "value_bits=2", "--json", str(out)],
+         "--set", "value_bits=2", "--json", str(out), "--plot", str(tmp_path / "bench.png")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
     assert [r["cache"] for r in rows] == ["dynamic", "headq"]
     # two whole blocks, no window: K2 + side code + V2 with their scales, against float32 states
     assert rows[1]["kv_bytes_per_token"] < 0.25 * rows[0]["kv_bytes_per_token"]
-    assert "vs dynamic" in result.output
+    assert "vs dynamic" in result.output and (tmp_path / "bench.png").stat().st_size > 10_000
 
 
 def test_bench_refuses_unknown_settings_by_name():
@@ -80,3 +80,17 @@ def test_bench_refuses_unknown_settings_by_name():
     assert result.exit_code == 2 and "colour" in result.output and "--set" in result.output
     result = CliRunner().invoke(app, ["bench", "--context", "64", "--set", "value_bits"])
     assert result.exit_code == 2 and "key=value" in result.output
+    result = CliRunner().invoke(app, ["bench", "--context", "4k"])
+    assert result.exit_code == 2 and "--context" in result.output and "4096,32768" in result.output
+
+
+def test_plot_draws_every_cache(tmp_path):
+    from transformers_headq.speed import DecodeSpeed, plot_decode_speed
+
+    rows = [
+        DecodeSpeed(cache, context, 1, 4, 10.0, 10.0, 100.0 / (1 + i), 0.0, 1000.0 / (1 + i))
+        for i, cache in enumerate(("dynamic", "headq"))
+        for context in (64, 128)
+    ]
+    plot_decode_speed(rows, str(tmp_path / "speed.png"))
+    assert (tmp_path / "speed.png").stat().st_size > 10_000

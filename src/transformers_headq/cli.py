@@ -221,8 +221,10 @@ def evaluate(
 def bench(
     model: ModelOption = DEFAULT_MODEL,
     basis: Annotated[str, typer.Option(help="basis folder or Hub id ('shipped': the packaged one)")] = "shipped",
-    context: Annotated[int, typer.Option(help="cached tokens a sequence before the timed steps")] = 1024,
-    batch: Annotated[int, typer.Option(help="sequences decoded together")] = 1,
+    context: Annotated[str, typer.Option(help="cached tokens a sequence before the timed steps (comma-separated)")] = (
+        "1024"
+    ),
+    batch: Annotated[str, typer.Option(help="sequences decoded together (comma-separated)")] = "1",
     steps: Annotated[int, typer.Option(help="timed decode steps (after block_size + 2 warm-up steps)")] = 16,
     caches: Annotated[str, typer.Option(help="comma-separated: dynamic, dynamic-flash, quanto, headq")] = (
         "dynamic,dynamic-flash,quanto,headq"
@@ -234,6 +236,7 @@ def bench(
     ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     markdown: Annotated[Path | None, typer.Option(help="write the markdown table here too")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG: tokens/s against context, and KV bytes per cache")] = None,
 ) -> None:
     """Whole-model decode speed of HeadQ against DynamicCache (sdpa, flash) and quanto 2-bit, on this device.
 
@@ -241,21 +244,27 @@ def bench(
     and peak memory are reported too. The timed steps come after block_size + 2 warm-up steps."""
     from .factory import HeadQCacheFactory
     from .shipped import resolve_basis
-    from .speed import compare_decode_speed, markdown_table
+    from .speed import compare_decode_speed, markdown_table, plot_decode_speed
 
     overrides = _settings(settings or [])  # before the model loads: a typo fails at once
+    contexts, batches = _int_list(context, "--context"), _int_list(batch, "--batch")
     loaded = _load(model, device, dtype)
     try:
         factory = HeadQCacheFactory.from_pretrained(resolve_basis(basis), loaded.model, **overrides)
     except (TypeError, ValueError) as exc:  # unknown or invalid settings
         raise typer.BadParameter(str(exc), param_hint="--set") from exc
     names = tuple(name.strip() for name in caches.split(",") if name.strip())
-    with console.status(f"timing decode steps at {context} tokens x batch {batch}"):
-        rows = compare_decode_speed(
-            loaded.model, factory, batch=batch, context=context, steps=steps, caches=names,
-            block_size=factory.config.block_size,
-            on_skip=lambda name, why: console.print(f"[yellow]{name} left out: {why}[/yellow]"),
-        )  # fmt: skip
+    skipped: dict[str, str] = {}
+    rows = []
+    for n_tokens in contexts:
+        for n_seqs in batches:
+            with console.status(f"timing decode steps at {n_tokens} tokens x batch {n_seqs}"):
+                rows += compare_decode_speed(
+                    loaded.model, factory, batch=n_seqs, context=n_tokens, steps=steps, caches=names,
+                    block_size=factory.config.block_size, on_skip=skipped.__setitem__,
+                )  # fmt: skip
+    for name, why in skipped.items():
+        console.print(f"[yellow]{name} left out: {why}[/yellow]")
     table = markdown_table(rows)
     where = torch.cuda.get_device_name(loaded.model.device) if loaded.model.device.type == "cuda" else "CPU"
     console.print(f"\n{loaded.name}, {dtype}, on {where}: random states, {steps} timed steps a cache\n")
@@ -264,6 +273,20 @@ def bench(
         markdown.write_text(table + "\n")
     if json_path is not None:
         json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    if plot is not None:
+        plot_decode_speed(rows, str(plot))
+        console.print(f"plot: {plot}")
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """Comma-separated positive integers, or a clear error naming ``option``."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise typer.BadParameter(f"{option} takes positive integers, comma-separated (e.g. 4096,32768), not {text!r}")
+    return values
 
 
 def _settings(items: list[str]) -> dict[str, Any]:

@@ -262,3 +262,27 @@ def _kv_bytes_per_token(cache: Any, model: Any, tokens: int) -> float:
         return fp["num_hidden_layers"] * fp["num_key_value_heads"] * fp["head_dim"] * (key_bits + value_bits) / 8
     dense = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return dense / tokens
+
+
+def plot_decode_speed(rows: list[DecodeSpeed], path: str) -> None:
+    """Tokens/s against context, one line per (cache, batch), beside KV bytes per token per cache (log axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed_ax, bytes_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    caches = list(dict.fromkeys(r.cache for r in rows))
+    for cache in caches:
+        for batch in sorted({r.batch for r in rows if r.cache == cache}):
+            line = sorted((r for r in rows if (r.cache, r.batch) == (cache, batch)), key=lambda r: r.context)
+            speed_ax.plot([r.context for r in line], [r.tokens_per_s for r in line], marker="o",
+                          label=f"{cache}, batch {batch}")  # fmt: skip
+    bytes_per_cache = [statistics.fmean(r.kv_bytes_per_token for r in rows if r.cache == c) for c in caches]
+    bytes_ax.bar(caches, bytes_per_cache, color="tab:blue")
+    speed_ax.set(xscale="log", yscale="log", xlabel="context (tokens a sequence)", ylabel="decode tokens/s")
+    speed_ax.legend(fontsize=8)
+    bytes_ax.set(yscale="log", ylabel="KV bytes per token (all layers)", title="cache size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
