@@ -82,6 +82,8 @@ def test_bench_refuses_unknown_settings_by_name():
     assert result.exit_code == 2 and "key=value" in result.output
     result = CliRunner().invoke(app, ["bench", "--context", "4k"])
     assert result.exit_code == 2 and "--context" in result.output and "4096,32768" in result.output
+    result = CliRunner().invoke(app, ["bench", "--caches", "dynamic,static"])
+    assert result.exit_code == 2 and "--caches" in result.output and "'static'" in result.output
 
 
 def test_plot_draws_every_cache(tmp_path):

@@ -244,16 +244,21 @@ def bench(
     and peak memory are reported too. The timed steps come after block_size + 2 warm-up steps."""
     from .factory import HeadQCacheFactory
     from .shipped import resolve_basis
-    from .speed import compare_decode_speed, markdown_table, plot_decode_speed
+    from .speed import check_cache_kinds, compare_decode_speed, markdown_table, plot_decode_speed
 
-    overrides = _settings(settings or [])  # before the model loads: a typo fails at once
+    # arguments first, before the model loads: a typo fails at once
+    overrides = _settings(settings or [])
     contexts, batches = _int_list(context, "--context"), _int_list(batch, "--batch")
+    names = tuple(name.strip() for name in caches.split(",") if name.strip())
+    try:
+        check_cache_kinds(names)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--caches") from exc
     loaded = _load(model, device, dtype)
     try:
         factory = HeadQCacheFactory.from_pretrained(resolve_basis(basis), loaded.model, **overrides)
     except (TypeError, ValueError) as exc:  # unknown or invalid settings
         raise typer.BadParameter(str(exc), param_hint="--set") from exc
-    names = tuple(name.strip() for name in caches.split(",") if name.strip())
     skipped: dict[str, str] = {}
     rows = []
     for n_tokens in contexts:

@@ -208,7 +208,8 @@ def perplexity(
 
 
 # ---------------------------------------------------------------- quanto
-def _quanto_cache(model: Any, bits: int) -> Any:
+def quanto_cache(model: Any, bits: int) -> Any:
+    """transformers' quanto ``QuantizedCache`` for ``model`` with the settings this project compares against."""
     from transformers import QuantizedCache
 
     head_dim = model_fingerprint(model.config)["head_dim"]
@@ -259,7 +260,7 @@ def evaluate_method(setup: EvalSetup, method: Method) -> Row:
         model.set_attn_implementation("sdpa")
     if method.quanto_bits is not None:
         # The decode loop is slow: batch all windows together.
-        cache = _quanto_cache(model, method.quanto_bits)
+        cache = quanto_cache(model, method.quanto_bits)
         ppl = perplexity(model, windows, lambda: cache, decode=True, batch_size=windows.shape[0])
         key_bits, value_bits = quanto_bits_per_element(cache)
     elif method.config is None:

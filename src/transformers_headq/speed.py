@@ -15,6 +15,7 @@ Caches: ``dynamic`` (``DynamicCache`` with the model's sdpa attention, the backe
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -28,7 +29,6 @@ from .loading import cache_kwargs
 
 CACHE_KINDS = ("dynamic", "dynamic-flash", "quanto", "headq")
 _FILL_CHUNK = 4096  # tokens a fill step appends: bounds the temporary states of long contexts
-_QUANTO_GROUP, _QUANTO_RESIDUAL = 64, 128
 
 
 @dataclass
@@ -126,9 +126,7 @@ def compare_decode_speed(
     The baselines run first with the model on sdpa; caches that cannot run here (``dynamic-flash`` off CUDA,
     ``quanto`` without optimum-quanto) are reported to ``on_skip(name, why)`` and left out.
     """
-    unknown = set(caches) - set(CACHE_KINDS)
-    if unknown:
-        raise ValueError(f"unknown caches {sorted(unknown)}: choose from {', '.join(CACHE_KINDS)}")
+    check_cache_kinds(caches)
     warmup = block_size + 2 if warmup is None else warmup
     rows = []
     for name in sorted(caches, key=CACHE_KINDS.index):
@@ -151,6 +149,13 @@ def compare_decode_speed(
             )
         )
     return rows
+
+
+def check_cache_kinds(caches: tuple[str, ...]) -> None:
+    """Refuse cache names this module does not know, naming them and the known ones."""
+    unknown = set(caches) - set(CACHE_KINDS)
+    if unknown:
+        raise ValueError(f"unknown caches {sorted(unknown)}: choose from {', '.join(CACHE_KINDS)}")
 
 
 def fill_with_random_states(model: Any, cache: Any, batch: int, context: int) -> None:
@@ -234,17 +239,12 @@ def _cannot_run(name: str, device: torch.device) -> str | None:
 
 
 def _baseline_factory(name: str, model: Any) -> Callable[[], Any]:
-    from transformers import DynamicCache, QuantizedCache
+    from transformers import DynamicCache
 
     if name == "quanto":
-        head_dim = model_fingerprint(model.config)["head_dim"]
-        return lambda: QuantizedCache(
-            backend="quanto",
-            config=model.config,
-            nbits=2,
-            q_group_size=min(_QUANTO_GROUP, head_dim),
-            residual_length=_QUANTO_RESIDUAL,
-        )
+        from .evaluate import quanto_cache  # the quanto settings the quality evaluation uses
+
+        return functools.partial(quanto_cache, model, 2)
     return DynamicCache
 
 
