@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from transformers_headq.evaluate import (
     EvalSetup,
     Method,
     Row,
+    annotate_removed,
     evaluate_method,
     fair_budget_losses,
     fair_budget_summary,
@@ -20,9 +22,11 @@ from transformers_headq.evaluate import (
     pareto_front,
     perplexity,
     plot_results,
+    run_evaluation,
+    standard_methods,
 )
 
-from .helpers import random_basis, tiny_model
+from .helpers import FAMILIES, random_basis, tiny_model
 
 WINDOWS = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(5))
 CONFIGS = {
@@ -87,7 +91,12 @@ def test_quanto_row_measures_its_own_storage():
 
 
 def _row(method: str, setting: str, base: str, bits: float, ppl: float) -> Row:
-    return Row("m", "c", "k-only", method, setting, base, "channel", 0, None, bits, 16.0, ppl, 10)
+    """A row of 40 tokens in 4 bootstrap blocks whose losses spread around ``log(ppl)``."""
+    nll = [math.log(ppl) * 10 + d for d in (-1.0, 0.5, -0.5, 1.0)]
+    return Row(
+        "m", "c", "k-only", method, setting, base, "channel", 0, None, bits, 16.0, ppl, 40,
+        ppl_low=ppl * 0.9, ppl_high=ppl * 1.1, block_nll=nll, block_tokens=[10] * 4,
+    )  # fmt: skip
 
 
 def test_headline_pareto_table_json_and_plot(tmp_path):
@@ -98,7 +107,8 @@ def test_headline_pareto_table_json_and_plot(tmp_path):
         _row("headq", "K2/channel r8 s4/block", "K2/channel", 3.0, 11.5),
         _row("headq", "K2/channel r4 s4/block", "K2/channel", 2.8, 13.0),
     ]
-    assert headline(rows)[0].startswith("K2/channel r8 s4/block: removes 85.0% of the excess PPL")
+    annotate_removed(rows)
+    assert headline(rows)[0].startswith("K2/channel r8 s4/block: removes 85.0% (95% interval")
     front = pareto_front(rows, lambda r: r.key_bits)
     assert [r.setting for r in front] == [
         "K2/channel",
@@ -108,7 +118,7 @@ def test_headline_pareto_table_json_and_plot(tmp_path):
         "-",  # full precision: most bits, lowest perplexity
     ]
     table = markdown_table(rows)
-    assert table.count("\n") == len(rows) + 1 and "| 11.500 |" in table
+    assert table.count("\n") == len(rows) + 1 and "| 11.500 | 10.35-12.65 | 85.0% [" in table
     json.dumps([r.to_dict() for r in rows])
     plot_results(rows, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 10_000
@@ -133,3 +143,74 @@ def test_fair_budget_finds_the_budgets_where_plain_wins():
     assert summary == [(2.5, 2.75, 70.0, None), (3.25, 3.375, 56.6, 57.3)]
     assert "[3.250, 3.375)" in fair_budget_summary(rows)
     assert fair_budget_losses([r for r in rows if r.key_bits not in (2.5, 3.25)]) == []
+
+
+def _setup_for(model, windows: torch.Tensor = WINDOWS, key_pca=None) -> EvalSetup:
+    return EvalSetup(model, "tiny", "random ids", windows, random_basis(model, rank=16), key_pca, batch_size=2)
+
+
+def test_rows_that_cannot_run_are_skipped_with_their_reason_and_the_run_goes_on():
+    """A hybrid model: quanto refuses sliding layers; no key-PCA basis; a row that raises. Every row
+    still comes back, in order, and each finished row is handed out as it finishes."""
+    model = tiny_model("gemma2")
+    config = HeadQConfig(rank=4, side_bits=4, side_scale="block", block_size=8)
+    methods = [
+        Method("k-only", "full-precision"),
+        Method("full-kv", "quanto", "token", quanto_bits=2),
+        Method("k-only", "key-pca", "channel", config, "key-pca"),
+        Method("k-only", "headq", "channel", config.replace(rank=64), "query"),  # more than the basis holds
+        Method("k-only", "plain", "channel", config.replace(rank=0)),
+        Method("k-only", "headq", "channel", config, "query"),
+    ]
+    seen: list[int] = []
+    rows = run_evaluation(_setup_for(model), methods, progress=False, on_row=lambda rows: seen.append(len(rows)))
+    assert seen == list(range(1, len(methods) + 1))
+    assert [r.setting for r in rows] == [m.setting for m in methods]
+    assert "sliding-window" in rows[1].skipped or "optimum-quanto" in rows[1].skipped
+    assert "key-PCA" in rows[2].skipped
+    assert rows[3].skipped.startswith("failed: ")
+    assert [r.ok for r in rows] == [True, False, False, False, True, True]
+    assert math.isnan(rows[1].ppl) and "skipped: " in markdown_table(rows)
+    json.dumps([r.to_dict() for r in rows])
+    headq, plain, full = rows[5], rows[4], rows[0]
+    if plain.ppl > full.ppl:  # a share of the excess is defined only when there is an excess
+        assert headq.removed_low <= headq.removed <= headq.removed_high
+    else:
+        assert headq.removed is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_core_profile_runs_on_every_family(family):
+    """`headq eval --profile core`'s rows (and quanto's, skipped where it cannot run) on each family."""
+    model = tiny_model(family)
+    windows = torch.randint(3, 97, (2, 24), generator=torch.Generator().manual_seed(1))
+    methods = [*standard_methods("core"), Method("full-kv", "quanto", "token", quanto_bits=2)]
+    rows = run_evaluation(_setup_for(model, windows), methods, progress=False)
+    failed = [(r.setting, r.skipped) for r in rows if r.skipped is not None and r.method != "quanto"]
+    assert failed == []
+    for r in rows:
+        if r.ok:
+            assert 1 < r.ppl_low <= r.ppl <= r.ppl_high < 1e4
+    if family in ("gemma2", "gemma3", "mistral-sliding"):
+        assert rows[-1].skipped is not None  # quanto: sliding layers
+
+
+def test_paired_interval_of_the_share_removed():
+    """Paired draws: a method equal to full precision removes exactly 100% in every draw, one equal
+    to its base exactly 0%; unpaired draws of noisy blocks could not give such point intervals."""
+    from transformers_headq.intervals import block_sums, draws, perplexity_interval, removed_interval
+
+    gen = torch.Generator().manual_seed(0)
+    full = torch.rand(3, 200, generator=gen) * 4
+    base = full + 0.3 + torch.rand(3, 200, generator=gen) * 0.2
+    full_b, base_b = block_sums(full), block_sums(base)
+    assert len(full_b[0]) == 3 * 4 and sum(full_b[1]) == 600  # 200 tokens: blocks of 64, 64, 64, 8
+    index = draws(len(full_b[0]))
+    assert removed_interval(full_b, full_b, base_b, index) == pytest.approx((1.0, 1.0))
+    assert removed_interval(full_b, base_b, base_b, index) == pytest.approx((0.0, 0.0))
+    middle = block_sums((full + base) / 2)
+    low, high = removed_interval(full_b, middle, base_b, index)
+    assert 0.3 < low < high < 0.7
+    ppl = math.exp(float(full.double().mean()))
+    low, high = perplexity_interval(*full_b, index)
+    assert low < ppl < high and high / low < 1.3

