@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from .handoff import AttentionInputs, HeadQStates
+from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
+from .static_attention import static_decode_attention
 
 ATTENTION_NAME = "headq"
 
@@ -266,6 +267,8 @@ def headq_attention_forward(
         raise ValueError("the headq attention has no dropout: it is an inference cache; call model.eval()")
     batch, q_heads, q_len, head_dim = query.shape
     scaling = head_dim**-0.5 if scaling is None else scaling
+    if isinstance(key, StaticDecodeStates):  # a fixed-capacity layer's decode step (compileable)
+        return static_decode_attention(key, query, attention_mask, scaling, softcap), None
     kv_heads = key.shape[1]
     if q_heads % kv_heads:
         raise ValueError(f"{q_heads} query heads cannot share {kv_heads} KV heads evenly")

@@ -357,10 +357,15 @@ class HeadQCache(Cache):
         *,
         num_layers: int | None = None,
         model_config: Any = None,
+        max_cache_len: int | None = None,
         **overrides: Any,
     ) -> None:
         """``model_config`` (the model's config) tells which layers slide and over how many tokens;
-        without it every layer keeps all its tokens (still correct: the mask hides old ones)."""
+        without it every layer keeps all its tokens (still correct: the mask hides old ones).
+
+        ``max_cache_len``: a fixed capacity in tokens (rounded up to whole blocks), allocated at the
+        first update and never exceeded; such a cache is compileable (``torch.compile`` captures its
+        decode step, and ``generate`` compiles decoding on GPUs). ``None``: stores grow as needed."""
         windows: list[int | None] | None = None
         if model_config is not None:
             windows = sliding_windows(model_config)
@@ -382,10 +387,21 @@ class HeadQCache(Cache):
             raise CacheInputError("pass a basis, or num_layers for a cache without side codes")
         self.config = config
         self.basis = basis
+        self.max_cache_len = max_cache_len
         windows = windows or [None] * num_layers
-        layers: list[Any] = [
-            HeadQLayer(config, None if basis is None else basis.layers[i], i, windows[i]) for i in range(num_layers)
-        ]
+        layers: list[Any]
+        if max_cache_len is None:
+            layers = [
+                HeadQLayer(config, None if basis is None else basis.layers[i], i, windows[i])
+                for i in range(num_layers)
+            ]
+        else:
+            from .static import StaticHeadQLayer
+
+            layers = [
+                StaticHeadQLayer(config, None if basis is None else basis.layers[i], i, max_cache_len)
+                for i in range(num_layers)
+            ]
         super().__init__(layers=layers)
 
     @classmethod

@@ -123,7 +123,7 @@ def calibrate(
     seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
     windows: Annotated[int, typer.Option(help="calibration windows (all processes together)")] = 64,
     batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
-    rank: Annotated[int, typer.Option(help="directions stored per KV head (0: head dim)")] = 32,
+    rank: Annotated[int, typer.Option(help="directions stored per KV head (0: all, head dim)")] = 0,
     use_rank: Annotated[int, typer.Option(help="side-code rank a cache uses by default (0: head dim / 4)")] = 0,
     side_bits: Annotated[int, typer.Option(help="side-code bits a cache uses by default")] = 3,
     side_scale: Annotated[str, typer.Option(help="side-code scales by default: 'block' or 'token'")] = "block",
@@ -167,10 +167,14 @@ def evaluate(
     model: ModelOption = DEFAULT_MODEL,
     basis: Annotated[str, typer.Option(help="basis folder or Hub id ('shipped': the packaged one)")] = "shipped",
     corpus: CorpusOption = DEFAULT_CORPUS,
-    seq_len: Annotated[int, typer.Option(help="tokens per evaluation window")] = 512,
-    windows: Annotated[int, typer.Option(help="evaluation windows")] = 4,
+    seq_len: Annotated[
+        int | None, typer.Option(help="tokens per evaluation window (default 512; long: 4096 or the model's limit)")
+    ] = None,
+    windows: Annotated[int | None, typer.Option(help="evaluation windows (default 4; full: 16)")] = None,
     full: Annotated[bool, typer.Option("--full", help="all rows (ranks, side bits, blocks), 16 windows")] = False,
-    profile: Annotated[str, typer.Option(help="rows: 'quick', 'full' (= --full) or 'core' (5 rows)")] = "quick",
+    profile: Annotated[
+        str, typer.Option(help="rows: 'quick', 'full' (= --full), 'core' (5 rows) or 'long' (long windows)")
+    ] = "quick",
     batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     plot: Annotated[Path, typer.Option(help="PNG of PPL against bits per element")] = Path("headq-eval.png"),
@@ -184,22 +188,28 @@ def evaluate(
         headline,
         markdown_table,
         plot_results,
+        position_table,
         run_evaluation,
         standard_methods,
     )
+    from .fingerprint import model_fingerprint
     from .shipped import resolve_basis
 
+    profile = "full" if full else profile
+    if profile not in ("core", "quick", "full", "long"):
+        raise typer.BadParameter(f"--profile must be 'core', 'quick', 'full' or 'long', not {profile!r}")
     loaded = _load(model, device)
     query_basis = resolve_basis(basis)
     query_basis.check_model(loaded.model)
     key_pca = _key_pca_beside(basis)
-    profile = "full" if full else profile
-    if profile not in ("core", "quick", "full"):
-        raise typer.BadParameter(f"--profile must be 'core', 'quick' or 'full', not {profile!r}")
-    n_windows = 16 if profile == "full" and windows == 4 else windows
-    ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
+    if seq_len is None:
+        limit = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
+        seq_len = min(4096, limit) if profile == "long" else 512
+    n_windows = windows or (16 if profile == "full" else 4)
+    with console.status(f"reading {corpus}"):
+        ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
     setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size)
-    methods = standard_methods(profile)  # type: ignore[arg-type]
+    methods = standard_methods(profile, model_fingerprint(loaded.model.config)["head_dim"])  # type: ignore[arg-type]
 
     def save(rows: list[Any]) -> None:  # after every row: an interrupted run keeps what it finished
         if markdown is not None:
@@ -213,6 +223,11 @@ def evaluate(
     typer.echo(BITS_NOTE)
     for line in [*headline(rows), fair_budget_summary(rows)]:
         typer.echo(line)
+    by_position = position_table(rows, seq_len)
+    if by_position:
+        typer.echo("\n" + by_position)
+        if markdown is not None:
+            markdown.write_text(markdown_table(rows) + "\n\n" + by_position + "\n")
     plot_results(rows, str(plot))
     console.print(f"plot: {plot}")
     _report_skipped(rows)

@@ -28,10 +28,11 @@ from .intervals import block_sums, draws, perplexity_interval, removed_interval,
 from .loading import cache_kwargs
 
 Mode = Literal["k-only", "full-kv"]
-Profile = Literal["core", "quick", "full"]
+Profile = Literal["core", "quick", "full", "long"]
 DEPLOY_DTYPE = torch.float16
 QUANTO_GROUP = 64
 QUANTO_RESIDUAL = 128
+POSITION_BUCKETS = 8
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class Row:
     # Summed loss and tokens per bootstrap block (see intervals.py): what the intervals are made from.
     block_nll: list[float] = field(default_factory=list, repr=False)
     block_tokens: list[int] = field(default_factory=list, repr=False)
+    # Mean loss of the tokens in each of POSITION_BUCKETS equal spans of the window (first to last).
+    position_nll: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -116,50 +119,65 @@ def _headq(rank: int, side_bits: int, block: int = 64, **changes: Any) -> HeadQC
     return HeadQConfig(rank=rank, side_bits=side_bits, side_scale="block", block_size=block, **changes)
 
 
-def standard_methods(profile: Profile = "quick") -> list[Method]:
-    """The rows ``headq eval`` runs: the quick profile is the README's main job, ``full`` adds every
-    rank, side-code width and block, ``core`` is the handful a transfer check needs.
+def _rank(head_dim: int, sixteenths: float) -> int:
+    """A side-code rank of ``sixteenths / 16`` of the head: the same bits per key element at any head dim."""
+    return max(1, round(head_dim * sixteenths / 16))
 
-    Plain and HeadQ rows span 2.4-3.5 bits per key element (blocks of 64 and 128 tokens) so that a
+
+def standard_methods(profile: Profile = "quick", head_dim: int = 64) -> list[Method]:
+    """The rows ``headq eval`` runs: ``quick`` is the README's main job, ``full`` adds every rank,
+    side-code width and block, ``core`` is the handful a transfer check needs, ``long`` is the set
+    the long-context evaluation needs (fronts of plain and HeadQ rows, full-KV, no slow decode loop).
+
+    Side-code ranks are fractions of ``head_dim`` (a rank-``r`` code of ``s`` bits costs ``r·s/head_dim``
+    bits per key element), so every model gets rows spanning the same 2.4-3.5 key bits; for head
+    dim 64 they are ranks 4 to 24. Plain and HeadQ rows use blocks of 64 and 128 tokens so that a
     Pareto front can be drawn; the controls share one HeadQ setting.
     """
+    r = {n: _rank(head_dim, n) for n in (1, 2, 3, 4, 6, 8)}  # sixteenths of the head
     if profile == "core":  # the rows a transfer or regression check needs, in under a minute
         return [
             Method("k-only", "full-precision"),
             Method("k-only", "plain", "channel", HeadQConfig(key_bits=2, rank=0)),
-            Method("k-only", "headq", "channel", _headq(8, 4), "query"),
-            Method("k-only", "headq", "channel", _headq(16, 3), "query"),
-            Method("k-only", "random", "channel", _headq(16, 3), "random"),
+            Method("k-only", "headq", "channel", _headq(r[2], 4), "query"),
+            Method("k-only", "headq", "channel", _headq(r[4], 3), "query"),
+            Method("k-only", "random", "channel", _headq(r[4], 3), "random"),
         ]
     methods = [Method("k-only", "full-precision")]
-    blocks = (64, 128) if profile == "quick" else (32, 64, 128)
+    blocks = (32, 64, 128) if profile == "full" else (64, 128)
     for block in blocks:
-        for bits in (2, 3) if profile == "quick" else (2, 3, 4):
+        for bits in (2, 3, 4) if profile == "full" else (2, 3):
             methods.append(Method("k-only", "plain", "channel", HeadQConfig(key_bits=bits, rank=0, block_size=block)))
-    for bits in (2, 3):
-        methods.append(Method("k-only", "plain", "token", HeadQConfig(key_bits=bits, key_grouping="token", rank=0)))
+    if profile != "long":
+        for bits in (2, 3):
+            config = HeadQConfig(key_bits=bits, key_grouping="token", rank=0)
+            methods.append(Method("k-only", "plain", "token", config))
     # (key bits, block, rank, side bits): 2-bit keys with side codes of growing rank, and a small side
     # code on 3-bit keys for the top of the 2.5-3.5 bit range, where plain 3-bit keys are strong.
-    if profile == "quick":
-        grid = [(2, 64, 4, 4), (2, 64, 8, 4), (2, 64, 12, 3), (2, 64, 16, 3), (2, 128, 4, 2), (2, 128, 12, 2)]
-        grid += [(2, 128, 16, 3), (2, 128, 24, 3), (3, 128, 4, 2)]
+    if profile in ("quick", "long"):
+        grid = [(2, 64, r[1], 4), (2, 64, r[2], 4), (2, 64, r[3], 3), (2, 64, r[4], 3), (2, 128, r[1], 2)]
+        grid += [(2, 128, r[3], 2), (2, 128, r[4], 3), (2, 128, r[6], 3), (3, 128, r[1], 2)]
     else:
-        grid = [(2, b, r, s) for b in blocks for r in (2, 4, 8, 12, 16, 24, 32) for s in (2, 3, 4)]
-        grid += [(3, b, r, s) for b in blocks for r in (2, 4, 8) for s in (2, 3)]
+        ranks = sorted({_rank(head_dim, n) for n in (0.5, 1, 2, 3, 4, 6, 8)})
+        grid = [(2, b, rank, s) for b in blocks for rank in ranks for s in (2, 3, 4)]
+        grid += [(3, b, rank, s) for b in blocks for rank in ranks[:3] for s in (2, 3)]
     for key_bits, block, rank, side_bits in grid:
         config = _headq(rank, side_bits, block, key_bits=key_bits)
         methods.append(Method("k-only", "headq", "channel", config, "query"))
-    methods.append(Method("k-only", "headq", "token", _headq(8, 4, key_grouping="token"), "query"))
-    for kind in ("random", "key-pca", "wrong-sign"):
-        methods.append(Method("k-only", kind, "channel", _headq(16, 3), kind))
+    if profile != "long":
+        methods.append(Method("k-only", "headq", "token", _headq(r[2], 4, key_grouping="token"), "query"))
+        for kind in ("random", "key-pca", "wrong-sign"):
+            methods.append(Method("k-only", kind, "channel", _headq(r[4], 3), kind))
 
     for key_bits, value_bits in ((2, 2), (3, 2), (2, 3)):
         methods.append(
             Method("full-kv", "plain", "channel", HeadQConfig(key_bits=key_bits, value_bits=value_bits, rank=0))
         )
-    for rank, keep in ((4, 2), (8, 0), (8, 2)):
+    for rank, keep in ((r[1], 2), (r[2], 0), (r[2], 2)):
         methods.append(Method("full-kv", "headq", "channel", _headq(rank, 4, value_bits=2, value_keep=keep), "query"))
-    control = _headq(8, 4, value_bits=2, value_keep=2, value_policy="position")
+    if profile == "long":
+        return methods
+    control = _headq(r[2], 4, value_bits=2, value_keep=2, value_policy="position")
     methods.append(Method("full-kv", "position-keep", "channel", control, "query"))
     methods.append(Method("full-kv", "quanto", "token", quanto_bits=2))
     if profile == "full":
@@ -301,6 +319,11 @@ def skip_reason(setup: EvalSetup, method: Method) -> str | None:
             return "transformers' QuantizedCache does not support sliding-window layers, which this model has"
     if method.basis_kind == "key-pca" and setup.key_pca is None:
         return "no key-PCA basis beside the query basis (headq calibrate writes one in OUTPUT/key-pca)"
+    if method.basis_kind is not None and method.rank > setup.basis.rank:
+        return (
+            f"rank {method.rank} needs {method.rank} calibrated directions, the basis holds {setup.basis.rank} "
+            "(calibrate with --rank 0 to keep all of them)"
+        )
     return None
 
 
@@ -349,6 +372,7 @@ def evaluate_method(setup: EvalSetup, method: Method, on_batch: Callable[[int], 
         ppl_high=high,
         block_nll=sums,
         block_tokens=counts,
+        position_nll=[float(part.double().mean()) for part in losses.tensor_split(POSITION_BUCKETS, dim=1)],
     )
 
 
@@ -462,6 +486,29 @@ def markdown_table(rows: list[Row]) -> str:
             f"| {r.mode} | {r.method} | {r.setting} | {r.key_bits:.3f} | {r.value_bits:.3f} | {r.ppl:.3f} "
             f"| {r.ppl_low:.2f}-{r.ppl_high:.2f} | {removed} |"
         )
+    return "\n".join(lines)
+
+
+def position_table(rows: list[Row], seq_len: int) -> str:
+    """Does a side code help as much late in a window as early? Per span of the window, the excess
+    perplexity of the best K-only HeadQ row's plain base and the share of it the row removes."""
+    fp = next((r for r in rows if r.ok and r.method == "full-precision" and r.position_nll), None)
+    candidates = [r for r in rows if r.method == "headq" and r.mode == "k-only" and r.removed is not None]
+    best = max(candidates, key=lambda r: r.removed or 0.0, default=None)
+    base = None if best is None else _base_of(rows, best)
+    if fp is None or best is None or base is None:
+        return ""
+    lines = [
+        f"Excess perplexity by position in the window: {best.setting} against plain {base.setting}",
+        "",
+        "| predicted tokens | full PPL | plain PPL | HeadQ PPL | excess removed |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    spans = torch.arange(1, seq_len).tensor_split(len(fp.position_nll))  # token t is predicted from 0..t-1
+    for span, f, h, b in zip(spans, fp.position_nll, best.position_nll, base.position_nll, strict=True):
+        full, headq, plain = math.exp(f), math.exp(h), math.exp(b)
+        share = f"{100 * removed_share(full, headq, plain):.1f}%" if plain > full else "-"
+        lines.append(f"| {int(span[0])}-{int(span[-1])} | {full:.2f} | {plain:.2f} | {headq:.2f} | {share} |")
     return "\n".join(lines)
 
 

