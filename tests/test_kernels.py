@@ -240,3 +240,40 @@ def test_copied_cache_decodes_like_the_original():
     again = fused_decode_attention(copied.layers[0], query, None, 0.25, None)
     assert original is not None and again is not None
     torch.testing.assert_close(again, original, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fixed_capacity_kernel_matches_its_torch_path(monkeypatch, name, padded):
+    """The custom op over a fixed-capacity cache (splits over the capacity, lengths read from the
+    device, empty splits past them) computes what the fixed layer's torch path computes."""
+    from transformers_headq import kernels
+    from transformers_headq.handoff import StaticDecodeStates
+    from transformers_headq.static_attention import static_decode_attention
+
+    monkeypatch.setitem(kernels.LAUNCH, "min_split_tokens", 16)  # many splits, most of them empty
+    config, head_dim = CASES[name]
+    rank = config.rank or 0
+    basis = basis_from_tensors_for(rank, 3, head_dim) if rank else None
+    cache = HeadQCache(basis, config, num_layers=1, max_cache_len=200)
+    gen = torch.Generator().manual_seed(len(name))
+    states = torch.randn(2, 3, 2, 60, head_dim, generator=gen).to(DEVICE)
+    cache.update(states[0, :, :, :40], states[1, :, :, :40], 0)
+    for t in range(40, 60):
+        states_out, _ = cache.update(states[0, :, :, t : t + 1], states[1, :, :, t : t + 1], 0)
+    assert isinstance(states_out, StaticDecodeStates)
+    layer = cache.layers[0]
+    assert layer.quantized_length > 0 and layer.window_keys.shape[-2] > 0  # both parts are read
+    assert kernels.kernels_enabled(DEVICE) and kernels.kernel_supports(layer)  # the op, not the torch path
+    query = torch.randn(3, 4, 1, head_dim, generator=gen).to(DEVICE)
+    mask = None
+    if padded:  # left padding of 0, 9 and 40 tokens, over the whole capacity as transformers builds it
+        mask = torch.arange(layer.capacity, device=DEVICE)[None, None, None, :] < 60
+        mask = mask.repeat(3, 1, 1, 1)
+        mask[1, ..., :9] = False
+        mask[2, ..., :40] = False
+    fused = static_decode_attention(states_out, query, mask, 0.25, 5.0)
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference = static_decode_attention(states_out, query, mask, 0.25, 5.0)
+    assert fused.shape == reference.shape == (3, 1, 4, head_dim)
+    torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)

@@ -7,8 +7,8 @@ addresses). Its lengths live on the device:
 
 - ``quantized``: tokens in the quantized stores (a multiple of ``block_size``),
 - ``fill``: tokens in the window,
-- ``overflow``: set if a decode step ran past the capacity (that block is dropped, never written
-  over another; the next eager call raises :class:`CacheCapacityError`).
+- ``overflow``: set if a decode step ran past the capacity (its token is never written over a
+  stored one, its block is dropped; the next eager call raises :class:`CacheCapacityError`).
 
 A decode step (one new token) writes the token into the window at ``fill``, quantizes the window
 every step, and commits it as the next block only where the window is full: a predicated write,
@@ -29,6 +29,7 @@ import torch
 
 from .cache import HeadQLayer
 from .config import HeadQConfig
+from .encode import encode_block, quantizer_spec
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
 from .store import CacheCapacityError, DenseStore, QuantizedStore, TokenStore, capacity_error
@@ -79,8 +80,9 @@ class StaticHeadQLayer(HeadQLayer):
         self.value_store = self._fixed_store(cfg.value_quantizer(head_dim), head_dim, value_states[:, :, :0])
         self._window_k = key_states.new_zeros(batch, heads, cfg.block_size, head_dim)
         self._window_v = value_states.new_zeros(batch, heads, cfg.block_size, value_states.shape[-1])
-        self.quantized = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.fill = torch.zeros(1, dtype=torch.long, device=self.device)
+        # One tensor, so that a kernel reads both counts through one pointer; the names are views of it.
+        self.lengths = torch.zeros(2, dtype=torch.long, device=self.device)
+        self.quantized, self.fill = self.lengths[0:1], self.lengths[1:2]
         self.overflow = torch.zeros(1, dtype=torch.bool, device=self.device)
         self._last_block = torch.full((1,), cap // cfg.block_size - 1, dtype=torch.long, device=self.device)
         for tensor in self._static_tensors():
@@ -94,13 +96,13 @@ class StaticHeadQLayer(HeadQLayer):
     def _static_tensors(self) -> list[torch.Tensor]:
         stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
         buffers = [b.storage for s in stores for b in s.buffers()]
-        return [*buffers, self._window_k, self._window_v, self.quantized, self.fill, self.overflow, self._last_block]
+        return [*buffers, self._window_k, self._window_v, self.lengths, self.overflow, self._last_block]
 
     # ---------------------------------------------------- host-side lengths
     # Eager code (prefill, crop, reporting) reads the device lengths; a compiled step never does.
     def _lengths(self) -> tuple[int, int]:
         if bool(self.overflow.item()):
-            raise capacity_error(self.capacity, self.capacity + self.config.block_size)
+            raise capacity_error(self.capacity, self.capacity + 1)
         return int(self.quantized.item()), int(self.fill.item())
 
     def _sync_host(self) -> tuple[int, int]:
@@ -150,13 +152,13 @@ class StaticHeadQLayer(HeadQLayer):
     def _decode_update(self, key: torch.Tensor, value: torch.Tensor) -> StaticDecodeStates:
         """Append one token on the device; commit the window as a block where it is full."""
         block = self.config.block_size
+        self.overflow.logical_or_(self.quantized + self.fill >= self.capacity)  # this token's position
         self._window_k.index_copy_(2, self.fill, key)
         self._window_v.index_copy_(2, self.fill, value)
         fill = self.fill + 1
         full = fill == block
         room = self.quantized < self.capacity
         commit = full & room
-        self.overflow.logical_or_(full & ~room)
         target = torch.minimum(self.quantized // block, self._last_block)
         self._write_block(target, self._window_k, self._window_v, commit)
         self.quantized.add_(commit.long() * block)
@@ -166,22 +168,20 @@ class StaticHeadQLayer(HeadQLayer):
     def _write_block(
         self, target: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, commit: torch.Tensor
     ) -> None:
-        """The flush of :class:`HeadQLayer`, one block, at a device-side block index."""
-        self.key_store.write_block(target, keys, commit)
-        if self.side_store is not None:
-            assert self.encoder is not None
-            if isinstance(self.key_store, QuantizedStore):
-                key_hat = self.key_store.quantizer.dequantize(
-                    self.key_store.quantizer.quantize(keys), keys.shape[-1], keys.dtype
-                )
-            else:
-                key_hat = keys
-            error = keys.float() - key_hat.float()
-            side = torch.einsum("bhtd,hdr->bhtr", error, self.encoder)
-            self.side_store.write_block(
-                target, side.to(self.dtype) if isinstance(self.side_store, DenseStore) else side, commit
-            )
-        self.value_store.write_block(target, values, commit)
+        """The flush of :class:`HeadQLayer`, one block, at a device-side block index: encoded by the
+        same code as eager (one opaque op), then written where ``commit``."""
+        head_dim = self.shape[2]
+        cfg = self.config
+        side_spec = quantizer_spec(cfg.side_quantizer(self.rank)) if self.rank else []
+        encoded = encode_block(
+            keys, values, self.encoder if self.rank else None, quantizer_spec(cfg.key_quantizer(head_dim)),
+            side_spec, quantizer_spec(cfg.value_quantizer(head_dim)), cfg.meta_torch_dtype,
+        )  # fmt: skip
+        stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
+        for store in stores:
+            parts = len(store.buffers())
+            store.write_block(target, encoded[:parts], commit)
+            encoded = encoded[parts:]
 
     def _prefill_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor
@@ -231,8 +231,8 @@ class StaticHeadQLayer(HeadQLayer):
     def reset(self) -> None:
         """Empty the cache in place: the buffers stay where they are, so a compiled step is reused."""
         if self.is_initialized:
-            for counter in (self.quantized, self.fill, self.overflow):
-                counter.zero_()
+            self.lengths.zero_()
+            self.overflow.zero_()
 
     def _evictable(self) -> int:
         return 0

@@ -12,6 +12,9 @@ from __future__ import annotations
 import torch
 
 from .handoff import StaticDecodeStates
+from .kernels import kernel_supports, kernels_enabled
+from .kernels.fixed import fixed_decode_attention
+from .store import QuantizedStore
 
 
 def _mask_columns(mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
@@ -31,8 +34,11 @@ def static_decode_attention(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step."""
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step: the fused kernel
+    where it covers the layer (a GPU, or Triton's interpreter), else the torch path below."""
     layer = states.layer
+    if kernels_enabled(query.device) and kernel_supports(layer) and _mask_is_per_key(mask):
+        return _fused(states, query, mask, scaling, softcap)
     batch, q_heads, _, head_dim = query.shape
     kv_heads = layer.shape[1]
     groups = q_heads // kv_heads
@@ -59,3 +65,35 @@ def static_decode_attention(
     values = torch.cat([layer.value_store.read_capacity(torch.float32), layer._window_v.float()], dim=-2)
     out = (weights @ values) / torch.where(total > 0, total, torch.ones_like(total))
     return out.reshape(batch, q_heads, 1, -1).transpose(1, 2).to(query.dtype)
+
+
+def _mask_is_per_key(mask: torch.Tensor | None) -> bool:
+    """A decode mask the kernel reads: none, or a boolean ``[B, 1, 1, K]`` key mask shared by the heads."""
+    return mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1)
+
+
+def _storages(store: object) -> list[torch.Tensor]:
+    """Codes, scales and zeros of a quantized store (dense rows three times: scales are not read)."""
+    buffers = [b.storage for b in store.buffers()]  # type: ignore[attr-defined]
+    return buffers if isinstance(store, QuantizedStore) else buffers * 3
+
+
+def _fused(
+    states: StaticDecodeStates, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    layer = states.layer
+    cfg = layer.config
+    keys = _storages(layer.key_store)
+    side = _storages(layer.side_store) if layer.side_store is not None else keys
+    values = _storages(layer.value_store)
+    validity = None
+    if mask is not None:
+        validity = mask[:, 0, 0, :].expand(query.shape[0], mask.shape[-1]).view(torch.uint8)
+    value_bits = cfg.value_bits if isinstance(layer.value_store, QuantizedStore) else 0
+    return fixed_decode_attention(
+        query, layer.decoder if layer.decoder is not None else query,
+        *keys, *side, *values,
+        layer._window_k, layer._window_v, validity, layer.lengths,
+        scaling, softcap or 0.0, cfg.key_bits or 0, cfg.side_bits or 8, cfg.side_scale == "token", value_bits or 0,
+        layer.rank,
+    )  # fmt: skip

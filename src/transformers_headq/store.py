@@ -139,8 +139,8 @@ class TokenStore(Protocol):
 
     def buffers(self) -> list[TokenBuffer]: ...
 
-    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
-        """Fixed capacity: store one block of ``rows`` at block index ``block`` where ``commit``."""
+    def write_block(self, block: torch.Tensor, encoded: list[torch.Tensor], commit: torch.Tensor) -> None:
+        """Fixed capacity: store one encoded block at block index ``block`` where ``commit``."""
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
         """Fixed capacity: every row of the allocation, as the reader sees it (unused rows too)."""
@@ -163,8 +163,10 @@ class DenseStore:
         self._buf.append(rows)
         self.length = self._buf.length
 
-    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
+    def write_block(self, block: torch.Tensor, encoded: list[torch.Tensor], commit: torch.Tensor) -> None:
+        """Store one block of rows (``encoded == [rows]``) at block index ``block`` where ``commit``."""
         assert self._buf is not None
+        (rows,) = encoded
         self._buf.write_block(block, rows, commit)
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
@@ -257,14 +259,11 @@ class QuantizedStore:
         self._zero.append(q.zero)
         self.length = self._codes.length
 
-    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
-        """Quantize one block of ``rows`` (the torch quantizer: traceable, the same codes as
-        :meth:`append`) and store it at block index ``block`` where ``commit``."""
-        assert self._codes is not None and self._scale is not None and self._zero is not None
-        q = self.quantizer.quantize(rows)
-        self._codes.write_block(block, q.codes, commit)
-        self._scale.write_block(block, q.scale, commit)
-        self._zero.write_block(block, q.zero, commit)
+    def write_block(self, block: torch.Tensor, encoded: list[torch.Tensor], commit: torch.Tensor) -> None:
+        """Store one block's ``[codes, scale, zero]`` (as :func:`~transformers_headq.encode.encode_block`
+        makes them) at block index ``block`` where ``commit``."""
+        for buf, part in zip(self.buffers(), encoded, strict=True):
+            buf.write_block(block, part, commit)
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
         assert self._codes is not None and self._scale is not None and self._zero is not None

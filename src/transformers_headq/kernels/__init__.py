@@ -138,7 +138,7 @@ class _DecodePlan:
             "KEY_BITS": cfg.key_bits, "SIDE_BITS": side_bits, "SIDE_PER_TOKEN": cfg.side_scale == "token",
             "VALUE_BITS": self.value_bits, "BLOCK_N": cfg.block_size, "TILE": min(LAUNCH["tile"], cfg.block_size),
             "ASM": bool(LAUNCH["asm"]) and device.type == "cuda",  # bit tricks need a GPU (not the interpreter)
-            "OP_DTYPE": getattr(tl, _OPERAND_DTYPES[layer.dtype]),
+            "OP_DTYPE": getattr(tl, _OPERAND_DTYPES[layer.dtype]), "DEVICE_LENGTHS": False,
         }  # fmt: skip
         self._options = {"num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"]}
         if LAUNCH["maxnreg"]:  # a register cap, for more programs per SM
@@ -239,6 +239,7 @@ def fused_decode_attention(
             value_codes, value_scale, value_zero,
             window_keys, window_values,
             validity,
+            m,  # lengths: not read without DEVICE_LENGTHS
             m, norm, acc,
             n_tokens, window_keys.shape[2], per_split, scaling, softcap or 0.0,
             query.stride(0), query.stride(1),

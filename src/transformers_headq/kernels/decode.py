@@ -26,7 +26,10 @@ float32 models the products run in float32 (``tf32x3``). The full-precision wind
 ``BLOCK_N`` tokens, read by the last split) uses the model's dtype, as sdpa does. Logits are scaled
 and optionally soft-capped as transformers does; padded keys are masked by a validity row. Each split
 writes its running max, normaliser and unnormalised output for the real query rows;
-:func:`headq_merge_kernel` combines them. The torch path in ``attention.py`` is the oracle: the tests
+:func:`headq_merge_kernel` combines them. With ``DEVICE_LENGTHS`` (a fixed-capacity cache, a CUDA
+graph replaying the launch) the token and window counts are read from device memory, and splits
+past the quantized tokens write empty partials that the merge weighs by zero. The torch path in
+``attention.py`` is the oracle: the tests
 compare the two under ``TRITON_INTERPRET=1`` on CPU, and ``benchmarks/decode_bench.py --check`` on the
 GPU.
 """
@@ -101,6 +104,7 @@ def headq_decode_kernel(
     vc_ptr, vs_ptr, vz_ptr,  # value codes [B, Hkv, T, D*VB/8], scale/zero [B, Hkv, T, 1]; or dense values
     wk_ptr, wv_ptr,  # full-precision window keys/values [B, Hkv, W, D]
     valid_ptr,  # [B, T + W] key validity (uint8), when HAS_MASK
+    lengths_ptr,  # [2] int64: quantized tokens and window tokens, when DEVICE_LENGTHS (else not read)
     m_ptr, l_ptr, acc_ptr,  # partials [B*Hkv, S, BLOCK_G], [B*Hkv, S, BLOCK_G], [B*Hkv, S, BLOCK_G, D]
     n_tokens, n_window, tokens_per_split, scaling, softcap,
     s_qb, s_qh,
@@ -113,7 +117,7 @@ def headq_decode_kernel(
     R: tl.constexpr, SIDE_BYTES: tl.constexpr, SIDE_NB: tl.constexpr, KEY_BITS: tl.constexpr,
     SIDE_BITS: tl.constexpr, SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr,
-    ASM: tl.constexpr,
+    ASM: tl.constexpr, DEVICE_LENGTHS: tl.constexpr,
 ):  # fmt: skip
     FP32: tl.constexpr = OP_DTYPE == tl.float32  # noqa: SIM300 (a constexpr, not a constant)
     CODE_DTYPE: tl.constexpr = tl.float32 if FP32 else tl.float16  # dequantized keys, codes, folded p
@@ -127,6 +131,9 @@ def headq_decode_kernel(
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
+    if DEVICE_LENGTHS:  # a fixed-capacity cache: splits cover the capacity, lengths come from the device
+        n_tokens = tl.load(lengths_ptr).to(tl.int32)
+        n_window = tl.load(lengths_ptr + 1).to(tl.int32)
     b = pid_bh // H_KV
     h = pid_bh % H_KV
 

@@ -1,0 +1,102 @@
+"""The fused decode kernel over a fixed-capacity cache, as a torch custom op.
+
+``torch.ops.headq.fixed_decode_attention`` takes tensors only: the packed stores over the whole
+capacity, the one-block window, and the ``[2]`` device counts of quantized and window tokens. Its
+splits are sized by the capacity, not by the tokens held, so one launch configuration serves every
+step and a CUDA graph can replay it; the kernel reads the counts from device memory
+(``DEVICE_LENGTHS``) and splits past them write empty partials. As a custom op it is one opaque
+node to ``torch.compile``: ``mode="reduce-overhead"`` captures it in the step's CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..quantize import packed_row_bytes
+
+
+@torch.library.custom_op("headq::fixed_decode_attention", mutates_args=())
+def fixed_decode_attention(
+    query: torch.Tensor,
+    decoder: torch.Tensor,
+    key_codes: torch.Tensor,
+    key_scale: torch.Tensor,
+    key_zero: torch.Tensor,
+    side_codes: torch.Tensor,
+    side_scale: torch.Tensor,
+    side_zero: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scale: torch.Tensor,
+    value_zero: torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    validity: torch.Tensor | None,
+    lengths: torch.Tensor,
+    scaling: float,
+    softcap: float,
+    key_bits: int,
+    side_bits: int,
+    side_per_token: bool,
+    value_bits: int,
+    rank: int,
+) -> torch.Tensor:
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype (see the module docstring).
+
+    ``value_bits=0``: dense values (``value_codes`` holds them; scale and zero are not read);
+    ``rank=0``: no side code (``decoder`` and the side tensors are not read); ``softcap=0``: none.
+    """
+    import triton
+    import triton.language as tl
+
+    from . import _OPERAND_DTYPES, LAUNCH, _smallest_dot_rows, _splits
+    from .decode import headq_decode_kernel, headq_merge_kernel
+
+    batch, q_heads, _, head_dim = query.shape
+    kv_heads, capacity, block = key_codes.shape[1], key_codes.shape[2], window_keys.shape[2]
+    groups = q_heads // kv_heads
+    block_g = max(LAUNCH["min_rows"], _smallest_dot_rows(), triton.next_power_of_2(groups))
+    side_bytes = packed_row_bytes(rank, side_bits)
+    n_splits, per_split = _splits(batch * kv_heads, capacity, block, query.device)
+    rows = batch * kv_heads * n_splits * block_g
+    partials = torch.empty(rows * (head_dim + 2), device=query.device, dtype=torch.float32)
+    m, norm, acc = partials[:rows], partials[rows : 2 * rows], partials[2 * rows :]
+    valid = validity if validity is not None else m
+    headq_decode_kernel[(batch * kv_heads, n_splits, 1)](
+        query, decoder,
+        key_codes, key_scale, key_zero,
+        side_codes, side_scale, side_zero,
+        value_codes, value_scale, value_zero,
+        window_keys, window_values,
+        valid, lengths,
+        m, norm, acc,
+        0, 0, per_split, scaling, softcap,
+        query.stride(0), query.stride(1),
+        *_bht(key_codes), *_bht(key_scale),
+        side_codes.stride(0), side_codes.stride(1), *_bht(side_scale),
+        *_bht(value_codes), *_bht(value_scale),
+        *_bht(window_keys), *_bht(window_values),
+        valid.stride(0) if validity is not None else 0,
+        H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim, R=rank,
+        SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)),
+        KEY_BITS=key_bits, SIDE_BITS=side_bits, SIDE_PER_TOKEN=side_per_token, VALUE_BITS=value_bits,
+        BLOCK_N=block, TILE=min(LAUNCH["tile"], block), HAS_MASK=validity is not None, SOFTCAP=softcap != 0.0,
+        OP_DTYPE=getattr(tl, _OPERAND_DTYPES[query.dtype]), ASM=bool(LAUNCH["asm"]) and query.is_cuda,
+        DEVICE_LENGTHS=True, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+    )  # fmt: skip
+    out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
+    splits_pad = max(2, 1 << (n_splits - 1).bit_length())
+    headq_merge_kernel[(batch * kv_heads, groups, 1)](
+        m, norm, acc, out, n_splits, G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad, CHUNK=min(splits_pad, 16)
+    )
+    return out
+
+
+@fixed_decode_attention.register_fake
+def _(query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    batch, q_heads, _, head_dim = query.shape
+    return query.new_empty(batch, 1, q_heads, head_dim)
+
+
+def _bht(t: torch.Tensor) -> tuple[int, int, int]:
+    """Batch, head and token strides of a ``[B, H, T, C]`` (strided) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
