@@ -414,13 +414,15 @@ class HeadQCache(Cache):
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        max_cache_len: int | None = None,
         **overrides: Any,
     ) -> HeadQCache:
         """Load a basis (local folder or Hub repo id), check it against ``model``, switch the
         model to the ``headq`` attention, and return an empty cache for one generation.
 
         ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` go to the Hub download;
-        other keywords override the cache settings stored with the basis (``rank=8``, ...)."""
+        ``max_cache_len`` makes a fixed-capacity, compileable cache (prompt + new tokens, rounded up to
+        whole blocks); other keywords override the cache settings stored with the basis (``rank=8``, ...)."""
         from .factory import HeadQCacheFactory
 
         factory = HeadQCacheFactory.from_pretrained(
@@ -430,6 +432,7 @@ class HeadQCache(Cache):
             cache_dir=cache_dir,
             local_files_only=local_files_only,
             token=token,
+            max_cache_len=max_cache_len,
             **overrides,
         )
         return factory()

@@ -31,9 +31,12 @@ class HeadQCacheFactory:
     basis: QueryBasis
     config: HeadQConfig
     model_config: Any
+    max_cache_len: int | None = None
 
-    def __call__(self) -> HeadQCache:
-        return HeadQCache(self.basis, self.config, model_config=self.model_config)
+    def __call__(self, max_cache_len: int | None = None) -> HeadQCache:
+        """An empty cache; ``max_cache_len`` (or the factory's) makes it fixed-capacity and compileable."""
+        capacity = max_cache_len if max_cache_len is not None else self.max_cache_len
+        return HeadQCache(self.basis, self.config, model_config=self.model_config, max_cache_len=capacity)
 
     @classmethod
     def from_pretrained(
@@ -45,10 +48,12 @@ class HeadQCacheFactory:
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        max_cache_len: int | None = None,
         **overrides: Any,
     ) -> HeadQCacheFactory:
         """Load a basis (folder, Hub repo id or :class:`QueryBasis`), check it against ``model`` and
-        switch the model to the ``headq`` attention. ``overrides`` change the stored cache settings."""
+        switch the model to the ``headq`` attention. ``overrides`` change the stored cache settings;
+        ``max_cache_len`` gives every cache a fixed capacity (see :class:`HeadQCache`)."""
         from .attention import enable_headq_attention
         from .fingerprint import check_supported
 
@@ -63,5 +68,10 @@ class HeadQCacheFactory:
         config = HeadQConfig.from_dict(basis.quantizer).replace(**overrides)
         if config.rank is not None and config.rank != basis.rank:
             basis = basis.with_rank(config.rank)  # cut once, not per request
+        if max_cache_len is not None:
+            from .static import check_fixed_capacity_config, round_to_blocks
+
+            check_fixed_capacity_config(config)
+            round_to_blocks(max_cache_len, config.block_size)  # a clear error now, not at the first update
         enable_headq_attention(model)
-        return cls(basis, config, model.config)
+        return cls(basis, config, model.config, max_cache_len)

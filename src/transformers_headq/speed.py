@@ -9,7 +9,11 @@ device where the host keeps up), peak GPU memory and KV bytes per token.
 
 Caches: ``dynamic`` (``DynamicCache`` with the model's sdpa attention, the backend torch picks),
 ``dynamic-flash`` (the same, sdpa limited to its flash backend; CUDA only), ``quanto`` (transformers'
-``QuantizedCache``, 2-bit, which dequantizes everything it holds at every step) and ``headq``.
+``QuantizedCache``, 2-bit, which dequantizes everything it holds at every step), ``headq`` (the growing
+HeadQ cache, eager), and the compiled rows, CUDA only: ``static-compiled`` (transformers' ``StaticCache``
+with ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)``, its documented fast path)
+and ``headq-compiled`` (HeadQ with a fixed capacity, compiled the same way). Compiled rows size their
+cache for the context and the steps, and compile in the warm-up steps.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 from .fingerprint import model_fingerprint, text_config
 from .loading import cache_kwargs
 
-CACHE_KINDS = ("dynamic", "dynamic-flash", "quanto", "headq")
+CACHE_KINDS = ("dynamic", "dynamic-flash", "static-compiled", "quanto", "headq", "headq-compiled")
+COMPILED_KINDS = ("static-compiled", "headq-compiled")
 _FILL_CHUNK = 4096  # tokens a fill step appends: bounds the temporary states of long contexts
 
 
@@ -46,6 +51,7 @@ class DecodeSpeed:
     kv_bytes_per_token: float  # all layers, keys and values, everything stored counted
     gpu_busy_ms: float | None = None
     peak_gib: float | None = None
+    cache_gib: float | None = None  # bytes the cache's tensors take (allocated: spare capacity included)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -61,6 +67,7 @@ def measure_decode_speed(
     steps: int,
     warmup: int,
     sdpa_flash: bool = False,
+    compiled: bool = False,
     profile: Callable[[Callable[[], None]], None] | None = None,
 ) -> DecodeSpeed:
     """Fill a fresh cache from ``make_cache`` and time ``steps`` decode steps after ``warmup`` untimed ones.
@@ -68,7 +75,9 @@ def measure_decode_speed(
     ``warmup`` should reach past HeadQ's first block flush (``block_size + 2`` steps): a cache filled to
     exactly its stores' capacity doubles them there, a one-off copy reported as ``slowest_warmup_ms``.
     ``sdpa_flash`` limits sdpa to its flash backend. ``profile``, if given, is called with the step function
-    after the timed steps (to profile one more step).
+    after the timed steps (to profile one more step). ``compiled``: decode through
+    ``torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`` (a fixed-capacity cache),
+    positions passed as a tensor, compiled (and its CUDA graph recorded) in the warm-up steps.
     """
     device = model.device
     cuda = device.type == "cuda"
@@ -78,12 +87,20 @@ def measure_decode_speed(
     cache = make_cache()
     fill_with_random_states(model, cache, batch, context)
     kv_bytes = _kv_bytes_per_token(cache, model, batch * context)
+    cache_gib = _allocated_bytes(cache) / 2**30
     token = torch.randint(0, text_config(model.config).vocab_size, (batch, 1), device=device)
 
     cache_kwarg = cache_kwargs(model, cache)
+    forward = model
+    if compiled:
+        torch._dynamo.reset()  # one compiled forward per cache kind
+        forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    position = [context]
 
     def step() -> None:
-        model(input_ids=token, use_cache=True, **cache_kwarg)
+        positions = torch.full((batch, 1), position[0], device=device, dtype=torch.long)
+        forward(input_ids=token, position_ids=positions, use_cache=True, **cache_kwarg)
+        position[0] += 1
         if cuda:
             torch.cuda.synchronize(device)
 
@@ -106,12 +123,13 @@ def measure_decode_speed(
         kv_bytes_per_token=kv_bytes,
         gpu_busy_ms=busy,
         peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        cache_gib=cache_gib,
     )
 
 
 def compare_decode_speed(
     model: Any,
-    headq_cache: Callable[[], Any],
+    headq_cache: Callable[..., Any],
     *,
     batch: int,
     context: int,
@@ -134,20 +152,26 @@ def compare_decode_speed(
         if why:
             on_skip(name, why)
             continue
-        if name == "headq":
+        capacity = context + warmup + steps + 2  # the fill, every step, and the profiled one
+        if name.startswith("headq"):
             from .attention import enable_headq_attention
 
             enable_headq_attention(model)
-            make = headq_cache
+            make = headq_cache if name == "headq" else functools.partial(headq_cache, max_cache_len=capacity)
         else:
             model.set_attn_implementation("sdpa")
-            make = _baseline_factory(name, model)
-        flash = name == "dynamic-flash"
-        rows.append(
-            measure_decode_speed(
-                model, make, name, batch=batch, context=context, steps=steps, warmup=warmup, sdpa_flash=flash
+            make = _baseline_factory(name, model, capacity)
+        flash = name == "dynamic-flash"  # a static cache's capacity-wide mask rules the flash backend out
+        try:
+            rows.append(
+                measure_decode_speed(
+                    model, make, name, batch=batch, context=context, steps=steps, warmup=warmup, sdpa_flash=flash,
+                    compiled=name in COMPILED_KINDS,
+                )  # fmt: skip
             )
-        )
+        except torch.OutOfMemoryError as error:  # a row that does not fit this GPU: say so, keep the others
+            on_skip(f"{name} {context}x{batch}", f"out of memory ({str(error).splitlines()[0]})")
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -230,6 +254,8 @@ def _cannot_run(name: str, device: torch.device) -> str | None:
     """Why cache ``name`` cannot be measured on ``device`` (``None``: it can)."""
     if name == "dynamic-flash" and device.type != "cuda":
         return "sdpa's flash backend needs a CUDA device"
+    if name in COMPILED_KINDS and device.type != "cuda":
+        return "compiled decode with CUDA graphs (mode='reduce-overhead') needs a CUDA device"
     if name == "quanto":
         import importlib.util
 
@@ -238,13 +264,15 @@ def _cannot_run(name: str, device: torch.device) -> str | None:
     return None
 
 
-def _baseline_factory(name: str, model: Any) -> Callable[[], Any]:
-    from transformers import DynamicCache
+def _baseline_factory(name: str, model: Any, capacity: int) -> Callable[[], Any]:
+    from transformers import DynamicCache, StaticCache
 
     if name == "quanto":
         from .evaluate import quanto_cache  # the quanto settings the quality evaluation uses
 
         return functools.partial(quanto_cache, model, 2)
+    if name == "static-compiled":
+        return functools.partial(StaticCache, config=model.config, max_cache_len=capacity)
     return DynamicCache
 
 
@@ -254,6 +282,9 @@ def _kv_bytes_per_token(cache: Any, model: Any, tokens: int) -> float:
 
     if isinstance(cache, HeadQCache):
         return cache.memory_bytes() / tokens
+    if type(cache).__name__ == "StaticCache":  # allocated for its capacity; count the filled tokens
+        fp = model_fingerprint(model.config)
+        return 2 * fp["num_hidden_layers"] * fp["num_key_value_heads"] * fp["head_dim"] * model.dtype.itemsize
     if hasattr(cache.layers[0], "_quantized_keys"):  # quanto: codes, group scales and shifts, residual
         from .evaluate import quanto_bits_per_element
 
@@ -262,6 +293,16 @@ def _kv_bytes_per_token(cache: Any, model: Any, tokens: int) -> float:
         return fp["num_hidden_layers"] * fp["num_key_value_heads"] * fp["head_dim"] * (key_bits + value_bits) / 8
     dense = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     return dense / tokens
+
+
+def _allocated_bytes(cache: Any) -> int:
+    """Bytes of every tensor a filled cache holds (HeadQ: its stores' whole allocation)."""
+    from .cache import HeadQCache
+
+    if isinstance(cache, HeadQCache):
+        return cache.allocated_bytes()
+    tensors = [t for layer in cache.layers for t in vars(layer).values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def plot_decode_speed(rows: list[DecodeSpeed], path: str) -> None:

@@ -1,0 +1,127 @@
+"""Whole-model decode on the GPU: HeadQ (eager and compiled) against bf16 DynamicCache (flash sdpa) and
+transformers' StaticCache + torch.compile, Llama-3-8B shapes with random bf16 weights.
+
+Each ``--run CACHE@CONTEXTxBATCH`` row fills a fresh cache with random states and times whole decode
+steps (``transformers_headq.speed``: warm-up past the first block flush and the compilation, then
+``--steps`` timed steps, each waited for; the GPU's busy time in one step; peak memory). Rows are
+written to ``--json`` as they finish; a row that does not fit the GPU is recorded as skipped.
+Before the rows, ``--check-tokens N`` decodes N greedy tokens with eager and compiled HeadQ from the
+same prompt (a batch with left padding) and records whether they agree.
+
+    python benchmarks/decode_e2e.py --json benchmarks/decode-e2e-h200.json \\
+        --run dynamic-flash@32768x8,static-compiled@32768x8,headq@32768x8,headq-compiled@32768x8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from decode_bench import HEADQ, LAYERS, llama_3_8b_model, random_basis
+
+from transformers_headq import HeadQCacheFactory
+from transformers_headq.speed import compare_decode_speed
+
+NAMES = {"dynamic-flash": "dynamic-bf16-flash", "static-compiled": "static-bf16-compiled", "dynamic": "dynamic-bf16"}
+
+
+def parse_runs(text: str) -> list[tuple[str, int, int]]:
+    runs = []
+    for item in text.split(","):
+        cache, _, shape = item.partition("@")
+        context, _, batch = shape.partition("x")
+        runs.append((cache.strip(), int(context), int(batch)))
+    return runs
+
+
+def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int) -> dict[str, Any]:
+    """Greedy tokens of eager and compiled HeadQ decode (fixed capacity) from one left-padded batch.
+
+    The 2-D attention mask spans the whole capacity from the start (ones where a token is), so the
+    compiled step sees the same shapes at every step, as ``generate`` arranges for static caches."""
+    prompt_len = 300
+    capacity = prompt_len + new_tokens
+    prompt = torch.randint(0, 128256, (2, prompt_len), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    out = {}
+    for name in ("eager", "compiled"):
+        torch._dynamo.reset()
+        cache = factory(max_cache_len=capacity)
+        step = model if name == "eager" else torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        mask = torch.zeros(2, capacity, dtype=torch.long, device="cuda")
+        mask[:, :prompt_len] = 1
+        mask[1, :37] = 0  # the second prompt is left-padded
+        positions = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            logits = model(input_ids=prompt, attention_mask=mask, position_ids=positions, past_key_values=cache).logits
+            tokens = [logits[:, -1].argmax(-1)]
+            for t in range(prompt_len, capacity - 1):
+                mask[:, t] = 1
+                position = mask.sum(-1, keepdim=True) - 1
+                logits = step(input_ids=tokens[-1][:, None], attention_mask=mask.clone(), position_ids=position,
+                              past_key_values=cache).logits  # fmt: skip
+                tokens.append(logits[:, -1].argmax(-1))
+        out[name] = torch.stack(tokens, 1).cpu()
+    same = bool(torch.equal(out["eager"], out["compiled"]))
+    first_difference = None if same else int((out["eager"] != out["compiled"]).any(0).nonzero()[0])
+    return {"check": "compiled vs eager HeadQ greedy tokens", "new_tokens": new_tokens, "same_tokens": same,
+            "first_difference": first_difference}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="CACHE@CONTEXTxBATCH rows, ',' separated")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--check-tokens", type=int, default=0)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+
+    model = llama_3_8b_model()
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    basis = random_basis(HEADQ.rank or 0)
+    factory = HeadQCacheFactory(basis, HEADQ, model.config)
+    gpu = torch.cuda.get_device_name()
+    versions = {"torch": torch.__version__, "python": platform.python_version()}
+    import transformers
+    import triton
+
+    versions |= {"transformers": transformers.__version__, "triton": triton.__version__}
+    rows: list[dict[str, Any]] = []
+
+    def save() -> None:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+    if args.check_tokens:
+        from transformers_headq import enable_headq_attention
+
+        enable_headq_attention(model)
+        rows.append({**check_tokens(model, factory, args.check_tokens), "gpu": gpu, **versions})
+        print(rows[-1], flush=True)
+        save()
+    for cache, context, batch in parse_runs(args.run):
+        skipped: dict[str, str] = {}
+        speeds = compare_decode_speed(
+            model, factory, batch=batch, context=context, steps=args.steps, caches=(cache,),
+            block_size=HEADQ.block_size, on_skip=skipped.__setitem__,
+        )  # fmt: skip
+        row: dict[str, Any] = {"cache": NAMES.get(cache, cache), "context": context, "batch": batch, "gpu": gpu}
+        if not speeds:
+            row["skipped"] = "; ".join(skipped.values())
+        else:
+            s = speeds[0]
+            row |= {
+                "decode_tokens_per_s": s.tokens_per_s, "decode_ms_per_step": s.ms_per_step,
+                "decode_ms_median": s.ms_median, "gpu_busy_ms_per_step": s.gpu_busy_ms, "peak_gib": s.peak_gib,
+                "kv_bytes_per_token": s.kv_bytes_per_token, "cache_gib": s.cache_gib, "weights_gib": weights_gib,
+                "slowest_warmup_ms": s.slowest_warmup_ms, "layers": LAYERS, **versions,
+            }  # fmt: skip
+        rows.append(row)
+        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        save()
+
+
+if __name__ == "__main__":
+    main()
