@@ -387,7 +387,6 @@ class HeadQCache(Cache):
             raise CacheInputError("pass a basis, or num_layers for a cache without side codes")
         self.config = config
         self.basis = basis
-        self.max_cache_len = max_cache_len
         windows = windows or [None] * num_layers
         layers: list[Any]
         if max_cache_len is None:

@@ -65,6 +65,7 @@ class StaticHeadQLayer(HeadQLayer):
         # Sliding layers keep every token here (the mask hides old ones): eviction would move rows.
         super().__init__(config, basis, layer_idx, sliding_window=None)
         self.capacity = round_to_blocks(max_cache_len, config.block_size)
+        self.max_cache_len = self.capacity  # what transformers' static layers call it
 
     # --------------------------------------------------------------- set-up
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
