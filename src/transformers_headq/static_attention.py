@@ -88,7 +88,7 @@ def _fused(
     values = _storages(layer.value_store)
     validity = None
     if mask is not None:
-        validity = mask[:, 0, 0, :].expand(query.shape[0], mask.shape[-1]).view(torch.uint8)
+        validity = mask[:, 0, 0, :].expand(query.shape[0], mask.shape[-1]).to(torch.uint8)
     value_bits = cfg.value_bits if isinstance(layer.value_store, QuantizedStore) else 0
     return fixed_decode_attention(
         query, layer.decoder if layer.decoder is not None else query,

@@ -43,9 +43,8 @@ _OPERAND_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.f
 last_compiled = None  # the most recent compiled split kernel (registers, spills: see the benchmark)
 
 
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once, at import: kernels_enabled runs inside compiled decode steps, where a lookup cannot.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
@@ -55,7 +54,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 def kernels_enabled(device: torch.device) -> bool:
     """Whether fused kernels may run for tensors on ``device`` (checked at every decode step: kept cheap)."""
-    if os.environ.get("HEADQ_KERNELS", "1") == "0" or not _triton_installed():
+    if os.environ.get("HEADQ_KERNELS", "1") == "0" or not _TRITON_INSTALLED:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
