@@ -33,7 +33,7 @@ def test_compare_reports_every_cache_that_can_run_here(llama):
     skipped: list[str] = []
     rows = compare_decode_speed(
         llama, factory, batch=2, context=40, steps=3, warmup=2, block_size=16,
-        on_skip=lambda name, why: skipped.append(name),
+        caches=("dynamic", "dynamic-flash", "quanto", "headq"), on_skip=lambda name, why: skipped.append(name),
     )  # fmt: skip
     names = [r.cache for r in rows]
     expect = ["dynamic", "quanto", "headq"] if importlib.util.find_spec("optimum.quanto") else ["dynamic", "headq"]
@@ -96,3 +96,17 @@ def test_plot_draws_every_cache(tmp_path):
     ]
     plot_decode_speed(rows, str(tmp_path / "speed.png"))
     assert (tmp_path / "speed.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_compiled_rows_run(llama):
+    """The compiled rows: StaticCache and fixed-capacity HeadQ through torch.compile (no CUDA graphs on CPU)."""
+    factory = HeadQCacheFactory.from_pretrained(random_basis(llama, 4), llama, **K2V2.to_dict())
+    rows = compare_decode_speed(
+        llama, factory, batch=2, context=40, steps=3, warmup=3, block_size=16,
+        caches=("static-compiled", "headq-compiled"),
+    )  # fmt: skip
+    assert [r.cache for r in rows] == ["static-compiled", "headq-compiled"]
+    static, headq = rows
+    assert headq.kv_bytes_per_token < 0.5 * static.kv_bytes_per_token
+    assert headq.cache_gib is not None and headq.cache_gib > 0 and all(r.tokens_per_s > 0 for r in rows)

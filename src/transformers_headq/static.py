@@ -81,13 +81,11 @@ class StaticHeadQLayer(HeadQLayer):
         self.value_store = self._fixed_store(cfg.value_quantizer(head_dim), head_dim, value_states[:, :, :0])
         self._window_k = key_states.new_zeros(batch, heads, cfg.block_size, head_dim)
         self._window_v = value_states.new_zeros(batch, heads, cfg.block_size, value_states.shape[-1])
-        # One tensor, so that a kernel reads both counts through one pointer; the names are views of it.
+        # One tensor, so that a kernel reads both counts through one pointer (see `quantized` and `fill`).
         self.lengths = torch.zeros(2, dtype=torch.long, device=self.device)
-        self.quantized, self.fill = self.lengths[0:1], self.lengths[1:2]
         self.overflow = torch.zeros(1, dtype=torch.bool, device=self.device)
         self._last_block = torch.full((1,), cap // cfg.block_size - 1, dtype=torch.long, device=self.device)
-        for tensor in self._static_tensors():
-            torch._dynamo.mark_static_address(tensor)
+        self._mark_static()
 
     def _fixed_store(self, quantizer: Any, channels: int, template: torch.Tensor) -> TokenStore:
         if quantizer is None:
@@ -98,6 +96,23 @@ class StaticHeadQLayer(HeadQLayer):
         stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
         buffers = [b.storage for s in stores for b in s.buffers()]
         return [*buffers, self._window_k, self._window_v, self.lengths, self.overflow, self._last_block]
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile these tensors keep their addresses (CUDA graphs then read them in place)."""
+        basis = [t for t in (self.encoder, self.decoder) if t is not None]
+        for tensor in [*self._static_tensors(), *basis]:
+            torch._dynamo.mark_static_address(tensor)
+
+    # Views made where they are used: a compiled step then sees (and mutates) the one static `lengths`.
+    @property
+    def quantized(self) -> torch.Tensor:
+        """``[1]`` device count of quantized tokens."""
+        return self.lengths[0:1]
+
+    @property
+    def fill(self) -> torch.Tensor:
+        """``[1]`` device count of window tokens."""
+        return self.lengths[1:2]
 
     # ---------------------------------------------------- host-side lengths
     # Eager code (prefill, crop, reporting) reads the device lengths; a compiled step never does.
@@ -248,6 +263,7 @@ class StaticHeadQLayer(HeadQLayer):
                 store.set_length(quantized)
         self._window_k, self._window_v = fn(self._window_k).contiguous(), fn(self._window_v).contiguous()
         self.shape = (self._window_k.shape[0], *self.shape[1:])
+        self._mark_static()  # new tensors (a compiled step records them anew)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest tokens; a partly removed block goes back to the window as attention saw it."""
