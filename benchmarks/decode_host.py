@@ -65,7 +65,7 @@ def _instrument(cache_kind: str) -> Callable[[], None]:
     from transformers.cache_utils import DynamicLayer
 
     from transformers_headq.attention import ATTENTION_NAME
-    from transformers_headq.cache import HeadQLayer
+    from transformers_headq.layer import HeadQLayer
 
     layer_type: Any = HeadQLayer if cache_kind == "headq" else DynamicLayer
     name = ATTENTION_NAME if cache_kind == "headq" else "sdpa"

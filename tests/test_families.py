@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from transformers_headq import HeadQCache, HeadQConfig, enable_headq_attention
-from transformers_headq.cache import HeadQLayer
 from transformers_headq.calibrate import calibrate, observe_attention
 from transformers_headq.corpus import batches
 from transformers_headq.errors import UnsupportedModelError
 from transformers_headq.fingerprint import check_supported, model_fingerprint, sliding_windows
+from transformers_headq.layer import HeadQLayer
 
 from .helpers import FAMILIES, random_basis, tiny_config, tiny_model
 

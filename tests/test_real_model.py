@@ -86,3 +86,38 @@ def test_main_job_cli_runs_end_to_end(tmp_path):
     assert all(required <= row.keys() for row in rows)
     assert {row["method"] for row in rows} >= {"full-precision", "plain", "headq", "quanto", "wrong-sign", "random"}
     assert "| k-only | headq |" in result.output and (tmp_path / "p.png").stat().st_size > 10_000
+
+
+def test_compiled_decode_gives_the_same_tokens_as_eager(smollm2, shipped):
+    """The real model, fixed capacity: 256 greedy tokens of a left-padded batch through
+    ``torch.compile(model.forward, fullgraph=True)`` are those of eager decode, with the same codes stored."""
+    from transformers_headq import HeadQCacheFactory
+
+    model, tokenizer = smollm2.model, smollm2.tokenizer
+    factory = HeadQCacheFactory.from_pretrained(shipped, model, value_bits=2, max_cache_len=64 + 256)
+    text = load_corpus("shakespeare", "evaluation").text
+    prompts = [text[:300], text[1000:1150]]
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=64)
+    length, new_tokens = batch.input_ids.shape[1], 256
+    capacity = factory.max_cache_len
+    results = {}
+    for name, forward in (("eager", model), ("compiled", torch.compile(model.forward, fullgraph=True))):
+        cache = factory()
+        mask = torch.zeros(2, capacity, dtype=torch.long)
+        mask[:, :length] = batch.attention_mask
+        positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            first = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+            tokens = [first.logits[:, -1].argmax(-1)]
+            for t in range(length, length + new_tokens - 1):
+                mask[:, t] = 1
+                step = forward(input_ids=tokens[-1][:, None], attention_mask=mask.clone(),
+                               position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache)  # fmt: skip
+                tokens.append(step.logits[:, -1].argmax(-1))
+        layer = cache.layers[-1]
+        results[name] = (torch.stack(tokens, 1), layer.key_store.buffers()[0].storage.clone())
+    assert torch.equal(results["compiled"][0], results["eager"][0])
+    assert torch.equal(results["compiled"][1], results["eager"][1])

@@ -9,10 +9,11 @@ Quick use::
 
 from .attention import ATTENTION_NAME, enable_headq_attention, headq_attention_forward, register_headq_attention
 from .basis import LayerBasis, QueryBasis
-from .cache import HeadQCache, HeadQLayer
+from .cache import HeadQCache
 from .config import BitsPerElement, HeadQConfig, bits_per_element
 from .errors import BasisFormatError, BasisMismatchError, CacheInputError, HeadQError, UnsupportedModelError
 from .factory import HeadQCacheFactory
+from .layer import HeadQLayer
 
 __version__ = "0.1.0"
 

@@ -252,9 +252,10 @@ def bench(
     ),
     batch: Annotated[str, typer.Option(help="sequences decoded together (comma-separated)")] = "1",
     steps: Annotated[int, typer.Option(help="timed decode steps (after block_size + 2 warm-up steps)")] = 16,
-    caches: Annotated[str, typer.Option(help="comma-separated: dynamic, dynamic-flash, quanto, headq")] = (
-        "dynamic,dynamic-flash,quanto,headq"
-    ),
+    caches: Annotated[
+        str,
+        typer.Option(help="comma-separated: dynamic, dynamic-flash, static-compiled, quanto, headq, headq-compiled"),
+    ] = "dynamic,dynamic-flash,quanto,headq",
     device: Annotated[str, typer.Option(help="cpu, cuda, ...")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
     settings: Annotated[
@@ -295,7 +296,7 @@ def bench(
                     block_size=factory.config.block_size, on_skip=skipped.__setitem__,
                 )  # fmt: skip
     for name, why in skipped.items():
-        console.print(f"[yellow]{name} left out: {why}[/yellow]")
+        console.print(f"[yellow]{name} left out: {why}[/yellow]")  # not run here, or did not fit
     table = markdown_table(rows)
     where = torch.cuda.get_device_name(loaded.model.device) if loaded.model.device.type == "cuda" else "CPU"
     console.print(f"\n{loaded.name}, {dtype}, on {where}: random states, {steps} timed steps a cache\n")

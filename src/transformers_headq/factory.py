@@ -15,6 +15,7 @@ from typing import Any
 from .basis import QueryBasis
 from .cache import HeadQCache
 from .config import HeadQConfig
+from .prepare import prepare_basis
 
 
 @dataclass(frozen=True)
@@ -54,24 +55,8 @@ class HeadQCacheFactory:
         """Load a basis (folder, Hub repo id or :class:`QueryBasis`), check it against ``model`` and
         switch the model to the ``headq`` attention. ``overrides`` change the stored cache settings;
         ``max_cache_len`` gives every cache a fixed capacity (see :class:`HeadQCache`)."""
-        from .attention import enable_headq_attention
-        from .fingerprint import check_supported
-
-        check_supported(model.config)
-        if isinstance(path_or_repo_id, QueryBasis):
-            basis = path_or_repo_id
-        else:
-            basis = QueryBasis.from_pretrained(
-                path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
-            )
-        basis.check_model(model)
-        config = HeadQConfig.from_dict(basis.quantizer).replace(**overrides)
-        if config.rank is not None and config.rank != basis.rank:
-            basis = basis.with_rank(config.rank)  # cut once, not per request
-        if max_cache_len is not None:
-            from .static import check_fixed_capacity_config, round_to_blocks
-
-            check_fixed_capacity_config(config)
-            round_to_blocks(max_cache_len, config.block_size)  # a clear error now, not at the first update
-        enable_headq_attention(model)
+        basis, config = prepare_basis(
+            path_or_repo_id, model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            token=token, max_cache_len=max_cache_len, **overrides,
+        )  # fmt: skip
         return cls(basis, config, model.config, max_cache_len)

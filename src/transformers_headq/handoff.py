@@ -21,7 +21,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 if TYPE_CHECKING:
-    from .cache import HeadQLayer
+    from .layer import HeadQLayer
     from .static import StaticHeadQLayer
 
 

@@ -16,7 +16,7 @@ so there is no host branch, no ``.item()`` and no allocation that depends on dat
 reads the whole capacity and masks what is not yet written (:mod:`.static_attention`).
 
 A prefill (several tokens) runs eagerly through the same stores and the reference attention,
-exactly as the growing :class:`~transformers_headq.cache.HeadQLayer` does, so both store the same
+exactly as the growing :class:`~transformers_headq.layer.HeadQLayer` does, so both store the same
 codes. Settings that need host-side decisions per block (A² kept values, the attention-mass
 diagnostic) are not available with a fixed capacity.
 """
@@ -27,11 +27,11 @@ from typing import Any
 
 import torch
 
-from .cache import HeadQLayer
 from .config import HeadQConfig
 from .encode import encode_block, quantizer_spec
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
+from .layer import HeadQLayer
 from .store import CacheCapacityError, DenseStore, QuantizedStore, TokenStore, capacity_error
 
 

@@ -23,7 +23,7 @@ from ..store import DenseStore, QuantizedStore
 from .launch import CachedLauncher, LaunchSite
 
 if TYPE_CHECKING:
-    from ..cache import HeadQLayer
+    from ..layer import HeadQLayer
 
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
 # Launch settings of the split kernel, from the H100 sweeps in benchmarks/kernel-tuning-h100-v8-planes.txt and the
