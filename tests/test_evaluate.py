@@ -159,6 +159,7 @@ def test_rows_that_cannot_run_are_skipped_with_their_reason_and_the_run_goes_on(
         Method("full-kv", "quanto", "token", quanto_bits=2),
         Method("k-only", "key-pca", "channel", config, "key-pca"),
         Method("k-only", "headq", "channel", config.replace(rank=64), "query"),  # more than the basis holds
+        Method("k-only", "plain", "token", config.replace(rank=0, key_grouping="token", channel_group=48)),  # raises
         Method("k-only", "plain", "channel", config.replace(rank=0)),
         Method("k-only", "headq", "channel", config, "query"),
     ]
@@ -168,11 +169,12 @@ def test_rows_that_cannot_run_are_skipped_with_their_reason_and_the_run_goes_on(
     assert [r.setting for r in rows] == [m.setting for m in methods]
     assert "sliding-window" in rows[1].skipped or "optimum-quanto" in rows[1].skipped
     assert "key-PCA" in rows[2].skipped
-    assert rows[3].skipped.startswith("failed: ")
-    assert [r.ok for r in rows] == [True, False, False, False, True, True]
+    assert "the basis holds 16" in rows[3].skipped
+    assert rows[4].skipped.startswith("failed: ValueError: channel group 48 does not divide 256")
+    assert [r.ok for r in rows] == [True, False, False, False, False, True, True]
     assert math.isnan(rows[1].ppl) and "skipped: " in markdown_table(rows)
     json.dumps([r.to_dict() for r in rows])
-    headq, plain, full = rows[5], rows[4], rows[0]
+    headq, plain, full = rows[6], rows[5], rows[0]
     if plain.ppl > full.ppl:  # a share of the excess is defined only when there is an excess
         assert headq.removed_low <= headq.removed <= headq.removed_high
     else:
@@ -214,3 +216,16 @@ def test_paired_interval_of_the_share_removed():
     ppl = math.exp(float(full.double().mean()))
     low, high = perplexity_interval(*full_b, index)
     assert low < ppl < high and high / low < 1.3
+
+
+@pytest.mark.parametrize("profile", ["core", "quick", "full", "long"])
+def test_side_code_ranks_follow_the_head_dimension(profile):
+    """Ranks are fractions of the head: a rank-r code of s bits costs r·s/head_dim bits per key element, so
+    every model gets rows over the same budgets (up to the byte padding of a packed row)."""
+    small, large = standard_methods(profile, head_dim=64), standard_methods(profile, head_dim=256)
+    assert [(m.method, m.mode) for m in small] == [(m.method, m.mode) for m in large]
+    assert [4 * a.rank for a in small] == [b.rank for b in large]
+    if profile == "quick":  # head dim 64: the grid the README's table was made with
+        assert sorted({m.rank for m in small if m.method == "headq"}) == [4, 8, 12, 16, 24]
+    if profile == "long":
+        assert not any(m.quanto_bits for m in small)  # no token-by-token decode loop at long windows
