@@ -100,5 +100,7 @@ class StaticDecodeStates:
 
     @property
     def shape(self) -> torch.Size:
+        """``[B, H_kv, slots, D]`` like key states (slots: the capacity and the window), for model code
+        that reads the shape of what the cache returned before calling the attention."""
         batch, heads, head_dim = self.layer.shape
         return torch.Size((batch, heads, self.layer.capacity + self.layer.config.block_size, head_dim))
