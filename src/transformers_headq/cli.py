@@ -287,7 +287,14 @@ def bench(
     except (TypeError, ValueError) as exc:  # unknown or invalid settings
         raise typer.BadParameter(str(exc), param_hint="--set") from exc
     skipped: dict[str, str] = {}
-    rows = []
+    rows: list[Any] = []
+
+    def save() -> None:  # after every grid point: an interrupted run keeps what it measured
+        if markdown is not None:
+            markdown.write_text(markdown_table(rows) + "\n")
+        if json_path is not None:
+            json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+
     for n_tokens in contexts:
         for n_seqs in batches:
             with console.status(f"timing decode steps at {n_tokens} tokens x batch {n_seqs}"):
@@ -295,16 +302,12 @@ def bench(
                     loaded.model, factory, batch=n_seqs, context=n_tokens, steps=steps, caches=names,
                     block_size=factory.config.block_size, on_skip=skipped.__setitem__,
                 )  # fmt: skip
+            save()
     for name, why in skipped.items():
         console.print(f"[yellow]{name} left out: {why}[/yellow]")  # not run here, or did not fit
-    table = markdown_table(rows)
     where = torch.cuda.get_device_name(loaded.model.device) if loaded.model.device.type == "cuda" else "CPU"
     console.print(f"\n{loaded.name}, {dtype}, on {where}: random states, {steps} timed steps a cache\n")
-    typer.echo(table)
-    if markdown is not None:
-        markdown.write_text(table + "\n")
-    if json_path is not None:
-        json_path.write_text(json.dumps([r.to_dict() for r in rows], indent=2) + "\n")
+    typer.echo(markdown_table(rows))
     if plot is not None:
         plot_decode_speed(rows, str(plot))
         console.print(f"plot: {plot}")
