@@ -11,6 +11,8 @@ A stream's spec is ``[]`` for dense rows, or ``[bits, 1 if channel grouping else
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .kernels import quantize_pack
@@ -40,6 +42,7 @@ def _encode(
     side_spec: list[int],
     value_spec: list[int],
     meta_dtype: torch.dtype,
+    *,
     fused: bool = True,
 ) -> list[torch.Tensor]:
     out: list[torch.Tensor] = []
@@ -82,13 +85,6 @@ def encode_block(
 
 
 @encode_block.register_fake
-def _(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    encoder: torch.Tensor | None,
-    key_spec: list[int],
-    side_spec: list[int],
-    value_spec: list[int],
-    meta_dtype: torch.dtype,
-) -> list[torch.Tensor]:
-    return _encode(keys, values, encoder, key_spec, side_spec, value_spec, meta_dtype, fused=False)  # shapes only
+def _(*args: Any) -> list[torch.Tensor]:
+    """Shapes only: the same encoding on fake tensors, through torch's quantizer (no kernel launch)."""
+    return _encode(*args, fused=False)

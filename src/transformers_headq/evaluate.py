@@ -457,6 +457,7 @@ def annotate_removed(rows: list[Row]) -> None:
     fp = next((r for r in rows if r.ok and r.method == "full-precision"), None)
     if fp is None or not fp.block_nll:
         return
+    index = draws(len(fp.block_nll))  # the same draws for every row: paired with full precision
     for r in rows:
         base = _base_of(rows, r)
         if r.removed is not None or not r.ok or r.method in ("plain", "full-precision") or base is None:
@@ -464,7 +465,6 @@ def annotate_removed(rows: list[Row]) -> None:
         if base.ppl <= fp.ppl or len({len(x.block_nll) for x in (fp, r, base)}) != 1:
             continue
         r.removed = excess_removed(fp, r, base)
-        index = draws(len(fp.block_nll))
         parts = [(x.block_nll, x.block_tokens) for x in (fp, r, base)]
         r.removed_low, r.removed_high = removed_interval(parts[0], parts[1], parts[2], index)
 

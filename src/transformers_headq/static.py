@@ -119,7 +119,8 @@ class StaticHeadQLayer(HeadQLayer):
     def _lengths(self) -> tuple[int, int]:
         if bool(self.overflow.item()):
             raise capacity_error(self.capacity, self.capacity + 1)
-        return int(self.quantized.item()), int(self.fill.item())
+        quantized, fill = self.lengths.tolist()  # one read of both counts
+        return quantized, fill
 
     def _sync_host(self) -> tuple[int, int]:
         quantized, fill = self._lengths()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..quantize import packed_row_bytes
+from . import _OPERAND_DTYPES, LAUNCH, _bht, _smallest_dot_rows, _splits
 
 
 @torch.library.custom_op("headq::fixed_decode_attention", mutates_args=())
@@ -48,7 +49,6 @@ def fixed_decode_attention(
     import triton
     import triton.language as tl
 
-    from . import _OPERAND_DTYPES, LAUNCH, _smallest_dot_rows, _splits
     from .decode import headq_decode_kernel, headq_merge_kernel
 
     batch, q_heads, _, head_dim = query.shape
@@ -96,7 +96,3 @@ def _(query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     batch, q_heads, _, head_dim = query.shape
     return query.new_empty(batch, 1, q_heads, head_dim)
 
-
-def _bht(t: torch.Tensor) -> tuple[int, int, int]:
-    """Batch, head and token strides of a ``[B, H, T, C]`` (strided) tensor."""
-    return t.stride(0), t.stride(1), t.stride(2)
