@@ -150,3 +150,66 @@ def test_dropout_in_training_is_refused():
     q = torch.randn(1, 1, 2, 4)
     with pytest.raises(ValueError, match="model.eval"):
         headq_attention_forward(module, q, q, q, None, dropout=0.1)
+
+
+def _masks(kind: str, batch: int, q_len: int, kv_len: int, gen: torch.Generator) -> torch.Tensor | None:
+    """No mask (causal), or transformers' boolean / additive sdpa mask with left padding."""
+    if kind == "none":
+        return None
+    rows = kv_len - q_len + torch.arange(q_len)
+    allowed = torch.arange(kv_len)[None, :] <= rows[:, None]
+    pad = torch.randint(0, 3, (batch,), generator=gen)
+    allowed = allowed[None, None] & (torch.arange(kv_len)[None, None, None, :] >= pad[:, None, None, None])
+    allowed = allowed | ~allowed.any(-1, keepdim=True)  # no fully masked row, as transformers ensures
+    if kind == "bool":
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 2),
+    groups=st.integers(1, 3),
+    tokens=st.integers(3, 40),
+    new=st.integers(2, 20),
+    block=st.integers(1, 9),
+    rank=st.integers(0, 8),
+    value_bits=st.sampled_from([None, 2]),
+    keep=st.integers(0, 1),
+    side_scale=st.sampled_from(["token", "block"]),
+    mask_kind=st.sampled_from(["none", "bool", "additive"]),
+    seed=st.integers(0, 10_000),
+)
+def test_multi_token_sdpa_path_matches_the_reference(
+    batch, heads, groups, tokens, new, block, rank, value_bits, keep, side_scale, mask_kind, seed
+):
+    """A prefill or chunk through sdpa over effective keys gives the reference walk's outputs,
+    fresh blocks (seen exactly by earlier rows) and the position value policy included."""
+    from transformers_headq import attention
+
+    new = min(new, tokens - 1)
+    gen = torch.Generator().manual_seed(seed)
+    keys, values = (torch.randn(batch, heads, tokens, 8, generator=gen) for _ in range(2))
+    q = torch.randn(batch, heads * groups, new, 8, generator=gen)
+    mask = _masks(mask_kind, batch, new, tokens, gen)
+    keep = min(keep, block) if value_bits else 0
+    config = HeadQConfig(
+        key_bits=2,
+        value_bits=value_bits,
+        rank=rank,
+        side_bits=3,
+        block_size=block,
+        value_keep=keep,
+        value_policy="position",
+        side_scale=side_scale,
+    )
+    outs = []
+    for by_sdpa in (True, False):
+        cache = HeadQCache(_basis(random_orthonormal(heads, 8, 8)), config)
+        cache.update(keys[:, :, : tokens - new], values[:, :, : tokens - new], 0)
+        k, v = cache.update(keys[:, :, tokens - new :], values[:, :, tokens - new :], 0)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(attention, "PREFILL_BY_SDPA", by_sdpa)
+            outs.append(headq_attention_forward(MODULE, q, k, v, mask)[0])
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-4)

@@ -21,10 +21,14 @@ from typing import Any
 
 import torch
 
+from .effective_sdpa import can_use_effective_sdpa, effective_sdpa_attention
 from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
 from .static_attention import static_decode_attention
 
 ATTENTION_NAME = "headq"
+# Multi-token calls go through sdpa over effective keys where they can (effective_sdpa.py); the
+# reference below stays the oracle that tests hold that path to.
+PREFILL_BY_SDPA = True
 
 
 @dataclass
@@ -279,6 +283,8 @@ def headq_attention_forward(
         fused = fused_decode_attention(key.inputs.layer, query, attention_mask, scaling, softcap)
         if fused is not None:  # a decode step on the GPU: already [B, 1, Hq, D] in the query's dtype
             return fused, None
+        if PREFILL_BY_SDPA and can_use_effective_sdpa(key.inputs, q_len, softcap):
+            return effective_sdpa_attention(key.inputs, query, attention_mask, scaling), None
     # Rows are (group, query) pairs of the query heads sharing one KV head.
     qg = query.float().reshape(batch, kv_heads, groups * q_len, head_dim)
     mask = None if attention_mask is None else _grouped_mask(attention_mask, kv_heads, groups, q_len)

@@ -216,11 +216,15 @@ class HeadQLayer(CacheLayerMixin):
 
     def effective_keys(self) -> torch.Tensor:
         """Dense ``k̂ + W ĉ`` for quantized slots, then the exact window: what attention sees."""
+        if not self.quantized_length:  # nothing quantized yet (stores not allocated)
+            return self.window_keys
         return torch.cat([self._effective_quantized_keys(0, self.quantized_length), self.window_keys], dim=-2)
 
     def effective_values(self) -> torch.Tensor:
         if self.kept is not None:
             self.kept.choose()  # another attention function read the cache: no A² mass this call
+        if not self.quantized_length:
+            return self.window_values
         values = self.read_values(0, self.quantized_length).to(self.dtype)
         return torch.cat([values, self.window_values], dim=-2)
 

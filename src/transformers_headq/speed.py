@@ -167,7 +167,14 @@ def compare_decode_speed(
         try:
             rows.append(
                 measure_decode_speed(
-                    model, make, name, batch=batch, context=context, steps=steps, warmup=warmup, sdpa_flash=flash,
+                    model,
+                    make,
+                    name,
+                    batch=batch,
+                    context=context,
+                    steps=steps,
+                    warmup=warmup,
+                    sdpa_flash=flash,
                     compiled=name in COMPILED_KINDS,
                 )  # fmt: skip
             )

@@ -95,4 +95,3 @@ def fixed_decode_attention(
 def _(query: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     batch, q_heads, _, head_dim = query.shape
     return query.new_empty(batch, 1, q_heads, head_dim)
-
