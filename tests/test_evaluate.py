@@ -22,8 +22,12 @@ from transformers_headq.evaluate import (
     pareto_front,
     perplexity,
     plot_results,
+    quanto_bits_per_element,
+    quanto_cache,
+    quanto_chunks,
     run_evaluation,
     standard_methods,
+    token_losses,
 )
 
 from .helpers import FAMILIES, random_basis, tiny_model
@@ -49,10 +53,30 @@ def test_one_forward_perplexity_equals_token_by_token_decode(name):
         return HeadQCache(basis, config, num_layers=2)
 
     fast = perplexity(model, WINDOWS, make, batch_size=2)
-    slow = perplexity(model, WINDOWS, make, decode=True, batch_size=2)
+    slow = perplexity(model, WINDOWS, make, chunks=[1] * WINDOWS.shape[1], batch_size=2)
     assert fast == pytest.approx(slow, rel=1e-4)
     dense = perplexity(model, WINDOWS, None)
     assert fast != pytest.approx(dense, rel=1e-6)  # the quantizer did something
+
+
+@pytest.mark.parametrize("residual", [4, 7, 64])
+def test_quanto_chunks_reproduce_its_token_by_token_decode(residual):
+    pytest.importorskip("optimum.quanto")
+    model = tiny_model()
+    chunks = quanto_chunks(WINDOWS.shape[1], residual)
+    assert sum(chunks) == WINDOWS.shape[1] and len(chunks) < WINDOWS.shape[1]
+    caches = []
+
+    def make() -> object:
+        caches.append(quanto_cache(model, 2, residual))
+        return caches[-1]
+
+    fast = token_losses(model, WINDOWS, make, chunks, batch_size=2)
+    slow = token_losses(model, WINDOWS, make, [1] * WINDOWS.shape[1], batch_size=2)
+    torch.testing.assert_close(fast, slow, atol=2e-5, rtol=1e-4)
+    dense = token_losses(model, WINDOWS, None)
+    assert not torch.allclose(fast, dense, atol=1e-3)  # the quantizer did something
+    assert quanto_bits_per_element(caches[0]) == quanto_bits_per_element(caches[1])
 
 
 def _setup() -> EvalSetup:

@@ -217,10 +217,16 @@ def forward_nll(model: Any, ids: torch.Tensor, cache: Any | None) -> torch.Tenso
 
 
 @torch.no_grad()
-def decode_nll(model: Any, ids: torch.Tensor, cache: Any) -> torch.Tensor:
-    """Next-token NLL ``[B, T-1]`` of ``ids`` [B, T] fed one token at a time through ``cache``."""
+def chunked_nll(model: Any, ids: torch.Tensor, cache: Any, chunks: list[int]) -> torch.Tensor:
+    """Next-token NLL ``[B, T-1]`` of ``ids`` [B, T] fed through ``cache`` in calls of ``chunks`` tokens
+    (all ones: a true token-by-token decode)."""
+    if sum(chunks) != ids.shape[1]:
+        raise ValueError(f"chunks of {sum(chunks)} tokens do not cover a window of {ids.shape[1]}")
     kwargs = cache_kwargs(model, cache)
-    logits = [model(input_ids=ids[:, t : t + 1], **kwargs, use_cache=True).logits for t in range(ids.shape[1])]
+    logits, start = [], 0
+    for size in chunks:
+        logits.append(model(input_ids=ids[:, start : start + size], **kwargs, use_cache=True).logits)
+        start += size
     return _nll(torch.cat(logits, dim=1), ids)
 
 
@@ -228,19 +234,21 @@ def token_losses(
     model: Any,
     windows: torch.Tensor,
     make_cache: Callable[[], Any] | None,
-    decode: bool = False,
+    chunks: list[int] | None = None,
     batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Next-token NLL ``[n, T-1]`` over ``windows`` [n, T]; each batch starts from a fresh cache.
 
-    ``on_batch(windows_done)`` is called after each batch (progress)."""
+    ``chunks``: tokens per model call (None: the whole window in one forward). ``on_batch(windows_done)``
+    is called after each batch (progress)."""
     device = next(model.parameters()).device
     parts = []
     for start in range(0, windows.shape[0], batch_size):
         ids = windows[start : start + batch_size].to(device)
         cache = None if make_cache is None else make_cache()
-        parts.append((decode_nll(model, ids, cache) if decode else forward_nll(model, ids, cache)).cpu())
+        nll = forward_nll(model, ids, cache) if chunks is None else chunked_nll(model, ids, cache, chunks)
+        parts.append(nll.cpu())
         if on_batch is not None:
             on_batch(ids.shape[0])
     return torch.cat(parts)
@@ -250,15 +258,15 @@ def perplexity(
     model: Any,
     windows: torch.Tensor,
     make_cache: Callable[[], Any] | None,
-    decode: bool = False,
+    chunks: list[int] | None = None,
     batch_size: int = 1,
 ) -> float:
     """Perplexity over ``windows`` [n, T]; each window starts from a fresh cache."""
-    return math.exp(float(token_losses(model, windows, make_cache, decode, batch_size).double().mean()))
+    return math.exp(float(token_losses(model, windows, make_cache, chunks, batch_size).double().mean()))
 
 
 # ---------------------------------------------------------------- quanto
-def quanto_cache(model: Any, bits: int) -> Any:
+def quanto_cache(model: Any, bits: int, residual: int = QUANTO_RESIDUAL) -> Any:
     """transformers' quanto ``QuantizedCache`` for ``model`` with the settings this project compares against."""
     from transformers import QuantizedCache
 
@@ -268,8 +276,24 @@ def quanto_cache(model: Any, bits: int) -> Any:
         config=model.config,
         nbits=bits,
         q_group_size=min(QUANTO_GROUP, head_dim),
-        residual_length=QUANTO_RESIDUAL,
+        residual_length=residual,
     )
+
+
+def quanto_chunks(seq_len: int, residual: int = QUANTO_RESIDUAL) -> list[int]:
+    """Model calls that show every query what a token-by-token decode through quanto would show it.
+
+    transformers' ``QuantizedLayer`` quantizes the first call's tokens, then keeps later tokens exact
+    in a residual until a call brings it to ``residual`` tokens, when it re-quantizes everything. In a
+    decode that happens after tokens ``residual``, ``2 residual``, ...; a call that ends exactly there
+    shows each of its queries the same quantized past and exact residual as the decode steps would.
+    So one token, then calls of ``residual`` tokens, replace ``seq_len`` decode steps (a test holds
+    this to a true token-by-token decode).
+    """
+    if seq_len < 1:
+        return []
+    rest = seq_len - 1
+    return [1] + [residual] * (rest // residual) + ([rest % residual] if rest % residual else [])
 
 
 def quanto_bits_per_element(cache: Any) -> tuple[float, float]:
@@ -336,9 +360,9 @@ def evaluate_method(setup: EvalSetup, method: Method, on_batch: Callable[[int], 
     if method.config is None:
         _dense_attention(model)
     if method.quanto_bits is not None:
-        # The decode loop is slow: batch all windows together.
         cache = quanto_cache(model, method.quanto_bits)
-        losses = token_losses(model, windows, lambda: cache, True, windows.shape[0], on_batch)
+        chunks = quanto_chunks(seq_len)
+        losses = token_losses(model, windows, lambda: cache, chunks, windows.shape[0], on_batch)
         key_bits, value_bits = quanto_bits_per_element(cache)
     elif method.config is None:
         losses = token_losses(model, windows, None, batch_size=setup.batch_size, on_batch=on_batch)
