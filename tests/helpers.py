@@ -81,8 +81,8 @@ def random_basis(model, rank: int, seed: int = 0) -> QueryBasis:
     )
 
 
-def save_tiny_model_folder(path, text: str) -> None:
-    """A tiny Llama and a word-level tokenizer over ``text``'s words, saved as a model folder."""
+def save_tiny_model_folder(path, text: str, family: str = "llama") -> None:
+    """A tiny model of ``family`` and a word-level tokenizer over ``text``'s words, saved as a model folder."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -91,4 +91,4 @@ def save_tiny_model_folder(path, text: str) -> None:
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
-    tiny_model().save_pretrained(path)
+    tiny_model(family).save_pretrained(path)

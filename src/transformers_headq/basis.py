@@ -59,6 +59,8 @@ class QueryBasis:
         metadata: calibration details (model id, corpus, token count, sequence length, ...).
         quantizer: the :class:`HeadQConfig` settings the basis was tuned for, as a dict.
         kind: ``"query"`` for a calibrated basis, or the name of a control.
+        kv_heads: ``(start, stop)`` when the basis holds only those KV heads of the model (a
+            tensor-parallel rank's share, see :meth:`for_kv_heads`); ``None`` for all of them.
     """
 
     layers: list[LayerBasis]
@@ -66,6 +68,7 @@ class QueryBasis:
     metadata: dict[str, Any] = field(default_factory=dict)
     quantizer: dict[str, Any] = field(default_factory=dict)
     kind: str = "query"
+    kv_heads: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -83,6 +86,11 @@ class QueryBasis:
         """Refuse inconsistent tensors: wrong shapes, non-float, non-finite, non-orthonormal U."""
         fp = self.fingerprint
         heads, head_dim = fp.get("num_key_value_heads"), fp.get("head_dim")
+        if self.kv_heads is not None:
+            start, stop = self.kv_heads
+            if not (isinstance(heads, int) and 0 <= start < stop <= heads):
+                raise BasisFormatError(f"KV heads {start}:{stop} are not a run of the model's {heads} heads")
+            heads = stop - start
         if fp.get("num_hidden_layers") != len(self.layers):
             raise BasisFormatError(
                 f"basis holds {len(self.layers)} layers but its fingerprint says {fp.get('num_hidden_layers')}"
@@ -131,6 +139,20 @@ class QueryBasis:
 
         return dataclasses.replace(self, layers=[cut(layer) for layer in self.layers])
 
+    def for_kv_heads(self, heads: slice) -> QueryBasis:
+        """The basis of KV heads ``heads`` only (``slice(start, stop)``): what a tensor-parallel rank
+        that computes those heads uses. It still checks against the whole model's fingerprint."""
+        if self.kv_heads is not None:
+            raise ValueError(f"this basis already holds only KV heads {self.kv_heads}; slice the full basis")
+
+        def cut(layer: LayerBasis) -> LayerBasis:
+            dec = None if layer.decoder is None else layer.decoder[heads]
+            return LayerBasis(layer.U[heads], layer.eigenvalues[heads], layer.query_mean[heads], dec)
+
+        return dataclasses.replace(
+            self, layers=[cut(layer) for layer in self.layers], kv_heads=(heads.start, heads.stop)
+        )
+
     def flipped(self) -> QueryBasis:
         """Control: the same side code applied with the wrong sign (decoder ``-U``)."""
         layers = [dataclasses.replace(layer, decoder=-layer.decoder_or_u) for layer in self.layers]
@@ -162,6 +184,11 @@ class QueryBasis:
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
         """Write ``config.json`` and ``basis.safetensors`` into ``save_directory``."""
+        if self.kv_heads is not None:
+            raise ValueError(
+                f"this basis holds only KV heads {self.kv_heads} (one tensor-parallel rank's share); save the full "
+                "basis, which every rank slices when it builds its cache"
+            )
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}

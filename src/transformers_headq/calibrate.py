@@ -22,6 +22,7 @@ import torch
 
 from .basis import LayerBasis, QueryBasis, basis_from_second_moment
 from .fingerprint import check_supported, model_fingerprint, text_config
+from .parallel import tensor_parallel_kv_heads
 
 CAPTURE_ATTENTION = "headq_capture"
 AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -29,23 +30,30 @@ _observers: list[AttentionObserver] = []
 
 
 class QueryMoments:
-    """Running ``Σ x xᵀ``, ``Σ x`` and counts for one layer, per KV head, in float64."""
+    """Running ``Σ x xᵀ``, ``Σ x`` and counts for one layer, per KV head, in float64.
+
+    Counts are per head so that processes holding different heads (tensor parallelism) sum into
+    one set of statistics: each head's sums come from the ranks that compute it."""
 
     def __init__(self, kv_heads: int, head_dim: int, device: torch.device | str = "cpu") -> None:
         self.sum_outer = torch.zeros(kv_heads, head_dim, head_dim, dtype=torch.float64, device=device)
         self.sum = torch.zeros(kv_heads, head_dim, dtype=torch.float64, device=device)
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = torch.zeros(kv_heads, dtype=torch.float64, device=device)
 
-    def add(self, queries: torch.Tensor) -> None:
-        """Add queries ``[batch, q_heads, tokens, head_dim]`` (q_heads a multiple of kv_heads)."""
+    def add(self, queries: torch.Tensor, heads: slice | None = None) -> None:
+        """Add queries ``[batch, q_heads, tokens, head_dim]`` of KV heads ``heads`` (default: all);
+        ``q_heads`` is a multiple of those KV heads."""
+        heads = slice(None) if heads is None else heads
         batch, q_heads, tokens, head_dim = queries.shape
-        kv_heads = self.sum.shape[0]
+        kv_heads = self.sum[heads].shape[0]
+        if q_heads % kv_heads:
+            raise ValueError(f"{q_heads} query heads cannot share {kv_heads} KV heads evenly")
         pooled = queries.detach().to(self.sum.device, torch.float64)
         pooled = pooled.reshape(batch, kv_heads, q_heads // kv_heads, tokens, head_dim)
         pooled = pooled.permute(1, 0, 2, 3, 4).reshape(kv_heads, -1, head_dim)
-        self.sum_outer += pooled.transpose(1, 2) @ pooled
-        self.sum += pooled.sum(1)
-        self.count += pooled.shape[1]
+        self.sum_outer[heads] += pooled.transpose(1, 2) @ pooled
+        self.sum[heads] += pooled.sum(1)
+        self.count[heads] += pooled.shape[1]
 
     def all_reduce(self) -> None:
         """Sum the statistics over all processes of the default ``torch.distributed`` group."""
@@ -56,10 +64,10 @@ class QueryMoments:
 
     def to_layer_basis(self, rank: int, centered: bool = False) -> LayerBasis:
         """Eigenbasis of ``E[x xᵀ]`` (or of the covariance when ``centered``, as key PCA uses)."""
-        if self.count == 0:
-            raise ValueError("no vectors were accumulated")
-        mean = self.sum / self.count
-        second = self.sum_outer / self.count
+        if (self.count == 0).any():
+            raise ValueError("no vectors were accumulated for some KV heads")
+        mean = self.sum / self.count[:, None]
+        second = self.sum_outer / self.count[:, None, None]
         if centered:
             second = second - mean[:, :, None] * mean[:, None, :]
         U, eigenvalues = basis_from_second_moment(second.cpu(), rank)
@@ -110,6 +118,8 @@ def accumulate_moments(
     """Per-layer query and key moments over ``batches`` of token ids (``[B, T]``, no padding).
 
     Under ``torch.distributed`` each process passes its own share of batches; sums are all-reduced.
+    On a tensor-parallel model the ranks of one model replica pass the same batches, each adds the
+    KV heads it computes, and the all-reduce assembles every head: the basis is the full model's.
     """
     config = text_config(model.config)
     fp = model_fingerprint(model.config)
@@ -118,9 +128,11 @@ def accumulate_moments(
     queries = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
     keys = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
 
+    heads = tensor_parallel_kv_heads(model)
+
     def observe(layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
-        queries[layer_idx].add(query)
-        keys[layer_idx].add(key)
+        queries[layer_idx].add(query, heads)
+        keys[layer_idx].add(key, heads)
 
     items: Iterable[torch.Tensor] = batches
     if progress:
@@ -158,7 +170,7 @@ def calibrate(
     meta = dict(metadata or {})
     meta["calibration_seconds"] = round(time.perf_counter() - started, 3)  # forwards + all-reduce, not loading
     meta["calibration_tokens"] = int(
-        queries[0].count.item() // (fp["num_attention_heads"] // fp["num_key_value_heads"])
+        queries[0].count[0].item() // (fp["num_attention_heads"] // fp["num_key_value_heads"])
     )
     return {
         "query": QueryBasis([m.to_layer_basis(rank) for m in queries], fp, meta, kind="query"),

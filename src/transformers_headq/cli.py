@@ -82,13 +82,13 @@ CorpusOption = Annotated[str, typer.Option(help="'shakespeare', 'pydoc', 'hf:NAM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _load(model: str, device: str, dtype: str = "float32"):  # type: ignore[no-untyped-def]
+def _load(model: str, device: str, dtype: str = "float32", tensor_parallel: bool = False):  # type: ignore[no-untyped-def]
     from .loading import load_model
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     with console.status(f"loading {model}"):
-        return load_model(model, dtype=DTYPES[dtype], device=device)
+        return load_model(model, dtype=DTYPES[dtype], device=device, tensor_parallel=tensor_parallel)
 
 
 def _windows(tokenizer, corpus: str, split: str, seq_len: int, windows: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -130,11 +130,16 @@ def calibrate(
     device: Annotated[str, typer.Option(help="cpu, cuda, ... (under accelerate launch: each process' own)")] = "cpu",
     dtype: Annotated[str, typer.Option(help="model weights: float32, bfloat16 or float16")] = "float32",
     push_to_hub: Annotated[str | None, typer.Option(help="also push the basis to this Hub repo")] = None,
+    tensor_parallel: Annotated[
+        bool, typer.Option("--tensor-parallel", help="under torchrun: split the model by its tp_plan (all ranks)")
+    ] = False,
 ) -> None:
     """Calibrate a query basis on the calibration split of a corpus.
 
     Runs on one device, or on several processes with `accelerate launch -m transformers_headq.cli calibrate ...`:
-    each process reads its share of the windows and the sums are all-reduced.
+    each process reads its share of the windows and the sums are all-reduced. With --tensor-parallel the
+    processes instead hold one model split by its tensor-parallel plan, all read every window, each adds
+    the KV heads it computes, and the all-reduce assembles the full basis.
     """
     from .calibrate import calibrate as run_calibration
     from .corpus import batches
@@ -142,12 +147,11 @@ def calibrate(
     rank_id, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank_id, device = _join_process_group(world)
-    loaded = _load(model, device, dtype)
+    loaded = _load(model, device, dtype, tensor_parallel)
     ids = _windows(loaded.tokenizer, corpus, "calibration", seq_len, windows)
     metadata = {"model_id": loaded.name, "corpus": corpus, "sequence_length": seq_len, "processes": world}
-    bases = run_calibration(
-        loaded.model, batches(ids[rank_id::world], batch_size), rank or None, metadata, progress=rank_id == 0
-    )
+    share = ids if tensor_parallel else ids[rank_id::world]  # tensor-parallel ranks run one model together
+    bases = run_calibration(loaded.model, batches(share, batch_size), rank or None, metadata, progress=rank_id == 0)
     if rank_id == 0:
         head_dim = bases["query"].fingerprint["head_dim"]
         settings = HeadQConfig(rank=use_rank or head_dim // 4, side_bits=side_bits, side_scale=side_scale)  # type: ignore[arg-type]

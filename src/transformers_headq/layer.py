@@ -91,7 +91,9 @@ class HeadQLayer(CacheLayerMixin):
             if (key_states.shape[1], key_states.shape[3]) != (heads, head_dim):
                 raise CacheInputError(
                     f"{where}: the basis is for {heads} KV heads of dim {head_dim}, but the model gives "
-                    f"{key_states.shape[1]} heads of dim {key_states.shape[3]}: wrong basis for this model."
+                    f"{key_states.shape[1]} heads of dim {key_states.shape[3]}: wrong basis for this model (on a "
+                    "tensor-parallel rank, build the cache with HeadQCache.from_pretrained(basis, model=model), "
+                    "which keeps this rank's heads)."
                 )
 
     def _check_next_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:

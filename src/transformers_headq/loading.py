@@ -66,24 +66,35 @@ def resolve_model(spec: str) -> tuple[str, dict[str, Any], str]:
     return spec, {}, spec
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+def load_model(
+    spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu", tensor_parallel: bool = False
+) -> LoadedModel:
     """Load a causal LM in eval mode with its tokenizer.
 
     ``spec`` is ``"smollm2"`` (the embedded default), a Hub model id, a local model folder or a
     ``.gguf`` file. Hub ids honour ``HF_HUB_OFFLINE`` and the local cache like transformers does.
+    ``tensor_parallel``: split the model over the processes of a torchrun launch with its own
+    tensor-parallel plan (transformers places each rank's share; ``device`` is not used).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, kwargs, name = resolve_model(spec)
+    if tensor_parallel:
+        from transformers import DistributedConfig
+
+        kwargs = {**kwargs, "distributed_config": DistributedConfig(tp_plan="auto")}
     if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("loading a GGUF model needs the 'gguf' package: pip install gguf")
+    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "distributed_config"}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
     placed: Any = model  # PreTrainedModel.to's decorator confuses mypy about its argument
-    return LoadedModel(placed.to(device).eval(), tokenizer, name)
+    if not tensor_parallel:
+        placed = placed.to(device)
+    return LoadedModel(placed.eval(), tokenizer, name)
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from .attention import enable_headq_attention
 from .basis import QueryBasis
 from .config import HeadQConfig
 from .fingerprint import check_supported
+from .parallel import tensor_parallel_kv_heads
 from .static import check_fixed_capacity_config, round_to_blocks
 
 
@@ -28,8 +29,9 @@ def prepare_basis(
     **overrides: Any,
 ) -> tuple[QueryBasis, HeadQConfig]:
     """Load a basis (folder, Hub repo id or :class:`QueryBasis`), check it against ``model``, apply
-    ``overrides`` to its stored cache settings (cutting the basis to the chosen rank once), check a
-    fixed capacity's settings, and switch the model to the ``headq`` attention."""
+    ``overrides`` to its stored cache settings (cutting the basis to the chosen rank once), keep the
+    KV heads this process computes of a tensor-parallel model, check a fixed capacity's settings,
+    and switch the model to the ``headq`` attention."""
     check_supported(model.config)
     if isinstance(path_or_repo_id, QueryBasis):
         basis = path_or_repo_id
@@ -38,6 +40,9 @@ def prepare_basis(
             path_or_repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
     basis.check_model(model)
+    heads = tensor_parallel_kv_heads(model)
+    if heads is not None and basis.kv_heads != (heads.start, heads.stop):
+        basis = basis.for_kv_heads(heads)
     config = HeadQConfig.from_dict(basis.quantizer).replace(**overrides)
     if config.rank is not None and config.rank != basis.rank:
         basis = basis.with_rank(config.rank)  # cut once, not per request

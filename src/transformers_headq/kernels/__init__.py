@@ -20,7 +20,7 @@ import torch
 
 from ..quantize import GroupQuantizer, QuantizedTokens, packed_row_bytes
 from ..store import DenseStore, QuantizedStore
-from .launch import CachedLauncher, LaunchSite
+from .launch import CachedLauncher, LaunchSite, launch_device
 
 if TYPE_CHECKING:
     from ..layer import HeadQLayer
@@ -223,37 +223,38 @@ def fused_decode_attention(
         assert isinstance(layer.value_store, QuantizedStore)
         packed = layer.value_store.packed()
         value_codes, value_scale, value_zero = packed.codes, packed.scale, packed.zero
-    n_splits, per_split = _splits(batch * plan.kv_heads, n_tokens, layer.config.block_size, query.device)
-    rows = batch * plan.kv_heads * n_splits * plan.block_g
-    m, norm, acc = _partials(query.device, rows, head_dim)
-    validity = valid if valid is not None else m
-    window_keys, window_values = layer.window_keys, layer.window_values
-    compiled = plan.decode(
-        (batch * plan.kv_heads, n_splits, 1),
-        plan.decode_site(valid is not None, softcap is not None),
-        (
-            query, decoder,
-            keys.codes, keys.scale, keys.zero,
-            side.codes, side.scale, side.zero,
-            value_codes, value_scale, value_zero,
-            window_keys, window_values,
-            validity,
-            m,  # lengths: not read without DEVICE_LENGTHS
-            m, norm, acc,
-            n_tokens, window_keys.shape[2], per_split, scaling, softcap or 0.0,
-            query.stride(0), query.stride(1),
-            *_bht(keys.codes), *_bht(keys.scale),
-            side.codes.stride(0), side.codes.stride(1), *_bht(side.scale),
-            *_bht(value_codes), *_bht(value_scale),
-            *_bht(window_keys), *_bht(window_values),
-            validity.stride(0) if valid is not None else 0,
-        ),
-    )  # fmt: skip
-    global last_compiled
-    last_compiled = compiled
-    out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
-    splits_pad = max(2, 1 << (n_splits - 1).bit_length())
-    plan.merge((batch * plan.kv_heads, plan.groups, 1), plan.merge_site(splits_pad), (m, norm, acc, out, n_splits))
+    with launch_device(query.device):  # a layer of a split model may live on another GPU
+        n_splits, per_split = _splits(batch * plan.kv_heads, n_tokens, layer.config.block_size, query.device)
+        rows = batch * plan.kv_heads * n_splits * plan.block_g
+        m, norm, acc = _partials(query.device, rows, head_dim)
+        validity = valid if valid is not None else m
+        window_keys, window_values = layer.window_keys, layer.window_values
+        compiled = plan.decode(
+            (batch * plan.kv_heads, n_splits, 1),
+            plan.decode_site(valid is not None, softcap is not None),
+            (
+                query, decoder,
+                keys.codes, keys.scale, keys.zero,
+                side.codes, side.scale, side.zero,
+                value_codes, value_scale, value_zero,
+                window_keys, window_values,
+                validity,
+                m,  # lengths: not read without DEVICE_LENGTHS
+                m, norm, acc,
+                n_tokens, window_keys.shape[2], per_split, scaling, softcap or 0.0,
+                query.stride(0), query.stride(1),
+                *_bht(keys.codes), *_bht(keys.scale),
+                side.codes.stride(0), side.codes.stride(1), *_bht(side.scale),
+                *_bht(value_codes), *_bht(value_scale),
+                *_bht(window_keys), *_bht(window_values),
+                validity.stride(0) if valid is not None else 0,
+            ),
+        )  # fmt: skip
+        global last_compiled
+        last_compiled = compiled
+        out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
+        splits_pad = max(2, 1 << (n_splits - 1).bit_length())
+        plan.merge((batch * plan.kv_heads, plan.groups, 1), plan.merge_site(splits_pad), (m, norm, acc, out, n_splits))
     return out
 
 
@@ -311,11 +312,12 @@ def group_quantize(quantizer: GroupQuantizer, x: torch.Tensor) -> QuantizedToken
     meta_shape = (batch, heads, tokens // tile, channels) if per_channel else (batch, heads, tokens, 1)
     scale = torch.empty(meta_shape, dtype=quantizer.meta_dtype, device=x.device)
     zero = torch.empty_like(scale)
-    group_quantize_kernel[(batch * heads, triton.cdiv(tokens, tile))](
-        rows, codes, scale, zero,
-        tokens, rows.stride(0), rows.stride(1), tokens * n_bytes, n_bytes,
-        scale.shape[2] * scale.shape[3], scale.shape[3],
-        C=channels, NB=n_bytes, NB_PAD=triton.next_power_of_2(n_bytes), BITS=quantizer.bits, ROWS=tile,
-        PER_CHANNEL=per_channel, META_DTYPE=getattr(tl, _OPERAND_DTYPES[quantizer.meta_dtype]),
-    )  # fmt: skip
-    return QuantizedTokens(codes, scale, zero)
+    with launch_device(x.device):
+        group_quantize_kernel[(batch * heads, triton.cdiv(tokens, tile))](
+            rows, codes, scale, zero,
+            tokens, rows.stride(0), rows.stride(1), tokens * n_bytes, n_bytes,
+            scale.shape[2] * scale.shape[3], scale.shape[3],
+            C=channels, NB=n_bytes, NB_PAD=triton.next_power_of_2(n_bytes), BITS=quantizer.bits, ROWS=tile,
+            PER_CHANNEL=per_channel, META_DTYPE=getattr(tl, _OPERAND_DTYPES[quantizer.meta_dtype]),
+        )  # fmt: skip
+        return QuantizedTokens(codes, scale, zero)

@@ -14,6 +14,7 @@ import torch
 
 from ..quantize import packed_row_bytes
 from . import _OPERAND_DTYPES, LAUNCH, _bht, _smallest_dot_rows, _splits
+from .launch import launch_device
 
 
 @torch.library.custom_op("headq::fixed_decode_attention", mutates_args=())
@@ -56,38 +57,48 @@ def fixed_decode_attention(
     groups = q_heads // kv_heads
     block_g = max(LAUNCH["min_rows"], _smallest_dot_rows(), triton.next_power_of_2(groups))
     side_bytes = packed_row_bytes(rank, side_bits)
-    n_splits, per_split = _splits(batch * kv_heads, capacity, block, query.device)
-    rows = batch * kv_heads * n_splits * block_g
-    partials = torch.empty(rows * (head_dim + 2), device=query.device, dtype=torch.float32)
-    m, norm, acc = partials[:rows], partials[rows : 2 * rows], partials[2 * rows :]
-    valid = validity if validity is not None else m
-    headq_decode_kernel[(batch * kv_heads, n_splits, 1)](
-        query, decoder,
-        key_codes, key_scale, key_zero,
-        side_codes, side_scale, side_zero,
-        value_codes, value_scale, value_zero,
-        window_keys, window_values,
-        valid, lengths,
-        m, norm, acc,
-        0, 0, per_split, scaling, softcap,
-        query.stride(0), query.stride(1),
-        *_bht(key_codes), *_bht(key_scale),
-        side_codes.stride(0), side_codes.stride(1), *_bht(side_scale),
-        *_bht(value_codes), *_bht(value_scale),
-        *_bht(window_keys), *_bht(window_values),
-        valid.stride(0) if validity is not None else 0,
-        H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim, R=rank,
-        SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)),
-        KEY_BITS=key_bits, SIDE_BITS=side_bits, SIDE_PER_TOKEN=side_per_token, VALUE_BITS=value_bits,
-        BLOCK_N=block, TILE=min(LAUNCH["tile"], block), HAS_MASK=validity is not None, SOFTCAP=softcap != 0.0,
-        OP_DTYPE=getattr(tl, _OPERAND_DTYPES[query.dtype]), ASM=bool(LAUNCH["asm"]) and query.is_cuda,
-        DEVICE_LENGTHS=True, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
-    )  # fmt: skip
-    out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
-    splits_pad = max(2, 1 << (n_splits - 1).bit_length())
-    headq_merge_kernel[(batch * kv_heads, groups, 1)](
-        m, norm, acc, out, n_splits, G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad, CHUNK=min(splits_pad, 16)
-    )
+    with launch_device(query.device):  # a layer of a split model may live on another GPU
+        n_splits, per_split = _splits(batch * kv_heads, capacity, block, query.device)
+        rows = batch * kv_heads * n_splits * block_g
+        partials = torch.empty(rows * (head_dim + 2), device=query.device, dtype=torch.float32)
+        m, norm, acc = partials[:rows], partials[rows : 2 * rows], partials[2 * rows :]
+        valid = validity if validity is not None else m
+        headq_decode_kernel[(batch * kv_heads, n_splits, 1)](
+            query, decoder,
+            key_codes, key_scale, key_zero,
+            side_codes, side_scale, side_zero,
+            value_codes, value_scale, value_zero,
+            window_keys, window_values,
+            valid, lengths,
+            m, norm, acc,
+            0, 0, per_split, scaling, softcap,
+            query.stride(0), query.stride(1),
+            *_bht(key_codes), *_bht(key_scale),
+            side_codes.stride(0), side_codes.stride(1), *_bht(side_scale),
+            *_bht(value_codes), *_bht(value_scale),
+            *_bht(window_keys), *_bht(window_values),
+            valid.stride(0) if validity is not None else 0,
+            H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim, R=rank,
+            SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)),
+            KEY_BITS=key_bits, SIDE_BITS=side_bits, SIDE_PER_TOKEN=side_per_token, VALUE_BITS=value_bits,
+            BLOCK_N=block, TILE=min(LAUNCH["tile"], block), HAS_MASK=validity is not None, SOFTCAP=softcap != 0.0,
+            OP_DTYPE=getattr(tl, _OPERAND_DTYPES[query.dtype]), ASM=bool(LAUNCH["asm"]) and query.is_cuda,
+            DEVICE_LENGTHS=True, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+        )  # fmt: skip
+        out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
+        splits_pad = max(2, 1 << (n_splits - 1).bit_length())
+        headq_merge_kernel[(batch * kv_heads, groups, 1)](
+            m,
+            norm,
+            acc,
+            out,
+            n_splits,
+            G=groups,
+            BLOCK_G=block_g,
+            D=head_dim,
+            S_PAD=splits_pad,
+            CHUNK=min(splits_pad, 16),
+        )
     return out
 
 

@@ -20,6 +20,7 @@ check the two launches agree for aligned and misaligned operands.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -98,3 +99,11 @@ class CachedLauncher:
         """Triton's own launch (it compiles on a new specialisation)."""
         keywords = dict(zip((self.kernel.arg_names[i] for i in site.runtime), args, strict=True))
         return self.kernel[grid](**keywords, **site.constexprs, **site.options)
+
+
+def launch_device(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """Make ``device`` current while kernels for its tensors launch.
+
+    Triton launches on the *current* CUDA device; a model split over GPUs (``device_map``) runs a
+    layer on ``cuda:1`` while ``cuda:0`` is current, so every launch site enters this first."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
