@@ -1,76 +1,96 @@
-"""Encoding one block of keys and values (codes, side code), as a torch custom op.
+"""Encoding whole blocks of keys and values (key codes, side code, value codes): one code path.
 
-A compiled decode step commits the window as a block; if inductor fused the quantizer's arithmetic
-into its own kernels, a rounding tie could land on another code than in eager mode. As an opaque
-custom op the block is encoded by exactly the code eager decode and prefill run
-(:meth:`GroupQuantizer.quantize`, or on a GPU the quantize-and-pack kernel that stores the same bits,
-and the side code ``Uᵀ(k − k̂)``), so compiled and eager caches hold bit-identical codes.
+Every block a cache stores goes through :func:`encode_blocks`: the growing cache's flush, a
+fixed-capacity prefill, and a compiled decode step's commit (:func:`commit_block`, a torch custom
+op). On a GPU whose settings the block kernel covers, that is one kernel
+(``kernels/block_encode.py``); elsewhere the torch quantizer and the side code ``Uᵀ(k − k̂)``. Because
+eager and compiled caches take the same path on a device, they hold bit-identical codes (and
+inductor never gets to fuse the quantizer's arithmetic its own way: the op is opaque to it).
 
-A stream's spec is ``[]`` for dense rows, or ``[bits, 1 if channel grouping else 0, group]``.
+A stream's spec is ``[]`` for dense rows, or ``[bits, 1 if channel grouping else 0, group]``: custom
+ops take plain values, not quantizer objects.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from .kernels import quantize_pack
+from .kernels import block_encode_supports, kernels_enabled, quantize_pack
+from .kernels import commit_block as commit_block_kernel
+from .kernels import encode_blocks as encode_blocks_kernel
 from .quantize import GroupQuantizer, QuantizedTokens
+from .store import write_block_where
+
+Quantizers = tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None]
 
 
 def quantizer_spec(quantizer: GroupQuantizer | None) -> list[int]:
     return [] if quantizer is None else [quantizer.bits, int(quantizer.grouping == "channel"), quantizer.group]
 
 
-def _quantizer(spec: list[int], meta_dtype: torch.dtype) -> GroupQuantizer:
+def _quantizer(spec: list[int], meta_dtype: torch.dtype) -> GroupQuantizer | None:
+    if not spec:
+        return None
     bits, channel, group = spec
     return GroupQuantizer(bits, "channel" if channel else "token", group, meta_dtype)
 
 
-def _quantize(quantizer: GroupQuantizer, x: torch.Tensor, fused: bool) -> QuantizedTokens:
+def _quantize(quantizer: GroupQuantizer, x: torch.Tensor) -> QuantizedTokens:
     """The GPU quantize-and-pack kernel where it applies (one launch, the same bits), else torch's."""
-    q = quantize_pack(quantizer, x) if fused else None
+    q = quantize_pack(quantizer, x)
     return quantizer.quantize(x) if q is None else q
 
 
-def _encode(
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    encoder: torch.Tensor | None,
-    key_spec: list[int],
-    side_spec: list[int],
-    value_spec: list[int],
-    meta_dtype: torch.dtype,
-    *,
-    fused: bool = True,
+def _encode_torch(
+    keys: torch.Tensor, values: torch.Tensor, encoder: torch.Tensor | None, quantizers: Quantizers
 ) -> list[torch.Tensor]:
+    key_q, side_q, value_q = quantizers
     out: list[torch.Tensor] = []
-    if key_spec:
-        key_quantizer = _quantizer(key_spec, meta_dtype)
-        q = _quantize(key_quantizer, keys, fused)
+    if key_q is not None:
+        q = _quantize(key_q, keys)
         out += [q.codes, q.scale, q.zero]
-        key_hat = key_quantizer.dequantize(q, keys.shape[-1], keys.dtype)  # as stored, in the model dtype
+        key_hat = key_q.dequantize(q, keys.shape[-1], keys.dtype)  # as stored, in the model dtype
     else:
-        out.append(keys.clone())
+        out.append(keys)
         key_hat = keys
     if encoder is not None:
         side = torch.einsum("bhtd,hdr->bhtr", keys.float() - key_hat.float(), encoder)
-        if side_spec:
-            s = _quantize(_quantizer(side_spec, meta_dtype), side, fused)
+        if side_q is not None:
+            s = _quantize(side_q, side)
             out += [s.codes, s.scale, s.zero]
         else:
             out.append(side.to(keys.dtype))
-    if value_spec:
-        v = _quantize(_quantizer(value_spec, meta_dtype), values, fused)
+    if value_q is not None:
+        v = _quantize(value_q, values)
         out += [v.codes, v.scale, v.zero]
     else:
-        out.append(values.clone())
+        out.append(values)
     return out
 
 
-@torch.library.custom_op("headq::encode_block", mutates_args=())
-def encode_block(
+def _fused(keys: torch.Tensor, encoder: torch.Tensor | None, quantizers: Quantizers, block: int) -> bool:
+    """Whether the block kernel encodes these blocks (on a GPU only: on a CPU torch is faster than the
+    interpreter, and the tests call the kernel there directly)."""
+    rank = 0 if encoder is None else encoder.shape[-1]
+    return (
+        keys.is_cuda
+        and kernels_enabled(keys.device)
+        and block_encode_supports(*quantizers, rank, block, keys.shape[-1], keys.dtype)
+    )
+
+
+def encode_blocks(
+    keys: torch.Tensor, values: torch.Tensor, encoder: torch.Tensor | None, quantizers: Quantizers, block: int
+) -> list[torch.Tensor]:
+    """Stored tensors of whole blocks ``[B, H, n·block, D]``: keys' (codes, scale, zero) or dense keys,
+    then the side code's (if ``encoder``), then the values', each stream as its store appends them."""
+    if _fused(keys, encoder, quantizers, block):
+        return encode_blocks_kernel(keys, values, encoder, quantizers, block)
+    return _encode_torch(keys, values, encoder, quantizers)
+
+
+@torch.library.custom_op("headq::commit_block", mutates_args=("storage",))
+def commit_block(
     keys: torch.Tensor,
     values: torch.Tensor,
     encoder: torch.Tensor | None,
@@ -78,13 +98,27 @@ def encode_block(
     side_spec: list[int],
     value_spec: list[int],
     meta_dtype: torch.dtype,
-) -> list[torch.Tensor]:
-    """Stored tensors of one block ``[B, H, block, D]``: keys' (codes, scale, zero) or dense keys, then
-    the side code's (if ``encoder``), then the values'."""
-    return _encode(keys, values, encoder, key_spec, side_spec, value_spec, meta_dtype)
+    storage: list[torch.Tensor],
+    target: torch.Tensor,
+    commit: torch.Tensor,
+) -> None:
+    """Encode the window ``[B, H, block, D]`` into block ``target[0]`` of a fixed-capacity layer's
+    ``storage`` (its stores' tensors, listed as :func:`encode_blocks` lists a block) where ``commit[0]``.
+
+    On the GPU one kernel that returns at once unless the flag is set; elsewhere the encoding runs
+    and the rows are written back unchanged where the flag is off (no host branch either way)."""
+    quantizers = (
+        _quantizer(key_spec, meta_dtype),
+        _quantizer(side_spec, meta_dtype),
+        _quantizer(value_spec, meta_dtype),
+    )
+    if _fused(keys, encoder, quantizers, keys.shape[2]):
+        commit_block_kernel(keys, values, encoder, quantizers, storage, target, commit)
+        return
+    for data, part in zip(storage, _encode_torch(keys, values, encoder, quantizers), strict=True):
+        write_block_where(data, target, part, commit)
 
 
-@encode_block.register_fake
-def _(*args: Any) -> list[torch.Tensor]:
-    """Shapes only: the same encoding on fake tensors, through torch's quantizer (no kernel launch)."""
-    return _encode(*args, fused=False)
+@commit_block.register_fake
+def _(*args: object) -> None:
+    """Writes in place, returns nothing."""

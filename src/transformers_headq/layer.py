@@ -17,6 +17,7 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .basis import LayerBasis
 from .config import HeadQConfig
+from .encode import Quantizers, encode_blocks
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates
 from .store import DenseStore, QuantizedStore, TokenBuffer, TokenStore
@@ -147,17 +148,19 @@ class HeadQLayer(CacheLayerMixin):
             ),
         )
 
+    def _quantizers(self) -> Quantizers:
+        """The key, side-code and value quantizers (``None``: that stream is kept dense)."""
+        head_dim, cfg = self.shape[2], self.config
+        side = cfg.side_quantizer(self.rank) if self.rank else None
+        return cfg.key_quantizer(head_dim), side, cfg.value_quantizer(head_dim)
+
     def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole blocks into the stores; the side code encodes the key error on ``U``."""
-        start = self.key_store.length
-        self.key_store.append(keys)
-        if self.side_store is not None:
-            assert self.encoder is not None
-            key_hat = self.key_store.read(start, self.key_store.length, keys.dtype)  # as stored, in the model dtype
-            error = keys.float() - key_hat.float()
-            side = torch.einsum("bhtd,hdr->bhtr", error, self.encoder)
-            self.side_store.append(side.to(self.dtype) if isinstance(self.side_store, DenseStore) else side)
-        self.value_store.append(values)
+        encoded = encode_blocks(keys, values, self.encoder, self._quantizers(), self.config.block_size)
+        for store in (self.key_store, self.side_store, self.value_store):
+            if store is not None:
+                store.append_encoded(encoded[: store.n_parts])
+                encoded = encoded[store.n_parts :]
         if self.kept is not None:
             self.kept.hold(self.value_store.length - values.shape[-2], values)
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .config import HeadQConfig
-from .encode import encode_block, quantizer_spec
+from .encode import commit_block, quantizer_spec
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
 from .layer import HeadQLayer
@@ -185,20 +185,14 @@ class StaticHeadQLayer(HeadQLayer):
     def _write_block(
         self, target: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, commit: torch.Tensor
     ) -> None:
-        """The flush of :class:`HeadQLayer`, one block, at a device-side block index: encoded by the
-        same code as eager (one opaque op), then written where ``commit``."""
-        head_dim = self.shape[2]
-        cfg = self.config
-        side_spec = quantizer_spec(cfg.side_quantizer(self.rank)) if self.rank else []
-        encoded = encode_block(
-            keys, values, self.encoder if self.rank else None, quantizer_spec(cfg.key_quantizer(head_dim)),
-            side_spec, quantizer_spec(cfg.value_quantizer(head_dim)), cfg.meta_torch_dtype,
-        )  # fmt: skip
+        """The flush of :class:`HeadQLayer`, one block, at a device-side block index, where ``commit``
+        (one opaque op: the same encoding as eager, a kernel that exits at once unless the flag is set)."""
+        key_q, side_q, value_q = self._quantizers()
         stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
-        for store in stores:
-            parts = len(store.buffers())
-            store.write_block(target, encoded[:parts], commit)
-            encoded = encoded[parts:]
+        commit_block(
+            keys, values, self.encoder, quantizer_spec(key_q), quantizer_spec(side_q), quantizer_spec(value_q),
+            self.config.meta_torch_dtype, [b.storage for s in stores for b in s.buffers()], target, commit,
+        )  # fmt: skip
 
     def _prefill_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor

@@ -5,8 +5,8 @@ appended in blocks and read back densely by token range. A growing buffer grows 
 that a decode step is amortised O(1) instead of the O(cache) concatenation ``DynamicCache`` does.
 A fixed-capacity buffer is allocated once for ``capacity`` rows and never moves (what CUDA graphs
 and ``torch.compile``'s static addresses need); past its capacity it raises
-:class:`CacheCapacityError`, and :meth:`TokenBuffer.write_block` writes a block at a position held
-on the device, predicated by a device flag, so a decode step needs no host branch.
+:class:`CacheCapacityError`, and :func:`write_block_where` writes a block at a position held on the
+device, predicated by a device flag, so a decode step needs no host branch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ def capacity_error(capacity: int, needed: int) -> CacheCapacityError:
         f"the cache was made for {capacity} tokens (max_cache_len, in whole blocks) but needs {needed}: make it "
         "with max_cache_len >= prompt length + max_new_tokens, or without max_cache_len to let it grow"
     )
+
+
+def write_block_where(data: torch.Tensor, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
+    """Write ``rows`` ``[B, H, n, C]`` over rows ``[n·block, n·block + n)`` of ``data`` where ``commit`` (a
+    one-element bool tensor) is true, leave them as they are where it is false.
+
+    ``block`` is a one-element long tensor: the position lives on the device, so a decode step that
+    may or may not complete a block needs no host branch (the old rows are written back).
+    """
+    n = rows.shape[2]
+    blocks = data.view(*data.shape[:2], data.shape[2] // n, n, *data.shape[3:])
+    old = blocks.index_select(2, block).squeeze(2)
+    blocks.index_copy_(2, block, torch.where(commit, rows, old).unsqueeze(2))
 
 
 class TokenBuffer:
@@ -78,18 +91,6 @@ class TokenBuffer:
         self.length = min(self.length, length)
         self._view = None
 
-    def write_block(self, block: torch.Tensor, rows: torch.Tensor, commit: torch.Tensor) -> None:
-        """Write ``rows`` ``[B, H, n, C]`` over rows ``[n·block, n·block + n)`` where ``commit`` (a
-        one-element bool tensor) is true, leave them as they are where it is false.
-
-        ``block`` is a one-element long tensor: the position lives on the device, so a decode step
-        that may or may not complete a block needs no host branch (the old rows are written back).
-        """
-        n = rows.shape[2]
-        blocks = self._data.view(*self._data.shape[:2], self._data.shape[2] // n, n, *self._data.shape[3:])
-        old = blocks.index_select(2, block).squeeze(2)
-        blocks.index_copy_(2, block, torch.where(commit, rows, old).unsqueeze(2))
-
     def set_length(self, length: int) -> None:
         """Host-side length of a fixed-capacity buffer whose rows were written on the device."""
         self.length = length
@@ -139,8 +140,10 @@ class TokenStore(Protocol):
 
     def buffers(self) -> list[TokenBuffer]: ...
 
-    def write_block(self, block: torch.Tensor, encoded: list[torch.Tensor], commit: torch.Tensor) -> None:
-        """Fixed capacity: store one encoded block at block index ``block`` where ``commit``."""
+    n_parts: int  # tensors an encoded block of this stream has (dense rows: 1; codes, scale, zero: 3)
+
+    def append_encoded(self, parts: list[torch.Tensor]) -> None:
+        """Store rows already encoded (``encode.encode_blocks`` makes them), ``n_parts`` tensors."""
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
         """Fixed capacity: every row of the allocation, as the reader sees it (unused rows too)."""
@@ -163,11 +166,11 @@ class DenseStore:
         self._buf.append(rows)
         self.length = self._buf.length
 
-    def write_block(self, block: torch.Tensor, encoded: list[torch.Tensor], commit: torch.Tensor) -> None:
-        """Store one block of rows (``encoded == [rows]``) at block index ``block`` where ``commit``."""
-        assert self._buf is not None
-        (rows,) = encoded
-        self._buf.write_block(block, rows, commit)
+    n_parts = 1
+
+    def append_encoded(self, parts: list[torch.Tensor]) -> None:
+        (rows,) = parts
+        self.append(rows)
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
         assert self._buf is not None
@@ -243,27 +246,27 @@ class QuantizedStore:
     def _tokens_per_scale_row(self) -> int:
         return self.quantizer.group if self.quantizer.grouping == "channel" else 1
 
+    n_parts = 3
+
     def append(self, rows: torch.Tensor) -> None:
         from .kernels import quantize_pack  # here: the kernels module reads the stores
 
         q = quantize_pack(self.quantizer, rows)  # one GPU pass where it applies, identical codes
         if q is None:
             q = self.quantizer.quantize(rows)
-        if self._codes is None:
-            self._codes, self._scale, self._zero = TokenBuffer(q.codes), TokenBuffer(q.scale), TokenBuffer(q.zero)
-        assert self._scale is not None and self._zero is not None
-        if self._codes.capacity is not None and self.length + rows.shape[2] > self._codes.capacity:
-            raise capacity_error(self._codes.capacity, self.length + rows.shape[2])  # before any buffer changes
-        self._codes.append(q.codes)
-        self._scale.append(q.scale)
-        self._zero.append(q.zero)
-        self.length = self._codes.length
+        self.append_encoded([q.codes, q.scale, q.zero])
 
-    def write_block(self, block: torch.Tensor, encoded: list[torch.Tensor], commit: torch.Tensor) -> None:
-        """Store one block's ``[codes, scale, zero]`` (as :func:`~transformers_headq.encode.encode_block`
-        makes them) at block index ``block`` where ``commit``."""
-        for buf, part in zip(self.buffers(), encoded, strict=True):
-            buf.write_block(block, part, commit)
+    def append_encoded(self, parts: list[torch.Tensor]) -> None:
+        codes, scale, zero = parts
+        if self._codes is None:
+            self._codes, self._scale, self._zero = TokenBuffer(codes), TokenBuffer(scale), TokenBuffer(zero)
+        assert self._scale is not None and self._zero is not None
+        if self._codes.capacity is not None and self.length + codes.shape[2] > self._codes.capacity:
+            raise capacity_error(self._codes.capacity, self.length + codes.shape[2])  # before any buffer changes
+        self._codes.append(codes)
+        self._scale.append(scale)
+        self._zero.append(zero)
+        self.length = self._codes.length
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
         assert self._codes is not None and self._scale is not None and self._zero is not None

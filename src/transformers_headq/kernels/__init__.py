@@ -321,3 +321,149 @@ def group_quantize(quantizer: GroupQuantizer, x: torch.Tensor) -> QuantizedToken
             PER_CHANNEL=per_channel, META_DTYPE=getattr(tl, _OPERAND_DTYPES[quantizer.meta_dtype]),
         )  # fmt: skip
         return QuantizedTokens(codes, scale, zero)
+
+
+# ------------------------------------------------------------ block encoding
+def _block_tile_fits(quantizer: GroupQuantizer | None, channels: int, block: int, padded: int) -> bool:
+    """Whether the block kernel quantizes this stream: dense, or planar bits grouped over the block's
+    tokens or over all of a token's channels (``padded``: the channels the packed row spans)."""
+    if quantizer is None:
+        return True
+    whole = quantizer.group == block if quantizer.grouping == "channel" else quantizer.group == channels
+    per_byte = 8 // quantizer.bits if quantizer.bits in _PLANE_BITS else 0
+    packed = packed_row_bytes(channels, quantizer.bits)
+    return whole and bool(per_byte) and packed * per_byte == padded and packed & (packed - 1) == 0
+
+
+def block_encode_supports(
+    key_q: GroupQuantizer | None,
+    side_q: GroupQuantizer | None,
+    value_q: GroupQuantizer | None,
+    rank: int,
+    block: int,
+    head_dim: int,
+    dtype: torch.dtype,
+) -> bool:
+    """Whether :func:`encode_blocks` / :func:`commit_block` cover these settings (else: the torch path)."""
+    if key_q is None or dtype not in _OPERAND_DTYPES or not (_power_of_two(block) and block >= 16):
+        return False
+    if not (_power_of_two(head_dim) and head_dim >= 16):
+        return False
+    side_ok = rank == 0 or (rank <= 128 and _block_tile_fits(side_q, rank, block, _side_width(side_q, rank)))
+    return (
+        _block_tile_fits(key_q, head_dim, block, head_dim)
+        and side_ok
+        and _block_tile_fits(value_q, head_dim, block, head_dim)
+    )
+
+
+def _side_width(side_q: GroupQuantizer | None, rank: int) -> int:
+    """Side-code columns a tile spans: the packed row's codes (or ``rank`` rounded to a power of two, dense)."""
+    if side_q is None or side_q.bits not in _PLANE_BITS:
+        return 1 << (rank - 1).bit_length()
+    return packed_row_bytes(rank, side_q.bits) * (8 // side_q.bits)
+
+
+def _rows_of(t: torch.Tensor) -> torch.Tensor:
+    """``t`` ``[B, H, T, C]`` with (batch, head) addressable by one stride and unit channel stride."""
+    if t.stride(3) != 1 or t.stride(0) != t.shape[1] * t.stride(1):
+        t = t.contiguous()
+    return t
+
+
+def _launch_block_encode(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    encoder: torch.Tensor | None,
+    quantizers: tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None],
+    outputs: list[torch.Tensor],
+    block: int,
+    target: torch.Tensor | None,
+    commit: torch.Tensor | None,
+) -> None:
+    import triton.language as tl
+
+    from .block_encode import encode_block_kernel
+
+    key_q, side_q, value_q = quantizers
+    assert key_q is not None
+    batch, heads, tokens, head_dim = keys.shape
+    rank = 0 if encoder is None else encoder.shape[-1]
+    keys, values = _rows_of(keys), _rows_of(values)
+    parts = iter(outputs)
+    kc, ks, kz = next(parts), next(parts), next(parts)
+    sc = ss = sz = kc  # placeholders, not read without a side code
+    if rank:
+        sc = next(parts)
+        ss, sz = (next(parts), next(parts)) if side_q is not None else (sc, sc)
+    vc = next(parts)
+    vs, vz = (next(parts), next(parts)) if value_q is not None else (vc, vc)
+    side_width = _side_width(side_q, rank) if rank else 16
+    enc = encoder if encoder is not None else keys
+    flag = commit if commit is not None else kc
+    with launch_device(keys.device):
+        encode_block_kernel[(batch * heads, tokens // block)](
+            keys, values, enc, target if target is not None else flag, flag,
+            kc, ks, kz, sc, ss, sz, vc, vs, vz,
+            keys.stride(1), keys.stride(2), values.stride(1), values.stride(2),
+            enc.stride(0), enc.stride(1), enc.stride(2) if encoder is not None else 0,
+            kc.stride(1), kc.stride(2), ks.stride(1), ks.stride(2),
+            sc.stride(1), sc.stride(2), ss.stride(1), ss.stride(2),
+            vc.stride(1), vc.stride(2), vs.stride(1), vs.stride(2),
+            H=heads, D=head_dim, R=rank, R_PAD=side_width, R_DOT=max(16, side_width), BLOCK=block,
+            KEY_BITS=key_q.bits, KEY_PER_CHANNEL=key_q.grouping == "channel",
+            SIDE_BITS=0 if side_q is None else side_q.bits,
+            SIDE_PER_CHANNEL=side_q is not None and side_q.grouping == "channel",
+            VALUE_BITS=0 if value_q is None else value_q.bits,
+            VALUE_PER_CHANNEL=value_q is not None and value_q.grouping == "channel",
+            MODEL_DTYPE=getattr(tl, _OPERAND_DTYPES[keys.dtype]),
+            META_DTYPE=getattr(tl, _OPERAND_DTYPES[key_q.meta_dtype]),
+            HAS_TARGET=target is not None, enable_fp_fusion=False,
+        )  # fmt: skip
+
+
+def _encoded_like(quantizer: GroupQuantizer | None, x: torch.Tensor, channels: int, block: int) -> list[torch.Tensor]:
+    """Empty outputs of one stream for the tokens of ``x`` ``[B, H, T, *]``: codes, scale, zero or dense rows."""
+    batch, heads, tokens = x.shape[:3]
+    if quantizer is None:
+        return [x.new_empty(batch, heads, tokens, channels)]
+    rows = tokens // block if quantizer.grouping == "channel" else tokens
+    meta = (batch, heads, rows, channels if quantizer.grouping == "channel" else 1)
+    codes = torch.empty(
+        batch, heads, tokens, packed_row_bytes(channels, quantizer.bits), dtype=torch.uint8, device=x.device
+    )
+    return [codes, x.new_empty(meta, dtype=quantizer.meta_dtype), x.new_empty(meta, dtype=quantizer.meta_dtype)]
+
+
+def encode_blocks(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    encoder: torch.Tensor | None,
+    quantizers: tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None],
+    block: int,
+) -> list[torch.Tensor]:
+    """Stored tensors of whole blocks ``[B, H, n·block, D]``, as ``encode._encode`` lists them: keys'
+    (codes, scale, zero), the side code's (if ``encoder``), the values' (see :func:`block_encode_supports`)."""
+    key_q, side_q, value_q = quantizers
+    rank = 0 if encoder is None else encoder.shape[-1]
+    outputs = _encoded_like(key_q, keys, keys.shape[-1], block)
+    if rank:
+        outputs += _encoded_like(side_q, keys, rank, block)
+    outputs += _encoded_like(value_q, values, values.shape[-1], block)
+    _launch_block_encode(keys, values, encoder, quantizers, outputs, block, None, None)
+    return outputs
+
+
+def commit_block(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    encoder: torch.Tensor | None,
+    quantizers: tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None],
+    storage: list[torch.Tensor],
+    target: torch.Tensor,
+    commit: torch.Tensor,
+) -> None:
+    """Encode the block ``keys``/``values`` ``[B, H, block, D]`` into block ``target[0]`` of the fixed
+    stores' ``storage`` (listed as :func:`encode_blocks` lists its outputs) where ``commit[0]``; a
+    launch whose flag is off costs one load a program, no host branch."""
+    _launch_block_encode(keys, values, encoder, quantizers, storage, keys.shape[2], target, commit)

@@ -31,6 +31,38 @@ def _to_meta(x, META_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _codes(x, lo, hi, ok, BITS: tl.constexpr, META_DTYPE: tl.constexpr):
+    """Codes (int32, 0 where not ``ok``), scale and zero (``META_DTYPE``) of ``x`` given its groups' range
+    ``[lo, hi]`` (broadcastable to ``x``), as ``GroupQuantizer.quantize`` computes them."""
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    lo = tl.where(lo <= hi, lo, 0.0)  # padding channels or rows (nothing loaded): finite, never stored
+    hi = tl.where(lo <= hi, hi, 0.0)
+    zero = _to_meta(lo, META_DTYPE)
+    scale = _to_meta(tl.math.div_rn(hi - lo, LEVELS * 1.0), META_DTYPE)
+    scale_f = scale.to(tl.float32)
+    y = tl.math.div_rn(x - zero.to(tl.float32), tl.where(scale_f > 0, scale_f, 1.0))
+    nearest = tl.floor(y + 0.5)  # round to nearest, ties to even, as torch.round
+    odd = nearest - 2.0 * tl.floor(nearest * 0.5) == 1.0
+    nearest = tl.where((nearest - y == 0.5) & odd, nearest - 1.0, nearest)
+    codes = tl.where(ok, tl.minimum(tl.maximum(nearest, 0.0), LEVELS * 1.0), 0.0).to(tl.int32)
+    return codes, scale, zero
+
+
+@triton.jit
+def quantize_tile(x, ok, BITS: tl.constexpr, PER_CHANNEL: tl.constexpr, META_DTYPE: tl.constexpr):
+    """Quantize a ``[tokens, channels]`` float32 tile (``ok``: real entries): one group per channel over
+    the tile's tokens (``PER_CHANNEL``) or per token over its channels. Returns int32 codes, and scale
+    and zero of shape ``[1, channels]`` or ``[tokens, 1]``."""
+    if PER_CHANNEL:
+        lo = tl.min(tl.where(ok, x, float("inf")), axis=0)[None, :]
+        hi = tl.max(tl.where(ok, x, float("-inf")), axis=0)[None, :]
+    else:
+        lo = tl.min(tl.where(ok, x, float("inf")), axis=1)[:, None]
+        hi = tl.max(tl.where(ok, x, float("-inf")), axis=1)[:, None]
+    return _codes(x, lo, hi, ok, BITS, META_DTYPE)
+
+
+@triton.jit
 def group_quantize_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr,  # states [BH, T, C]; codes [BH, T, NB]; scale/zero (see below)
     n_rows, s_x_bh, s_x_t, s_c_bh, s_c_t, s_s_bh, s_s_t,
@@ -40,7 +72,6 @@ def group_quantize_kernel(
     """``PER_CHANNEL``: a scale and zero per channel over the tile (one block of ``ROWS`` tokens), stored at
     ``[BH, T / ROWS, C]``; else a scale and zero per token over its ``C`` channels, stored at ``[BH, T, 1]``."""
     PLANES: tl.constexpr = 8 // BITS
-    LEVELS: tl.constexpr = (1 << BITS) - 1
     bh = tl.program_id(0)
     tile = tl.program_id(1)
     rows = tile * ROWS + tl.arange(0, ROWS)
@@ -56,16 +87,7 @@ def group_quantize_kernel(
     else:
         lo = tl.min(tl.min(tl.where(ok, x, float("inf")), axis=2), axis=1)[:, None, None]
         hi = tl.max(tl.max(tl.where(ok, x, float("-inf")), axis=2), axis=1)[:, None, None]
-    lo = tl.where(lo <= hi, lo, 0.0)  # padding channels or rows (nothing loaded): finite, never stored
-    hi = tl.where(lo <= hi, hi, 0.0)
-    zero = _to_meta(lo, META_DTYPE)
-    scale = _to_meta(tl.math.div_rn(hi - lo, LEVELS * 1.0), META_DTYPE)
-    scale_f = scale.to(tl.float32)
-    y = tl.math.div_rn(x - zero.to(tl.float32), tl.where(scale_f > 0, scale_f, 1.0))
-    nearest = tl.floor(y + 0.5)  # round to nearest, ties to even, as torch.round
-    odd = nearest - 2.0 * tl.floor(nearest * 0.5) == 1.0
-    nearest = tl.where((nearest - y == 0.5) & odd, nearest - 1.0, nearest)
-    codes = tl.where(ok, tl.minimum(tl.maximum(nearest, 0.0), LEVELS * 1.0), 0.0).to(tl.int32)
+    codes, scale, zero = _codes(x, lo, hi, ok, BITS, META_DTYPE)
     packed = tl.sum(codes << (tl.arange(0, PLANES) * BITS)[None, :, None], axis=1)  # bits do not overlap
     row_ok = rows < n_rows
     tl.store(
