@@ -8,7 +8,7 @@ specialisations Triton gives that launch on the GPU (without them loads are neit
 asynchronous, and the count is not the device's). Prefer the GPU machine's Triton (3.6.0 on the H100s here;
 ``pip install --target DIR triton==3.6.0`` and put DIR first on PYTHONPATH): for the one-warp kernel 3.6.0 gives
 2029 loop instructions and 3.9.0 2003, both with asynchronous copies and 255 registers. Instruction counts did
-not predict GPU time for the variants measured (benchmarks/kernel-ab-h100.txt): time them on the GPU.
+not predict GPU time for the variants measured (benchmarks/records/kernel-ab-h100.txt): time them on the GPU.
 
     python benchmarks/kernel_sass.py [--set tile=32 --set num_warps=4] [--sass PATH]
 """

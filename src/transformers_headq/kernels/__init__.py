@@ -26,8 +26,8 @@ if TYPE_CHECKING:
     from ..layer import HeadQLayer
 
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
-# Launch settings of the split kernel, from the H100 sweeps in benchmarks/kernel-tuning-h100-v8-planes.txt and the
-# A/B in benchmarks/kernel-ab-h100.txt. tile: tokens a loop step; programs_per_sm: how many splits to aim for;
+# Launch settings of the split kernel, from the H100 sweeps in benchmarks/records/kernel-tuning-h100-v8-planes.txt and the
+# A/B in benchmarks/records/kernel-ab-h100.txt. tile: tokens a loop step; programs_per_sm: how many splits to aim for;
 # min_split_tokens: the fewest tokens a split gets; asm: the PTX code conversion (0: Triton's integer-to-float,
 # measured 1.7x slower); maxnreg: a register cap (0: none; caps spilled and were slower); min_rows: the fewest query
 # rows a program's products have (the query heads sharing a KV head, padded to a power of two; Triton pads them to
