@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import block_encode_supports, kernels_enabled, quantize_pack
+from .kernels import Quantizers, block_encode_supports, kernels_enabled, quantize_pack
 from .kernels import commit_block as commit_block_kernel
 from .kernels import encode_blocks as encode_blocks_kernel
 from .quantize import GroupQuantizer, QuantizedTokens
 from .store import write_block_where
-
-Quantizers = tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None]
 
 
 def quantizer_spec(quantizer: GroupQuantizer | None) -> list[int]:

@@ -25,10 +25,12 @@ from .launch import CachedLauncher, LaunchSite, launch_device
 if TYPE_CHECKING:
     from ..layer import HeadQLayer
 
+# A layer's key, side-code and value quantizers (``None``: that stream is stored dense).
+Quantizers = tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None]
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
-# Launch settings of the split kernel, from the H100 sweeps in benchmarks/records/kernel-tuning-h100-v8-planes.txt and the
-# A/B in benchmarks/records/kernel-ab-h100.txt. tile: tokens a loop step; programs_per_sm: how many splits to aim for;
-# min_split_tokens: the fewest tokens a split gets; asm: the PTX code conversion (0: Triton's integer-to-float,
+# Launch settings of the split kernel, from the H100 sweeps in benchmarks/records/kernel-tuning-h100-v8-planes.txt and
+# the A/B in benchmarks/records/kernel-ab-h100.txt. tile: tokens a loop step; programs_per_sm: how many splits to
+# aim for; min_split_tokens: the fewest tokens a split gets; asm: the PTX code conversion (0: Triton's integer-to-float,
 # measured 1.7x slower); maxnreg: a register cap (0: none; caps spilled and were slower); min_rows: the fewest query
 # rows a program's products have (the query heads sharing a KV head, padded to a power of two; Triton pads them to
 # the tensor cores' 16 rows itself, but work on padding rows in registers is wasted). One warp with 8 rows was the
@@ -375,7 +377,7 @@ def _launch_block_encode(
     keys: torch.Tensor,
     values: torch.Tensor,
     encoder: torch.Tensor | None,
-    quantizers: tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None],
+    quantizers: Quantizers,
     outputs: list[torch.Tensor],
     block: int,
     target: torch.Tensor | None,
@@ -439,7 +441,7 @@ def encode_blocks(
     keys: torch.Tensor,
     values: torch.Tensor,
     encoder: torch.Tensor | None,
-    quantizers: tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None],
+    quantizers: Quantizers,
     block: int,
 ) -> list[torch.Tensor]:
     """Stored tensors of whole blocks ``[B, H, n·block, D]``, as ``encode._encode`` lists them: keys'
@@ -458,7 +460,7 @@ def commit_block(
     keys: torch.Tensor,
     values: torch.Tensor,
     encoder: torch.Tensor | None,
-    quantizers: tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None],
+    quantizers: Quantizers,
     storage: list[torch.Tensor],
     target: torch.Tensor,
     commit: torch.Tensor,
