@@ -57,7 +57,11 @@ def main() -> None:
     factory = HeadQCacheFactory(random_basis(HEADQ.rank or 0), HEADQ, model.config)
     import transformers
 
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
     rows: list[dict[str, Any]] = []
     for cache, context, batch in parse_runs(args.run):
         row: dict[str, Any] = {"cache": cache, "context": context, "batch": batch, "gpu": torch.cuda.get_device_name()}
