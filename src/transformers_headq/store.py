@@ -125,9 +125,6 @@ class TokenStore(Protocol):
 
     length: int
 
-    def append(self, rows: torch.Tensor) -> None:
-        """Store ``rows`` ``[B, H, n, C]`` (:meth:`read` gives back what a reader sees of them)."""
-
     def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Dense rows ``[start, end)`` as the reader sees them."""
 
@@ -160,17 +157,14 @@ class DenseStore:
         self._buf: TokenBuffer | None = None if capacity is None else TokenBuffer(template, capacity)  # type: ignore[arg-type]
         self.length = 0
 
-    def append(self, rows: torch.Tensor) -> None:
-        if self._buf is None:
-            self._buf = TokenBuffer(rows)
-        self._buf.append(rows)
-        self.length = self._buf.length
-
     n_parts = 1
 
     def append_encoded(self, parts: list[torch.Tensor]) -> None:
         (rows,) = parts
-        self.append(rows)
+        if self._buf is None:
+            self._buf = TokenBuffer(rows)
+        self._buf.append(rows)
+        self.length = self._buf.length
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
         assert self._buf is not None
@@ -247,14 +241,6 @@ class QuantizedStore:
         return self.quantizer.group if self.quantizer.grouping == "channel" else 1
 
     n_parts = 3
-
-    def append(self, rows: torch.Tensor) -> None:
-        from .kernels import quantize_pack  # here: the kernels module reads the stores
-
-        q = quantize_pack(self.quantizer, rows)  # one GPU pass where it applies, identical codes
-        if q is None:
-            q = self.quantizer.quantize(rows)
-        self.append_encoded([q.codes, q.scale, q.zero])
 
     def append_encoded(self, parts: list[torch.Tensor]) -> None:
         codes, scale, zero = parts
