@@ -179,14 +179,15 @@ def _masks(kind: str, batch: int, q_len: int, kv_len: int, gen: torch.Generator)
     keep=st.integers(0, 1),
     side_scale=st.sampled_from(["token", "block"]),
     mask_kind=st.sampled_from(["none", "bool", "additive"]),
+    rows_per_call=st.sampled_from([3, 2048]),
     seed=st.integers(0, 10_000),
 )
 def test_multi_token_sdpa_path_matches_the_reference(
-    batch, heads, groups, tokens, new, block, rank, value_bits, keep, side_scale, mask_kind, seed
+    batch, heads, groups, tokens, new, block, rank, value_bits, keep, side_scale, mask_kind, rows_per_call, seed
 ):
     """A prefill or chunk through sdpa over effective keys gives the reference walk's outputs,
     fresh blocks (seen exactly by earlier rows) and the position value policy included."""
-    from transformers_headq import attention
+    from transformers_headq import attention, effective_sdpa
 
     new = min(new, tokens - 1)
     gen = torch.Generator().manual_seed(seed)
@@ -211,5 +212,6 @@ def test_multi_token_sdpa_path_matches_the_reference(
         k, v = cache.update(keys[:, :, tokens - new :], values[:, :, tokens - new :], 0)
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(attention, "PREFILL_BY_SDPA", by_sdpa)
+            patch.setattr(effective_sdpa, "ROWS_PER_CALL", rows_per_call)  # several calls when smaller than new
             outs.append(headq_attention_forward(MODULE, q, k, v, mask)[0])
     torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-4)

@@ -24,6 +24,8 @@ import torch
 
 from .handoff import AttentionInputs
 
+ROWS_PER_CALL = 2048  # query rows per sdpa call: bounds the mask of a long prefill
+
 
 def can_use_effective_sdpa(inputs: AttentionInputs, q_len: int, softcap: float | None) -> bool:
     """Whether this call can run through sdpa over effective keys (see the module docstring)."""
@@ -33,57 +35,73 @@ def can_use_effective_sdpa(inputs: AttentionInputs, q_len: int, softcap: float |
 
 
 def _row_key_mask(
-    inputs: AttentionInputs, q_len: int, mask: torch.Tensor | None, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """The sdpa mask over stored slots then exact copies (``[.., Q, stored + copies]``), and the copies' count.
+    inputs: AttentionInputs, rows: range, mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """The sdpa mask of query ``rows`` (indices into the call's queries) over the stored slots then the
+    exact copies of the slots flushed in this call: ``[.., len(rows), stored + copies]``.
 
     A boolean mask stays boolean, an additive one stays additive (forbidden pairs get ``-inf``).
     """
     layer = inputs.layer
     stored = layer.stored_length
     slots = torch.arange(stored, device=device)
-    rows = inputs.query_start + torch.arange(q_len, device=device)
-    fresh_end = layer.quantized_length if inputs.fresh_keys is not None else inputs.fresh_start
+    row_slots = inputs.query_start + torch.arange(rows.start, rows.stop, device=device)
+    fresh_end = _fresh_end(inputs)
     fresh = slots[inputs.fresh_start : fresh_end]
     block = layer.config.block_size
-    sees_exact = rows[:, None] < ((fresh // block + 1) * block - 1)[None, :]  # [Q, copies]
+    sees_exact = row_slots[:, None] < ((fresh // block + 1) * block - 1)[None, :]  # [rows, copies]
     # Which copy a row may read: the stored one, except fresh slots whose block ends after the row.
-    structure = torch.ones(q_len, stored, dtype=torch.bool, device=device)
+    structure = torch.ones(len(rows), stored, dtype=torch.bool, device=device)
     structure[:, inputs.fresh_start : fresh_end] = ~sees_exact
     structure = torch.cat([structure, sees_exact], dim=-1)
     if mask is None:
-        causal = (slots[None, :] <= rows[:, None])[None, None]
-        base = torch.cat([causal, causal[..., inputs.fresh_start : fresh_end]], dim=-1)
+        part = (slots[None, :] <= row_slots[:, None])[None, None]
     else:
-        part = mask[..., :stored]
-        base = torch.cat([part, part[..., inputs.fresh_start : fresh_end]], dim=-1)
+        part = mask[..., rows.start : rows.stop, :stored]
+    base = torch.cat([part, part[..., inputs.fresh_start : fresh_end]], dim=-1)
     if base.dtype == torch.bool:
-        return base & structure, fresh.numel()
-    return base.masked_fill(~structure, float("-inf")), fresh.numel()
+        return base & structure
+    return base.masked_fill(~structure, float("-inf"))
+
+
+def _fresh_end(inputs: AttentionInputs) -> int:
+    """End of the slots flushed in this call (they have exact copies from ``fresh_start`` to here)."""
+    return inputs.layer.quantized_length if inputs.fresh_keys is not None else inputs.fresh_start
 
 
 def effective_sdpa_attention(
     inputs: AttentionInputs, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """HeadQ attention of ``query`` [B, H_q, Q, D] over a layer by sdpa; returns ``[B, Q, H_q, D_v]``."""
+    """HeadQ attention of ``query`` [B, H_q, Q, D] over a layer by sdpa; returns ``[B, Q, H_q, D_v]``.
+
+    Query rows go ``ROWS_PER_CALL`` at a time, so the mask (rows x twice the slots of a long prompt) never
+    has to exist whole; the keys and values are built once."""
     layer = inputs.layer
     if layer.kept is not None:
         layer.kept.choose()  # a position policy picks its kept tokens before any row reads them
-    allowed, copies = _row_key_mask(inputs, query.shape[2], attention_mask, query.device)
     keys = [layer.effective_keys()]
     values = [layer.effective_values()]
-    if copies:
+    if _fresh_end(inputs) > inputs.fresh_start:
         assert inputs.fresh_keys is not None and inputs.fresh_values is not None
         keys.append(inputs.fresh_keys)
         values.append(inputs.fresh_values)
-    if allowed.dtype != torch.bool:
-        allowed = allowed.to(query.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        torch.cat(keys, dim=-2).to(query.dtype),
-        torch.cat(values, dim=-2).to(query.dtype),
-        attn_mask=allowed,
-        scale=scaling,
-        enable_gqa=query.shape[1] != layer.shape[1],
-    )
+    all_keys = torch.cat(keys, dim=-2).to(query.dtype)
+    all_values = torch.cat(values, dim=-2).to(query.dtype)
+    q_len = query.shape[2]
+    parts = []
+    for start in range(0, q_len, ROWS_PER_CALL):
+        rows = range(start, min(q_len, start + ROWS_PER_CALL))
+        allowed = _row_key_mask(inputs, rows, attention_mask, query.device)
+        if allowed.dtype != torch.bool:
+            allowed = allowed.to(query.dtype)
+        part = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, rows.start : rows.stop],
+            all_keys,
+            all_values,
+            attn_mask=allowed,
+            scale=scaling,
+            enable_gqa=query.shape[1] != layer.shape[1],
+        )
+        parts.append(part)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
     return out.transpose(1, 2).contiguous()
