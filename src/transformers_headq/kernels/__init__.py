@@ -2,8 +2,10 @@
 
 :func:`fused_decode_attention` handles decode steps (one query token per sequence) over a layer
 whose settings the kernel covers, and returns ``None`` otherwise so the caller falls back to the
-reference path. :func:`quantize_pack` quantizes and packs the blocks ``update`` stores, bit for bit
-as the torch quantizer does. Triton is imported only when a kernel is first needed (``pip install
+reference path. :func:`encode_blocks` and :func:`commit_block` (its predicated, in-place form) encode
+whole blocks of keys, side code and values in one launch; :func:`quantize_pack` quantizes and packs one
+stream, for settings the block kernel does not cover. Key and value codes are bit for bit the torch
+quantizer's. Triton is imported only when a kernel is first needed (``pip install
 transformers-headq[gpu]``). ``HEADQ_KERNELS=0`` turns the kernels off; on CPU they run only under
 ``TRITON_INTERPRET=1`` (the tests do that).
 """
