@@ -160,7 +160,7 @@ def _masks(kind: str, batch: int, q_len: int, kv_len: int, gen: torch.Generator)
     allowed = torch.arange(kv_len)[None, :] <= rows[:, None]
     pad = torch.randint(0, 3, (batch,), generator=gen)
     allowed = allowed[None, None] & (torch.arange(kv_len)[None, None, None, :] >= pad[:, None, None, None])
-    allowed = allowed | ~allowed.any(-1, keepdim=True)  # no fully masked row, as transformers ensures
+    allowed[..., 0, :] = False  # a padding query that sees nothing: both paths give it zeros
     if kind == "bool":
         return allowed
     return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
