@@ -58,7 +58,7 @@ def test_kernel_encodes_blocks_as_torch_does(case, dtype):
     config, head_dim, block = CASES[case]
     config, quantizers = _quantizers(config, head_dim, block)
     keys, values, encoder = _inputs(2, 3 * block, head_dim, config.rank or 0, dtype, seed=head_dim + block)
-    assert block_encode_supports(*quantizers, config.rank or 0, block, head_dim, dtype)
+    assert block_encode_supports(quantizers, config.rank or 0, block, head_dim, dtype)
     fast = encode_blocks(keys, values, encoder, quantizers, block)
     oracle = _encode_torch(keys, values, encoder, quantizers)
     assert len(fast) == len(oracle)
@@ -110,4 +110,4 @@ def test_predicated_commit_writes_one_block_only_when_flagged(case):
 )
 def test_settings_the_kernel_does_not_cover_are_refused(changes, block, head_dim):
     config, quantizers = _quantizers(HeadQConfig(**{"rank": 16, "side_bits": 4, **changes}), head_dim, block)
-    assert not block_encode_supports(*quantizers, config.rank or 0, block, head_dim, torch.bfloat16)
+    assert not block_encode_supports(quantizers, config.rank or 0, block, head_dim, torch.bfloat16)

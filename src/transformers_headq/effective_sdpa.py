@@ -77,10 +77,8 @@ def effective_sdpa_attention(
     Query rows go ``ROWS_PER_CALL`` at a time, so the mask (rows x twice the slots of a long prompt) never
     has to exist whole; the keys and values are built once."""
     layer = inputs.layer
-    if layer.kept is not None:
-        layer.kept.choose()  # a position policy picks its kept tokens before any row reads them
     keys = [layer.effective_keys()]
-    values = [layer.effective_values()]
+    values = [layer.effective_values()]  # a position policy picks its kept tokens here, before any row reads them
     if _fresh_end(inputs) > inputs.fresh_start:
         assert inputs.fresh_keys is not None and inputs.fresh_values is not None
         keys.append(inputs.fresh_keys)

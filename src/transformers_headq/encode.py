@@ -73,7 +73,7 @@ def _fused(keys: torch.Tensor, encoder: torch.Tensor | None, quantizers: Quantiz
     return (
         keys.is_cuda
         and kernels_enabled(keys.device)
-        and block_encode_supports(*quantizers, rank, block, keys.shape[-1], keys.dtype)
+        and block_encode_supports(quantizers, rank, block, keys.shape[-1], keys.dtype)
     )
 
 

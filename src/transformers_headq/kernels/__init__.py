@@ -339,16 +339,9 @@ def _block_tile_fits(quantizer: GroupQuantizer | None, channels: int, block: int
     return whole and bool(per_byte) and packed * per_byte == padded and packed & (packed - 1) == 0
 
 
-def block_encode_supports(
-    key_q: GroupQuantizer | None,
-    side_q: GroupQuantizer | None,
-    value_q: GroupQuantizer | None,
-    rank: int,
-    block: int,
-    head_dim: int,
-    dtype: torch.dtype,
-) -> bool:
+def block_encode_supports(quantizers: Quantizers, rank: int, block: int, head_dim: int, dtype: torch.dtype) -> bool:
     """Whether :func:`encode_blocks` / :func:`commit_block` cover these settings (else: the torch path)."""
+    key_q, side_q, value_q = quantizers
     if key_q is None or dtype not in _OPERAND_DTYPES or not (_power_of_two(block) and block >= 16):
         return False
     if not (_power_of_two(head_dim) and head_dim >= 16):
@@ -446,7 +439,7 @@ def encode_blocks(
     quantizers: Quantizers,
     block: int,
 ) -> list[torch.Tensor]:
-    """Stored tensors of whole blocks ``[B, H, n·block, D]``, as ``encode._encode`` lists them: keys'
+    """Stored tensors of whole blocks ``[B, H, n·block, D]``, as ``encode.encode_blocks`` lists them: keys'
     (codes, scale, zero), the side code's (if ``encoder``), the values' (see :func:`block_encode_supports`)."""
     key_q, side_q, value_q = quantizers
     rank = 0 if encoder is None else encoder.shape[-1]

@@ -88,17 +88,9 @@ def fixed_decode_attention(
         out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
         splits_pad = max(2, 1 << (n_splits - 1).bit_length())
         headq_merge_kernel[(batch * kv_heads, groups, 1)](
-            m,
-            norm,
-            acc,
-            out,
-            n_splits,
-            G=groups,
-            BLOCK_G=block_g,
-            D=head_dim,
-            S_PAD=splits_pad,
-            CHUNK=min(splits_pad, 16),
-        )
+            m, norm, acc, out, n_splits,
+            G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad, CHUNK=min(splits_pad, 16),
+        )  # fmt: skip
     return out
 
 
