@@ -2,8 +2,9 @@
 CUDA-graph replays of a fixed-capacity HeadQ cache, Llama-3-8B shapes with random bf16 weights.
 
 A compiled step's wall time exceeds its GPU busy time by a few milliseconds (decode-e2e-h200.md); this
-prints, for synchronised steps after the warm-up and the compilation, the wall and host time a step and
-the functions the host spends it in (cProfile, by own time), so the gap can be attributed.
+prints, for synchronised steps after the warm-up and the compilation, the wall and host time a step,
+the guards torch.compile checks before each step (how many, how long their check takes alone) and the
+functions the host spends the step in (cProfile, by own time), so the gap can be attributed.
 
     python benchmarks/compiled_host_profile.py --context 32768 --batch 8
 """
@@ -21,6 +22,31 @@ from decode_bench import HEADQ, llama_3_8b_model, random_basis
 
 from transformers_headq import HeadQCacheFactory, enable_headq_attention
 from transformers_headq.speed import fill_with_random_states
+
+
+def guard_report(model: torch.nn.Module, kwargs: dict) -> str:
+    """How many guards the compiled forward checks per call, and how long the check takes alone.
+
+    Reads dynamo's cache entry of the model's forward (a private interface: diagnostics only); the
+    frame is transformers' output wrapper, whose locals are ``args``, ``kwargs`` and its closure."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    forward = type(model).forward
+    entries = _debug_get_cache_entry_list(forward.__code__)
+    if len(entries) != 1:
+        return f"guards: {len(entries)} compiled entries, not one (cannot attribute)"
+    guards = entries[0].guard_manager
+    closure = dict(zip(forward.__code__.co_freevars, (c.cell_contents for c in forward.__closure__ or ()), strict=True))
+    frame = {**closure, "args": (model,), "kwargs": kwargs}
+    info = guards.check_verbose(frame)
+    if not info.result:
+        return f"guards: the probe's frame fails them ({info.verbose_code_parts[:1]}): cannot time"
+    start = time.perf_counter()
+    for _ in range(100):
+        guards.check(frame)
+    check_us = (time.perf_counter() - start) / 100 * 1e6
+    tensors = str(guards).count("TENSOR_MATCH")
+    return f"guards: {info.num_guards_executed} checked a call ({tensors} tensors), {check_us:.0f} us to check"
 
 
 def main() -> None:
@@ -53,6 +79,9 @@ def main() -> None:
             one()
         walls, hosts = zip(*(one() for _ in range(args.steps)), strict=True)
         print(f"wall ms/step {statistics.median(walls) * 1e3:.2f}, host ms/step {statistics.median(hosts) * 1e3:.2f}")
+        positions = torch.full_like(token, position[0])
+        frame_locals = {"input_ids": token, "position_ids": positions, "past_key_values": cache, "use_cache": True}
+        print(guard_report(model, frame_locals))
         profiler = cProfile.Profile()
         profiler.enable()
         for _ in range(args.steps):

@@ -121,7 +121,7 @@ def test_memory_is_allocated_once_and_is_what_the_accounting_says():
     heads, head_dim = layer.shape[1], layer.shape[2]
     key, value = cache_bytes_per_head(config, head_dim, layer.rank, 32, torch.float32)
     window = 2 * 4 * head_dim * 4  # a one-block window of keys and values, float32
-    counters = 3 * 8 + 1  # quantized, fill, last block (int64) and the overflow flag (bool)
+    counters = 3 * 8  # quantized, fill and the overflow flag (int64)
     assert allocated == len(cache.layers) * (3 * heads * (key + value + window) + counters)
     with torch.no_grad():
         for t in range(5, 32):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .arena import carve
 from .kernels import Quantizers, block_encode_supports, kernels_enabled, quantize_pack
 from .kernels import commit_block as commit_block_kernel
 from .kernels import encode_blocks as encode_blocks_kernel
@@ -26,7 +27,7 @@ def quantizer_spec(quantizer: GroupQuantizer | None) -> list[int]:
     return [] if quantizer is None else [quantizer.bits, int(quantizer.grouping == "channel"), quantizer.group]
 
 
-def _quantizer(spec: list[int], meta_dtype: torch.dtype) -> GroupQuantizer | None:
+def quantizer_from_spec(spec: list[int], meta_dtype: torch.dtype) -> GroupQuantizer | None:
     if not spec:
         return None
     bits, channel, group = spec
@@ -87,33 +88,47 @@ def encode_blocks(
     return _encode_torch(keys, values, encoder, quantizers)
 
 
-@torch.library.custom_op("headq::commit_block", mutates_args=("storage",))
+def stored_parts(key_spec: list[int], side_spec: list[int], value_spec: list[int], rank: int) -> int:
+    """Tensors a block of these streams is stored as (codes, scale, zero: 3; dense rows: 1)."""
+    streams = [key_spec, *([side_spec] if rank else []), value_spec]
+    return sum(3 if spec else 1 for spec in streams)
+
+
+@torch.library.custom_op("headq::commit_block", mutates_args=("arena",))
 def commit_block(
     keys: torch.Tensor,
     values: torch.Tensor,
-    encoder: torch.Tensor | None,
+    arena: torch.Tensor,
+    layout: str,
     key_spec: list[int],
     side_spec: list[int],
     value_spec: list[int],
+    rank: int,
     meta_dtype: torch.dtype,
-    storage: list[torch.Tensor],
     target: torch.Tensor,
     commit: torch.Tensor,
 ) -> None:
-    """Encode the window ``[B, H, block, D]`` into block ``target[0]`` of a fixed-capacity layer's
-    ``storage`` (its stores' tensors, listed as :func:`encode_blocks` lists a block) where ``commit[0]``.
+    """Encode the window ``[B, H, block, D]`` into block ``target[0]`` of a fixed-capacity layer's stores
+    where ``commit[0]``. ``arena`` holds the stores' tensors (listed as :func:`encode_blocks` lists a
+    block), then the encoder if ``rank``, cut by ``layout`` (see :mod:`.arena`).
 
     On the GPU one kernel that returns at once unless the flag is set; elsewhere the encoding runs
     and the rows are written back unchanged where the flag is off (no host branch either way)."""
     quantizers = (
-        _quantizer(key_spec, meta_dtype),
-        _quantizer(side_spec, meta_dtype),
-        _quantizer(value_spec, meta_dtype),
+        quantizer_from_spec(key_spec, meta_dtype),
+        quantizer_from_spec(side_spec, meta_dtype),
+        quantizer_from_spec(value_spec, meta_dtype),
     )
+    views = carve(arena, layout)
+    n = stored_parts(key_spec, side_spec, value_spec, rank)
+    storage, encoder = views[:n], (views[n] if rank else None)
     if _fused(keys, encoder, quantizers, keys.shape[2]):
         commit_block_kernel(keys, values, encoder, quantizers, storage, target, commit)
         return
-    for data, part in zip(storage, _encode_torch(keys, values, encoder, quantizers), strict=True):
+    # contiguous: the window's keys and values are views of one buffer, and a strided einsum may sum in
+    # another order than the growing cache's flush does on its contiguous blocks
+    encoded = _encode_torch(keys.contiguous(), values.contiguous(), encoder, quantizers)
+    for data, part in zip(storage, encoded, strict=True):
         write_block_where(data, target, part, commit)
 
 

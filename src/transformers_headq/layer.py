@@ -62,7 +62,7 @@ class HeadQLayer(CacheLayerMixin):
         self.decoder: torch.Tensor | None = None
         if self.rank:
             assert self.basis is not None
-            self.encoder = self.basis.U.to(self.device, torch.float32)
+            self.encoder = self.basis.U.to(self.device, torch.float32).contiguous()  # as a fixed layer holds it
             self.decoder = self.basis.decoder_or_u.to(self.device, torch.float32).contiguous()  # kernels read it
         self.key_store = _store(cfg.key_quantizer(head_dim), head_dim)
         self.side_store = _store(cfg.side_quantizer(self.rank), self.rank) if self.rank else None

@@ -1,9 +1,10 @@
 """A fixed-capacity HeadQ layer whose decode step ``torch.compile`` can capture whole.
 
 :class:`StaticHeadQLayer` allocates its stores once, for ``max_cache_len`` tokens in whole
-quantization blocks, plus a one-block full-precision window: the bytes allocated are the bytes the
-bit accounting counts for that capacity, and no buffer ever moves (CUDA graphs need static
-addresses). Its lengths live on the device:
+quantization blocks, in one arena with the basis (:mod:`.arena`: a compiled step then checks three
+tensors a layer, not sixteen), plus a one-block full-precision window: the bytes allocated are the
+bytes the bit accounting counts for that capacity, and no buffer ever moves (CUDA graphs need
+static addresses). Its lengths live on the device:
 
 - ``quantized``: tokens in the quantized stores (a multiple of ``block_size``),
 - ``fill``: tokens in the window,
@@ -23,16 +24,20 @@ diagnostic) are not available with a fixed capacity.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from . import arena
 from .config import HeadQConfig
 from .encode import commit_block, quantizer_spec
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
+from .kernels import kernel_supports
 from .layer import HeadQLayer
-from .store import CacheCapacityError, DenseStore, QuantizedStore, TokenStore, capacity_error
+from .store import CacheCapacityError, DenseStore, QuantizedStore, TokenBuffer, TokenStore, capacity_error
 
 
 def _compiling() -> bool:
@@ -55,8 +60,30 @@ def round_to_blocks(max_cache_len: int, block_size: int) -> int:
     return -(-max_cache_len // block_size) * block_size
 
 
+@dataclass(frozen=True)
+class FixedPlan:
+    """Everything a compiled decode step reads of a fixed-capacity layer besides its three tensors, as
+    plain values: ``torch.compile`` guards each on every call, so there are few (see :mod:`.arena`)."""
+
+    block_size: int
+    capacity: int
+    key_dim: int
+    value_dim: int
+    rank: int
+    key_spec: tuple[int, ...]
+    side_spec: tuple[int, ...]
+    value_spec: tuple[int, ...]
+    meta_dtype: torch.dtype
+    layout: str  # the arena: the stores' tensors, then the encoder and decoder if rank
+    fused: bool  # whether the fused decode kernel covers these settings (where kernels run)
+
+
 class StaticHeadQLayer(HeadQLayer):
-    """One attention layer's HeadQ storage with a fixed capacity (see the module docstring)."""
+    """One attention layer's HeadQ storage with a fixed capacity (see the module docstring).
+
+    Three tensors hold it: ``arena`` (the stores over the whole capacity and the basis, one
+    allocation), ``window`` (``[B, H, block, D_k + D_v]``: a block of exact keys and values) and
+    ``state`` (``[3]`` int64: quantized tokens, window tokens, overflow flag)."""
 
     is_compileable = True
 
@@ -73,18 +100,22 @@ class StaticHeadQLayer(HeadQLayer):
             raise CacheInputError("a HeadQ cache is filled by an eager prefill before compiled decode steps")
         super().lazy_initialization(key_states, value_states)
         batch, heads, head_dim = self.shape
-        cfg, cap = self.config, self.capacity
-        template = key_states[:, :, :0]
-        self.key_store = self._fixed_store(cfg.key_quantizer(head_dim), head_dim, template)
+        cfg = self.config
+        # The stores are laid out on the meta device first, then moved into one arena.
+        key_template, value_template = key_states[:, :, :0].to("meta"), value_states[:, :, :0].to("meta")
+        self.key_store = self._fixed_store(cfg.key_quantizer(head_dim), head_dim, key_template)
         if self.rank:
-            self.side_store = self._fixed_store(cfg.side_quantizer(self.rank), self.rank, template)
-        self.value_store = self._fixed_store(cfg.value_quantizer(head_dim), head_dim, value_states[:, :, :0])
-        self._window_k = key_states.new_zeros(batch, heads, cfg.block_size, head_dim)
-        self._window_v = value_states.new_zeros(batch, heads, cfg.block_size, value_states.shape[-1])
-        # One tensor, so that a kernel reads both counts through one pointer (see `quantized` and `fill`).
-        self.lengths = torch.zeros(2, dtype=torch.long, device=self.device)
-        self.overflow = torch.zeros(1, dtype=torch.bool, device=self.device)
-        self._last_block = torch.full((1,), cap // cfg.block_size - 1, dtype=torch.long, device=self.device)
+            self.side_store = self._fixed_store(cfg.side_quantizer(self.rank), self.rank, key_template)
+        self.value_store = self._fixed_store(cfg.value_quantizer(head_dim), value_states.shape[-1], value_template)
+        layout = self._place_in_arena()
+        self.window = key_states.new_zeros(batch, heads, cfg.block_size, head_dim + value_states.shape[-1])
+        self.state = torch.zeros(3, dtype=torch.long, device=self.device)
+        key_q, side_q, value_q = self._quantizers()
+        self.plan = FixedPlan(
+            cfg.block_size, self.capacity, head_dim, value_states.shape[-1], self.rank, tuple(quantizer_spec(key_q)),
+            tuple(quantizer_spec(side_q)), tuple(quantizer_spec(value_q)), cfg.meta_torch_dtype, layout,
+            kernel_supports(self),
+        )  # fmt: skip
         self._mark_static()
 
     def _fixed_store(self, quantizer: Any, channels: int, template: torch.Tensor) -> TokenStore:
@@ -92,34 +123,61 @@ class StaticHeadQLayer(HeadQLayer):
             return DenseStore(self.capacity, template.new_zeros(*template.shape[:2], 0, channels))
         return QuantizedStore(quantizer, channels, self.capacity, template)
 
-    def _static_tensors(self) -> list[torch.Tensor]:
+    def _buffers(self) -> list[TokenBuffer]:
         stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
-        buffers = [b.storage for s in stores for b in s.buffers()]
-        return [*buffers, self._window_k, self._window_v, self.lengths, self.overflow, self._last_block]
+        return [b for s in stores for b in s.buffers()]
+
+    def _place_in_arena(self) -> str:
+        """Move the stores' buffers and the basis into one new arena (their rows are copied over); its layout."""
+        buffers = self._buffers()
+        basis = [t for t in (self.encoder, self.decoder) if t is not None]
+        self.arena, layout, views = arena.allocate([*(b.storage for b in buffers), *basis], self.device)
+        for buffer, view in zip(buffers, views, strict=False):
+            buffer.adopt(view)
+        for tensor, view in zip(basis, views[len(buffers) :], strict=True):
+            view.copy_(tensor)
+        if basis:
+            self.encoder, self.decoder = views[len(buffers) :]
+        return layout
+
+    def _static_tensors(self) -> list[torch.Tensor]:
+        return [self.arena, self.window, self.state]
 
     def _mark_static(self) -> None:
         """Tell torch.compile these tensors keep their addresses (CUDA graphs then read them in place)."""
-        basis = [t for t in (self.encoder, self.decoder) if t is not None]
-        for tensor in [*self._static_tensors(), *basis]:
+        for tensor in self._static_tensors():
             torch._dynamo.mark_static_address(tensor)
 
-    # Views made where they are used: a compiled step then sees (and mutates) the one static `lengths`.
+    # Views made where they are used: a compiled step then sees (and mutates) the one static `state`.
     @property
     def quantized(self) -> torch.Tensor:
         """``[1]`` device count of quantized tokens."""
-        return self.lengths[0:1]
+        return self.state[0:1]
 
     @property
     def fill(self) -> torch.Tensor:
         """``[1]`` device count of window tokens."""
-        return self.lengths[1:2]
+        return self.state[1:2]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """``[2]`` device counts of quantized and window tokens (one pointer for a kernel)."""
+        return self.state[0:2]
+
+    @property
+    def _window_k(self) -> torch.Tensor:
+        return self.window[..., : self.plan.key_dim]
+
+    @property
+    def _window_v(self) -> torch.Tensor:
+        return self.window[..., self.plan.key_dim :]
 
     # ---------------------------------------------------- host-side lengths
     # Eager code (prefill, crop, reporting) reads the device lengths; a compiled step never does.
     def _lengths(self) -> tuple[int, int]:
-        if bool(self.overflow.item()):
+        quantized, fill, overflow = self.state.tolist()  # one read of the counts and the flag
+        if overflow:
             raise capacity_error(self.capacity, self.capacity + 1)
-        quantized, fill = self.lengths.tolist()  # one read of both counts
         return quantized, fill
 
     def _sync_host(self) -> tuple[int, int]:
@@ -168,31 +226,23 @@ class StaticHeadQLayer(HeadQLayer):
 
     def _decode_update(self, key: torch.Tensor, value: torch.Tensor) -> StaticDecodeStates:
         """Append one token on the device; commit the window as a block where it is full."""
-        block = self.config.block_size
-        self.overflow.logical_or_(self.quantized + self.fill >= self.capacity)  # this token's position
-        self._window_k.index_copy_(2, self.fill, key)
-        self._window_v.index_copy_(2, self.fill, value)
-        fill = self.fill + 1
-        full = fill == block
-        room = self.quantized < self.capacity
-        commit = full & room
-        target = torch.minimum(self.quantized // block, self._last_block)
-        self._write_block(target, self._window_k, self._window_v, commit)
-        self.quantized.add_(commit.long() * block)
-        self.fill.copy_(torch.where(full, torch.zeros_like(fill), fill))
-        return StaticDecodeStates(self)
-
-    def _write_block(
-        self, target: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, commit: torch.Tensor
-    ) -> None:
-        """The flush of :class:`HeadQLayer`, one block, at a device-side block index, where ``commit``
-        (one opaque op: the same encoding as eager, a kernel that exits at once unless the flag is set)."""
-        key_q, side_q, value_q = self._quantizers()
-        stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
+        plan = self.plan
+        block, quantized, fill = plan.block_size, self.quantized, self.fill
+        overflow = (quantized + fill >= plan.capacity).long()  # this token's position is past the capacity
+        self.state[2:3].bitwise_or_(overflow)
+        self.window.index_copy_(2, fill, torch.cat([key, value], dim=-1))
+        filled = fill + 1
+        full = filled == block
+        commit = full & (quantized < plan.capacity)
+        target = (quantized // block).clamp(max=plan.capacity // block - 1)
         commit_block(
-            keys, values, self.encoder, quantizer_spec(key_q), quantizer_spec(side_q), quantizer_spec(value_q),
-            self.config.meta_torch_dtype, [b.storage for s in stores for b in s.buffers()], target, commit,
+            self.window[..., : plan.key_dim], self.window[..., plan.key_dim :], self.arena, plan.layout,
+            list(plan.key_spec), list(plan.side_spec), list(plan.value_spec), plan.rank, plan.meta_dtype,
+            target, commit,
         )  # fmt: skip
+        quantized.add_(commit.long() * block)
+        fill.copy_(torch.where(full, torch.zeros_like(filled), filled))
+        return StaticDecodeStates(self)
 
     def _prefill_update(
         self, key_states: torch.Tensor, value_states: torch.Tensor
@@ -242,8 +292,7 @@ class StaticHeadQLayer(HeadQLayer):
     def reset(self) -> None:
         """Empty the cache in place: the buffers stay where they are, so a compiled step is reused."""
         if self.is_initialized:
-            self.lengths.zero_()
-            self.overflow.zero_()
+            self.state.zero_()
 
     def _evictable(self) -> int:
         return 0
@@ -254,10 +303,11 @@ class StaticHeadQLayer(HeadQLayer):
         quantized, _ = self._sync_host()
         for store in (self.key_store, self.side_store, self.value_store):
             if store is not None:
-                store.map_batch(fn)
+                store.map_batch(fn)  # a fixed buffer leaves the arena here, and goes back into a new one below
                 store.set_length(quantized)
-        self._window_k, self._window_v = fn(self._window_k).contiguous(), fn(self._window_v).contiguous()
-        self.shape = (self._window_k.shape[0], *self.shape[1:])
+        self.plan = dataclasses.replace(self.plan, layout=self._place_in_arena())
+        self.window = fn(self.window).contiguous()
+        self.shape = (self.window.shape[0], *self.shape[1:])
         self._mark_static()  # new tensors (a compiled step records them anew)
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -285,10 +335,12 @@ class StaticHeadQLayer(HeadQLayer):
 
     # --------------------------------------------------------------- memory
     def nbytes_allocated(self) -> int:
-        """Bytes of every tensor this layer allocated (the whole capacity and the window buffer)."""
+        """Bytes this layer allocated for tokens: its arena (the whole capacity) less the basis, the window
+        buffer and the counters."""
         if not self.is_initialized:
             return 0
-        return sum(t.numel() * t.element_size() for t in self._static_tensors())
+        basis = sum(arena.padded_nbytes(t) for t in (self.encoder, self.decoder) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self._static_tensors()) - basis
 
     def key_nbytes(self) -> int:
         if self.is_initialized:
@@ -301,4 +353,4 @@ class StaticHeadQLayer(HeadQLayer):
         return super().value_nbytes()
 
 
-__all__ = ["CacheCapacityError", "StaticHeadQLayer", "check_fixed_capacity_config", "round_to_blocks"]
+__all__ = ["CacheCapacityError", "FixedPlan", "StaticHeadQLayer", "check_fixed_capacity_config", "round_to_blocks"]

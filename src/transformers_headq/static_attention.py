@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from .arena import carve
+from .encode import quantizer_from_spec
 from .handoff import StaticDecodeStates
-from .kernels import kernel_supports, kernels_enabled
+from .kernels import kernels_enabled
 from .kernels.fixed import fixed_decode_attention
-from .store import QuantizedStore
+from .quantize import QuantizedTokens
+from .static import FixedPlan
 
 
 def _mask_columns(mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
@@ -37,34 +40,53 @@ def static_decode_attention(
     """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step: the fused kernel
     where it covers the layer (a GPU, or Triton's interpreter), else the torch path below."""
     layer = states.layer
-    if kernels_enabled(query.device) and kernel_supports(layer) and _mask_is_per_key(mask):
+    if kernels_enabled(query.device) and layer.plan.fused and _mask_is_per_key(mask):
         return _fused(states, query, mask, scaling, softcap)
+    plan = layer.plan
     batch, q_heads, _, head_dim = query.shape
-    kv_heads = layer.shape[1]
+    kv_heads = layer.window.shape[1]
     groups = q_heads // kv_heads
     qg = query.float().reshape(batch, kv_heads, groups, head_dim)
-    key_hat = layer.key_store.read_capacity(torch.float32)
+    key_hat, side, value = _read_capacity(layer.arena, plan)
     logits = qg @ key_hat.transpose(-1, -2)
-    if layer.side_store is not None:
-        assert layer.decoder is not None
-        q_side = torch.einsum("bhgd,hdr->bhgr", qg, layer.decoder)
-        logits = logits + q_side @ layer.side_store.read_capacity(torch.float32).transpose(-1, -2)
-    window_logits = qg @ layer._window_k.float().transpose(-1, -2)
-    scores = torch.cat([logits, window_logits], dim=-1) * scaling
+    if side is not None:
+        decoder = carve(layer.arena, plan.layout)[-1]
+        logits = logits + torch.einsum("bhgd,hdr->bhgr", qg, decoder) @ side.transpose(-1, -2)
+    window_keys, window_values = layer.window[..., : plan.key_dim], layer.window[..., plan.key_dim :]
+    scores = torch.cat([logits, qg @ window_keys.float().transpose(-1, -2)], dim=-1) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
-    slots = torch.arange(layer.capacity, device=query.device)
-    window_slots = torch.arange(layer.config.block_size, device=query.device)
-    visible = torch.cat([slots < layer.quantized, window_slots < layer.fill])
-    columns = _mask_columns(mask, torch.cat([slots, layer.quantized + window_slots]))
+    slots = torch.arange(plan.capacity, device=query.device)
+    window_slots = torch.arange(plan.block_size, device=query.device)
+    quantized, fill = layer.state[0:1], layer.state[1:2]
+    visible = torch.cat([slots < quantized, window_slots < fill])
+    columns = _mask_columns(mask, torch.cat([slots, quantized + window_slots]))
     keep = visible if columns is None else visible & columns
     scores = scores.masked_fill(~keep, float("-inf"))
     top = scores.amax(-1, keepdim=True)
     weights = torch.exp(scores - torch.where(torch.isinf(top), torch.zeros_like(top), top))
     total = weights.sum(-1, keepdim=True)
-    values = torch.cat([layer.value_store.read_capacity(torch.float32), layer._window_v.float()], dim=-2)
+    values = torch.cat([value, window_values.float()], dim=-2)
     out = (weights @ values) / torch.where(total > 0, total, torch.ones_like(total))
     return out.reshape(batch, q_heads, 1, -1).transpose(1, 2).to(query.dtype)
+
+
+def _read_capacity(arena: torch.Tensor, plan: FixedPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Keys ``k̂``, side codes (``None`` without) and values over the whole capacity, float32, from the arena."""
+    views = iter(carve(arena, plan.layout))
+    streams = [(plan.key_spec, plan.key_dim), *([(plan.side_spec, plan.rank)] if plan.rank else [])]
+    streams.append((plan.value_spec, plan.value_dim))
+    out: list[torch.Tensor] = []
+    for spec, channels in streams:
+        quantizer = quantizer_from_spec(list(spec), plan.meta_dtype)
+        if quantizer is None:
+            out.append(next(views).float())
+            continue
+        codes, scale, zero = next(views), next(views), next(views)
+        out.append(quantizer.dequantize(QuantizedTokens(codes, scale, zero), channels, torch.float32))
+    if plan.rank:
+        return out[0], out[1], out[2]
+    return out[0], None, out[1]
 
 
 def _mask_is_per_key(mask: torch.Tensor | None) -> bool:
@@ -72,28 +94,19 @@ def _mask_is_per_key(mask: torch.Tensor | None) -> bool:
     return mask is None or (mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1)
 
 
-def _storages(store: object) -> list[torch.Tensor]:
-    """Codes, scales and zeros of a quantized store (dense rows three times: scales are not read)."""
-    buffers = [b.storage for b in store.buffers()]  # type: ignore[attr-defined]
-    return buffers if isinstance(store, QuantizedStore) else buffers * 3
-
-
 def _fused(
     states: StaticDecodeStates, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
 ) -> torch.Tensor:
     layer = states.layer
-    cfg = layer.config
-    keys = _storages(layer.key_store)
-    side = _storages(layer.side_store) if layer.side_store is not None else keys
-    values = _storages(layer.value_store)
+    plan = layer.plan
     validity = None
     if mask is not None:
         validity = mask[:, 0, 0, :].expand(query.shape[0], mask.shape[-1]).to(torch.uint8)
-    value_bits = cfg.value_bits if isinstance(layer.value_store, QuantizedStore) else 0
+    key_bits = plan.key_spec[0] if plan.key_spec else 0
+    side_bits = plan.side_spec[0] if plan.side_spec else 8
+    side_per_token = bool(plan.side_spec) and not plan.side_spec[1]
+    value_bits = plan.value_spec[0] if plan.value_spec else 0
     return fixed_decode_attention(
-        query, layer.decoder if layer.decoder is not None else query,
-        *keys, *side, *values,
-        layer._window_k, layer._window_v, validity, layer.lengths,
-        scaling, softcap or 0.0, cfg.key_bits or 0, cfg.side_bits or 8, cfg.side_scale == "token", value_bits or 0,
-        layer.rank,
+        query, layer.arena, plan.layout, layer.window, validity, layer.state[0:2],
+        scaling, softcap or 0.0, key_bits, side_bits, side_per_token, value_bits, plan.rank,
     )  # fmt: skip

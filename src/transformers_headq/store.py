@@ -112,6 +112,17 @@ class TokenBuffer:
         self._start = 0
         self._view = None
 
+    def adopt(self, tensor: torch.Tensor) -> None:
+        """Hold the rows in ``tensor`` (a fixed buffer's new home, e.g. a view of a layer's arena), after
+        copying the rows held so far into it: same shape and dtype as the allocation it replaces."""
+        if self.capacity is None or tensor.shape != self._data.shape or tensor.dtype != self._data.dtype:
+            held = f"{tuple(self._data.shape)} {self._data.dtype}"
+            raise ValueError(f"a fixed buffer of {held} cannot adopt {tuple(tensor.shape)} {tensor.dtype}")
+        if self._data.device.type != "meta":
+            tensor.copy_(self._data)
+        self._data = tensor
+        self._view = None
+
     def nbytes_used(self) -> int:
         d = self.data
         return d.numel() * d.element_size()

@@ -1,7 +1,8 @@
 """The fused decode kernel over a fixed-capacity cache, as a torch custom op.
 
-``torch.ops.headq.fixed_decode_attention`` takes tensors only: the packed stores over the whole
-capacity, the one-block window, and the ``[2]`` device counts of quantized and window tokens. Its
+``torch.ops.headq.fixed_decode_attention`` takes tensors only: the arena of packed stores over the
+whole capacity (with its layout), the one-block window, and the ``[2]`` device counts of quantized and
+window tokens. Its
 splits are sized by the capacity, not by the tokens held, so one launch configuration serves every
 step and a CUDA graph can replay it; the kernel reads the counts from device memory
 (``DEVICE_LENGTHS``) and splits past them write empty partials. As a custom op it is one opaque
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from ..arena import carve
 from ..quantize import packed_row_bytes
 from . import _OPERAND_DTYPES, LAUNCH, _bht, _smallest_dot_rows, _splits
 from .launch import launch_device
@@ -19,6 +21,42 @@ from .launch import launch_device
 
 @torch.library.custom_op("headq::fixed_decode_attention", mutates_args=())
 def fixed_decode_attention(
+    query: torch.Tensor,
+    arena: torch.Tensor,
+    layout: str,
+    window: torch.Tensor,
+    validity: torch.Tensor | None,
+    lengths: torch.Tensor,
+    scaling: float,
+    softcap: float,
+    key_bits: int,
+    side_bits: int,
+    side_per_token: bool,
+    value_bits: int,
+    rank: int,
+) -> torch.Tensor:
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype (see the module docstring).
+
+    ``arena`` holds, as ``layout`` cuts it (:mod:`..arena`), the key codes, scales and zeros, then the
+    side code's if ``rank``, then the values' (``value_bits=0``: dense values, one tensor), then the
+    encoder and decoder if ``rank``. ``window``: ``[B, H, block, D + D_v]``, keys then values.
+    ``rank=0``: no side code; ``softcap=0``: none.
+    """
+    views = carve(arena, layout)
+    key_codes, key_scale, key_zero = views[:3]
+    side_codes, side_scale, side_zero = views[3:6] if rank else views[:3]  # not read without a side code
+    rest = views[6:] if rank else views[3:]
+    value_codes, value_scale, value_zero = rest[:3] if value_bits else rest[:1] * 3
+    decoder = views[-1] if rank else query
+    window_keys, window_values = window[..., : query.shape[-1]], window[..., query.shape[-1] :]
+    return _fixed_decode(
+        query, decoder, key_codes, key_scale, key_zero, side_codes, side_scale, side_zero,
+        value_codes, value_scale, value_zero, window_keys, window_values, validity, lengths,
+        scaling, softcap, key_bits, side_bits, side_per_token, value_bits, rank,
+    )  # fmt: skip
+
+
+def _fixed_decode(
     query: torch.Tensor,
     decoder: torch.Tensor,
     key_codes: torch.Tensor,
@@ -42,11 +80,7 @@ def fixed_decode_attention(
     value_bits: int,
     rank: int,
 ) -> torch.Tensor:
-    """Attention output ``[B, 1, Hq, D]`` in the query's dtype (see the module docstring).
-
-    ``value_bits=0``: dense values (``value_codes`` holds them; scale and zero are not read);
-    ``rank=0``: no side code (``decoder`` and the side tensors are not read); ``softcap=0``: none.
-    """
+    """The two launches (split decode, merge) over the stores' tensors."""
     import triton
     import triton.language as tl
 
