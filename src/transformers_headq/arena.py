@@ -54,9 +54,7 @@ def carve(arena: torch.Tensor, layout: str) -> list[torch.Tensor]:
     return views
 
 
-def allocate(
-    like: Sequence[torch.Tensor], device: torch.device
-) -> tuple[torch.Tensor, str, list[torch.Tensor]]:
+def allocate(like: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, str, list[torch.Tensor]]:
     """A zeroed arena on ``device`` for tensors shaped as ``like``: (arena, layout, views)."""
     layout, size = plan(like)
     arena = torch.zeros(size, dtype=torch.uint8, device=device)
