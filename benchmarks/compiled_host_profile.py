@@ -28,7 +28,8 @@ def guard_report(model: torch.nn.Module, kwargs: dict) -> str:
     """How many guards the compiled forward checks per call, and how long the check takes alone.
 
     Reads dynamo's cache entry of the model's forward (a private interface: diagnostics only); the
-    frame is transformers' output wrapper, whose locals are ``args``, ``kwargs`` and its closure."""
+    frame is transformers' output wrapper, whose locals are its arguments (``self`` where it names it),
+    ``args``, ``kwargs`` and its closure."""
     from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 
     forward = type(model).forward
@@ -37,7 +38,9 @@ def guard_report(model: torch.nn.Module, kwargs: dict) -> str:
         return f"guards: {len(entries)} compiled entries, not one (cannot attribute)"
     guards = entries[0].guard_manager
     closure = dict(zip(forward.__code__.co_freevars, (c.cell_contents for c in forward.__closure__ or ()), strict=True))
-    frame = {**closure, "args": (model,), "kwargs": kwargs}
+    code = forward.__code__
+    named_self = "self" in code.co_varnames[: code.co_argcount]
+    frame = {**closure, **({"self": model, "args": ()} if named_self else {"args": (model,)}), "kwargs": kwargs}
     info = guards.check_verbose(frame)
     if not info.result:
         return f"guards: the probe's frame fails them ({info.verbose_code_parts[:1]}): cannot time"
