@@ -32,7 +32,8 @@ import torch.nn.functional as F
 
 from transformers_headq import HeadQCache, HeadQConfig
 from transformers_headq.attention import headq_attention_forward
-from transformers_headq.kernels import LAUNCH, fused_decode_attention
+from transformers_headq.fused_decode import fused_decode_attention
+from transformers_headq.kernels import LAUNCH
 from transformers_headq.speed import sdpa_backend
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32

@@ -41,7 +41,7 @@ from decode_bench import (  # noqa: I001 (a script beside it, not a package)
     random_basis,
 )
 
-import transformers_headq.kernels as kernels
+import transformers_headq.fused_decode as fused_decode
 from transformers_headq import HeadQCache
 
 HOST: dict[str, float] = defaultdict(float)  # seconds of host time by part, reset per measured step
@@ -171,8 +171,8 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
 
     store = layer.key_store
     pieces = [
-        ("fused_decode_attention (whole)", lambda: kernels.fused_decode_attention(layer, q, None, scaling, None)),
-        ("kernel_supports", lambda: kernels.kernel_supports(layer)),
+        ("fused_decode_attention (whole)", lambda: fused_decode.fused_decode_attention(layer, q, None, scaling, None)),
+        ("kernel_covers", lambda: fused_decode.kernel_covers(layer)),
         ("key_store.packed()", store.packed),
         ("torch.empty (one partials buffer)", lambda: torch.empty(batch * KV_HEADS, 8, 16, device="cuda")),
         ("torch.cat (window keys + 1 token)", lambda: torch.cat([layer.window_keys, key], dim=-2)),
@@ -181,7 +181,7 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
     profile = cProfile.Profile()  # where the whole call's host time goes, by Python function
     profile.enable()
     for _ in range(calls):
-        kernels.fused_decode_attention(layer, q, None, scaling, None)
+        fused_decode.fused_decode_attention(layer, q, None, scaling, None)
     profile.disable()
     torch.cuda.synchronize()
     pstats.Stats(profile).sort_stats("tottime").print_stats(15)

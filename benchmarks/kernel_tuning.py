@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from decode_bench import HEAD_DIM, HEADQ, KV_HEADS, Q_HEADS, bench, fill_headq_layer, random_basis  # noqa: I001
 
+import transformers_headq.fused_decode as fused_decode
 import transformers_headq.kernels as kernels
 from transformers_headq import HeadQCache
 
@@ -39,13 +40,13 @@ def main() -> None:
             if args.setting:
                 kernels.LAUNCH.update(json.loads(args.setting.read_text()))
             for _ in range(3):
-                kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None)
+                fused_decode.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None)
             torch.cuda.synchronize()
             continue
         best = sweep(layer, q, args.context, batch)
         if args.dump:
             kernels.LAUNCH.update(best)
-            kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None)
+            fused_decode.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None)
             dump(args.dump, kernels.last_compiled)
             (args.dump / "best.json").write_text(json.dumps(best))
 
@@ -60,7 +61,7 @@ def setup(context: int, batch: int):  # type: ignore[no-untyped-def]
 def time_setting(layer, q, read: int, **setting: int) -> float:  # type: ignore[no-untyped-def]
     kernels.LAUNCH.update(setting)
     try:
-        ms = bench(lambda: kernels.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
+        ms = bench(lambda: fused_decode.fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
     except Exception as err:  # a setting that does not compile or fit
         print(f"{setting}: {type(err).__name__}: {str(err)[:200]}", flush=True)
         return float("inf")

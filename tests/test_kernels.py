@@ -14,6 +14,7 @@ import torch
 
 from transformers_headq import HeadQCache, HeadQConfig
 from transformers_headq.attention import headq_attention_forward
+from transformers_headq.fused_decode import kernel_covers
 
 from .helpers import basis_from_tensors, random_orthonormal
 from .test_attention import MODULE
@@ -76,7 +77,7 @@ def basis_from_tensors_for(rank: int, seed: int, head_dim: int):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap, split_tokens):
     from transformers_headq import kernels
-    from transformers_headq.kernels import fused_decode_attention
+    from transformers_headq.fused_decode import fused_decode_attention
 
     monkeypatch.setitem(kernels.LAUNCH, "min_split_tokens", split_tokens)
 
@@ -102,7 +103,7 @@ def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap, spli
 @pytest.mark.parametrize("tokens", [150, 221])  # 9 and 13 splits: the merge's chunks of 8, the last one partial
 def test_fused_decode_merges_many_splits(monkeypatch, tokens):
     from transformers_headq import kernels
-    from transformers_headq.kernels import fused_decode_attention
+    from transformers_headq.fused_decode import fused_decode_attention
 
     monkeypatch.setitem(kernels.LAUNCH, "min_split_tokens", 16)  # one quantization block a split
     monkeypatch.setitem(kernels.LAUNCH, "programs_per_sm", 1000)  # as many splits as blocks, on any device
@@ -120,13 +121,16 @@ def test_fused_decode_merges_many_splits(monkeypatch, tokens):
 
 
 def test_uncovered_settings_fall_back():
-    from transformers_headq.kernels import fused_decode_attention
+    from transformers_headq.fused_decode import fused_decode_attention
 
     for config in (
         HeadQConfig(key_bits=3, block_size=16, rank=0),  # 3-bit codes straddle bytes
         HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=0, value_keep=1),  # A² kept values
         HeadQConfig(key_bits=2, key_grouping="token", block_size=16, rank=0),
         HeadQConfig(key_bits=1, block_size=16, rank=0),  # eight planes a byte: the kernel unrolls four
+        # the kernel reads one value scale a token over the whole head (it read these layouts wrongly: NaN)
+        HeadQConfig(key_bits=2, value_bits=2, value_grouping="channel", block_size=16, rank=0),
+        HeadQConfig(key_bits=2, value_bits=2, channel_group=16, block_size=16, rank=0),
     ):
         cache, query = _filled_cache(config, tokens=40, seed=0)
         assert fused_decode_attention(cache.layers[0], query, None, 0.25, None) is None
@@ -148,7 +152,7 @@ def test_fused_decode_half_precision_cache(monkeypatch, name, dtype, tolerance):
     float16 measured 5.8e-4 to 8.9e-4 under the interpreter; bfloat16 1.1e-3 on an H100
     (``benchmarks/decode_bench.py --check``).
     """
-    from transformers_headq.kernels import fused_decode_attention
+    from transformers_headq.fused_decode import fused_decode_attention
 
     config, head_dim = CASES[name]
     cache, query = _filled_cache(config, tokens=71, seed=1, head_dim=head_dim, dtype=dtype)
@@ -188,7 +192,7 @@ def test_fused_decode_with_misaligned_query_after_aligned(monkeypatch):
 
     On a GPU the second and third calls go through the launcher's cache of compiled kernels.
     """
-    from transformers_headq.kernels import fused_decode_attention
+    from transformers_headq.fused_decode import fused_decode_attention
 
     config, head_dim = CASES["k2-r4s4-block-v2"]
     cache, query = _filled_cache(config, tokens=71, seed=3, head_dim=head_dim)
@@ -208,7 +212,7 @@ def test_fused_decode_with_misaligned_query_after_aligned(monkeypatch):
 
 def test_fused_decode_after_a_layer_of_another_head_dim(monkeypatch):
     """Layers of different head dims with the same number of partial rows share no stale scratch space."""
-    from transformers_headq.kernels import fused_decode_attention
+    from transformers_headq.fused_decode import fused_decode_attention
 
     for name in ("k2-r4s4-block-v2", "k8-r20s4-token-v2", "k2-r4s4-block-v2"):  # head dims 64, 128, 64
         config, head_dim = CASES[name]
@@ -226,7 +230,7 @@ def test_copied_cache_decodes_like_the_original():
     """``copy.deepcopy`` of a cache after fused steps (reusing a prompt's cache) copies no compiled kernels."""
     import copy
 
-    from transformers_headq.kernels import fused_decode_attention
+    from transformers_headq.fused_decode import fused_decode_attention
 
     config, head_dim = CASES["k2-r4s4-block-v2"]
     cache, query = _filled_cache(config, tokens=71, seed=7, head_dim=head_dim)
@@ -264,7 +268,7 @@ def test_fixed_capacity_kernel_matches_its_torch_path(monkeypatch, name, padded)
     assert isinstance(states_out, StaticDecodeStates)
     layer = cache.layers[0]
     assert layer.quantized_length > 0 and layer.window_keys.shape[-2] > 0  # both parts are read
-    assert kernels.kernels_enabled(DEVICE) and kernels.kernel_supports(layer)  # the op, not the torch path
+    assert kernels.kernels_enabled(DEVICE) and kernel_covers(layer)  # the op, not the torch path
     query = torch.randn(3, 4, 1, head_dim, generator=gen).to(DEVICE)
     mask = None
     if padded:  # left padding of 0, 9 and 40 tokens, over the whole capacity as transformers builds it

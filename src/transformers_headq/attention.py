@@ -278,7 +278,7 @@ def headq_attention_forward(
         raise ValueError(f"{q_heads} query heads cannot share {kv_heads} KV heads evenly")
     groups = q_heads // kv_heads
     if isinstance(key, HeadQStates):
-        from .kernels import fused_decode_attention
+        from .fused_decode import fused_decode_attention
 
         fused = fused_decode_attention(key.inputs.layer, query, attention_mask, scaling, softcap)
         if fused is not None:  # a decode step on the GPU: already [B, 1, Hq, D] in the query's dtype

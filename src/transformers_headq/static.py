@@ -35,7 +35,7 @@ from .config import HeadQConfig
 from .encode import commit_block, quantizer_spec
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
-from .kernels import kernel_supports
+from .kernels import decode_supports
 from .layer import HeadQLayer
 from .store import CacheCapacityError, DenseStore, QuantizedStore, TokenBuffer, TokenStore, capacity_error
 
@@ -114,7 +114,7 @@ class StaticHeadQLayer(HeadQLayer):
         self.plan = FixedPlan(
             cfg.block_size, self.capacity, head_dim, value_states.shape[-1], self.rank, tuple(quantizer_spec(key_q)),
             tuple(quantizer_spec(side_q)), tuple(quantizer_spec(value_q)), cfg.meta_torch_dtype, layout,
-            kernel_supports(self),
+            decode_supports((key_q, side_q, value_q), self.rank, cfg.block_size, head_dim),
         )  # fmt: skip
         self._mark_static()
 

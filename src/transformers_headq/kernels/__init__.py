@@ -1,10 +1,11 @@
 """Fused GPU kernels (Triton) for the ``headq`` cache and attention, with the torch path as their oracle.
 
-:func:`fused_decode_attention` handles decode steps (one query token per sequence) over a layer
-whose settings the kernel covers, and returns ``None`` otherwise so the caller falls back to the
-reference path. :func:`encode_blocks` and :func:`commit_block` (its predicated, in-place form) encode
-whole blocks of keys, side code and values in one launch; :func:`quantize_pack` quantizes and packs one
-stream, for settings the block kernel does not cover. Key and value codes are bit for bit the torch
+:func:`decode_attention` handles decode steps (one query token per sequence) over packed stores whose
+settings :func:`decode_supports` says the kernel covers. These are leaves: they take tensors and
+settings, and know nothing of caches (``fused_decode.py`` reads a layer's stores for them).
+:func:`encode_blocks` and :func:`commit_block` (its predicated, in-place form) encode whole blocks of
+keys, side code and values in one launch; :func:`quantize_pack` quantizes and packs one stream, for
+settings the block kernel does not cover. Key and value codes are bit for bit the torch
 quantizer's. Triton is imported only when a kernel is first needed (``pip install
 transformers-headq[gpu]``). ``HEADQ_KERNELS=0`` turns the kernels off; on CPU they run only under
 ``TRITON_INTERPRET=1`` (the tests do that).
@@ -15,17 +16,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import weakref
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
 
 from ..quantize import GroupQuantizer, QuantizedTokens, packed_row_bytes
-from ..store import DenseStore, QuantizedStore
 from .launch import CachedLauncher, LaunchSite, launch_device
-
-if TYPE_CHECKING:
-    from ..layer import HeadQLayer
 
 # A layer's key, side-code and value quantizers (``None``: that stream is stored dense).
 Quantizers = tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None]
@@ -81,21 +77,20 @@ def _plane_fits(head_dim: int, bits: int | None) -> bool:
     return bits is None or (bits in _PLANE_BITS and head_dim * bits // 8 >= 16)
 
 
-def kernel_supports(layer: HeadQLayer) -> bool:
-    """Whether the decode kernel covers this layer's storage settings."""
-    cfg = layer.config
-    _, _, head_dim = layer.shape
+def decode_supports(quantizers: Quantizers, rank: int, block: int, head_dim: int) -> bool:
+    """Whether the decode kernel covers stores of these settings: channel-grouped packed keys on blocks of
+    ``block`` tokens, a side code of at most 128 packed directions, per-token values over the whole head
+    (or dense values)."""
+    key_q, side_q, value_q = quantizers
     return (
-        isinstance(layer.key_store, QuantizedStore)
-        and cfg.key_grouping == "channel"
-        and _power_of_two(cfg.block_size)
+        key_q is not None
+        and key_q.grouping == "channel"
+        and _power_of_two(block)
         and _power_of_two(head_dim)
-        and _plane_fits(head_dim, cfg.key_bits)
-        and (layer.rank == 0 or (cfg.side_bits in _PLANE_BITS and layer.rank <= 128))
-        and _plane_fits(head_dim, cfg.value_bits)
-        and (cfg.value_bits is None or cfg.channel_group in (None, head_dim))
-        and cfg.value_keep == 0  # A² kept values: reference path for now
-        and not cfg.track_attention
+        and _plane_fits(head_dim, key_q.bits)
+        and (rank == 0 or (side_q is not None and side_q.bits in _PLANE_BITS and rank <= 128))
+        and (value_q is None or (value_q.grouping == "token" and value_q.group == head_dim))
+        and _plane_fits(head_dim, None if value_q is None else value_q.bits)
     )
 
 
@@ -106,42 +101,56 @@ def _key_validity(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.T
     return mask[:, 0, 0, :].expand(batch, kv_len).view(torch.uint8)
 
 
-def _mask_covered(mask: torch.Tensor | None, kv_len: int) -> bool:
+def mask_covered(mask: torch.Tensor | None, kv_len: int) -> bool:
     """Whether the kernel reads this mask: none, or a boolean key mask ``[B, 1, 1, K]`` shared by the heads."""
     return mask is None or (
         mask.dtype == torch.bool and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[-1] == kv_len
     )
 
 
-class _DecodePlan:
-    """What a layer's fused decode launches keep from step to step: its settings and launch sites.
+@dataclass(frozen=True)
+class DecodeSettings:
+    """What the decode kernel is specialised on: the stores' settings and the head layout."""
 
-    Made on a layer's first fused decode step and kept in :data:`_PLANS` while the layer lives (its storage
-    settings do not change; kept outside the layer, so that copying a cache copies no compiled kernels);
-    made again if :data:`LAUNCH` changes (the tuning scripts do that).
+    quantizers: Quantizers
+    rank: int
+    block: int
+    kv_heads: int
+    head_dim: int
+    q_heads: int
+    dtype: torch.dtype
+
+
+class _DecodePlan:
+    """What fused decode launches of one :class:`DecodeSettings` keep from step to step: launch sites.
+
+    Made on the first fused decode step of those settings and kept in :data:`_PLANS` (every layer of a
+    model shares one); made again if :data:`LAUNCH` changes (the tuning scripts do that).
     """
 
-    def __init__(self, layer: HeadQLayer, q_heads: int, device: torch.device) -> None:
+    def __init__(self, settings: DecodeSettings, device: torch.device) -> None:
         import triton
         import triton.language as tl
 
         from .decode import headq_decode_kernel, headq_merge_kernel
 
-        cfg = layer.config
+        key_q, side_q, value_q = settings.quantizers
+        assert key_q is not None
         self.launch = tuple(LAUNCH.values())
-        self.kv_heads, self.head_dim = layer.shape[1], layer.shape[2]
-        self.groups = q_heads // self.kv_heads
+        self.kv_heads, self.head_dim = settings.kv_heads, settings.head_dim
+        self.groups = settings.q_heads // self.kv_heads
         self.block_g = max(LAUNCH["min_rows"], _smallest_dot_rows(), triton.next_power_of_2(self.groups))
-        self.value_bits = 0 if isinstance(layer.value_store, DenseStore) else cfg.value_bits or 0
-        side_bits = cfg.side_bits or 8
-        self.side_bytes = packed_row_bytes(layer.rank, side_bits)
+        self.value_bits = 0 if value_q is None else value_q.bits
+        side_bits = 8 if side_q is None else side_q.bits
+        side_per_token = side_q is not None and side_q.grouping == "token"
+        self.side_bytes = packed_row_bytes(settings.rank, side_bits)
         self._constexprs = {
-            "H_KV": self.kv_heads, "G": self.groups, "BLOCK_G": self.block_g, "D": self.head_dim, "R": layer.rank,
+            "H_KV": self.kv_heads, "G": self.groups, "BLOCK_G": self.block_g, "D": self.head_dim, "R": settings.rank,
             "SIDE_BYTES": self.side_bytes, "SIDE_NB": max(16, triton.next_power_of_2(self.side_bytes)),
-            "KEY_BITS": cfg.key_bits, "SIDE_BITS": side_bits, "SIDE_PER_TOKEN": cfg.side_scale == "token",
-            "VALUE_BITS": self.value_bits, "BLOCK_N": cfg.block_size, "TILE": min(LAUNCH["tile"], cfg.block_size),
+            "KEY_BITS": key_q.bits, "SIDE_BITS": side_bits, "SIDE_PER_TOKEN": side_per_token,
+            "VALUE_BITS": self.value_bits, "BLOCK_N": settings.block, "TILE": min(LAUNCH["tile"], settings.block),
             "ASM": bool(LAUNCH["asm"]) and device.type == "cuda",  # bit tricks need a GPU (not the interpreter)
-            "OP_DTYPE": getattr(tl, _OPERAND_DTYPES[layer.dtype]), "DEVICE_LENGTHS": False,
+            "OP_DTYPE": getattr(tl, _OPERAND_DTYPES[settings.dtype]), "DEVICE_LENGTHS": False,
         }  # fmt: skip
         self._options = {"num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"]}
         if LAUNCH["maxnreg"]:  # a register cap, for more programs per SM
@@ -169,7 +178,7 @@ class _DecodePlan:
         return site
 
 
-_PLANS: weakref.WeakKeyDictionary[HeadQLayer, _DecodePlan] = weakref.WeakKeyDictionary()
+_PLANS: dict[tuple[DecodeSettings, torch.device], _DecodePlan] = {}
 _WORKSPACE: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -188,51 +197,49 @@ def _partials(device: torch.device, rows: int, head_dim: int) -> tuple[torch.Ten
     return buf[:rows], buf[rows : 2 * rows], buf[2 * rows : needed]
 
 
-def fused_decode_attention(
-    layer: HeadQLayer,
+def decode_attention(
+    settings: DecodeSettings,
     query: torch.Tensor,
+    decoder: torch.Tensor | None,
+    keys: QuantizedTokens,
+    side: QuantizedTokens | None,
+    values: QuantizedTokens | torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
     mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
-) -> torch.Tensor | None:
-    """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step, or ``None`` if not covered.
+) -> torch.Tensor:
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step over packed stores.
 
-    Two launches: the split kernel (quantized tokens, and the window in the last split) and the
-    merge of the splits' partial softmaxes, which writes the output in the layout and dtype the
-    model's attention returns (no transpose or cast after it).
+    ``keys``/``side``/``values``: the stored tokens' codes, scales and zeros ``[B, H, T, *]`` (``values``
+    may be dense rows), ``side`` and ``decoder`` ``None`` without a side code; ``window_*``: the exact
+    recent tokens after them; ``mask``: ``None`` or a boolean key mask ``[B, 1, 1, T + window]``.
+    Two launches: the split kernel (stored tokens, and the window in the last split) and the merge of
+    the splits' partial softmaxes, which writes the output in the layout and dtype the model's attention
+    returns (no transpose or cast after it). The caller checks :func:`decode_supports` first.
     """
-    batch, q_heads, q_len, head_dim = query.shape
-    if q_len != 1 or not kernels_enabled(query.device) or not kernel_supports(layer) or layer.quantized_length == 0:
-        return None
-    if not _mask_covered(mask, layer.stored_length):
-        return None
-    plan = _PLANS.get(layer)
-    if plan is None or plan.launch != tuple(LAUNCH.values()) or plan.groups * plan.kv_heads != q_heads:
-        plan = _PLANS[layer] = _DecodePlan(layer, q_heads, query.device)
-    valid = _key_validity(mask, batch, layer.stored_length)
-    n_tokens, rank = layer.quantized_length, layer.rank
-    assert isinstance(layer.key_store, QuantizedStore)
-    keys = layer.key_store.packed()
-    if rank:
-        assert layer.decoder is not None and isinstance(layer.side_store, QuantizedStore)
-        decoder, side = layer.decoder, layer.side_store.packed()
+    batch, q_heads, _, head_dim = query.shape
+    plan = _PLANS.get((settings, query.device))
+    if plan is None or plan.launch != tuple(LAUNCH.values()):
+        plan = _PLANS[(settings, query.device)] = _DecodePlan(settings, query.device)
+    n_tokens = keys.codes.shape[2]
+    valid = _key_validity(mask, batch, n_tokens + window_keys.shape[2])
+    if side is not None:
+        assert decoder is not None
         # the kernel steps side-code rows by their width, a constant, so that it can load them in vectors
         assert side.codes.stride(2) == plan.side_bytes and side.codes.stride(3) == 1 and decoder.is_contiguous()
     else:
         decoder, side = query, keys  # not read when R == 0
-    if plan.value_bits == 0:
-        assert isinstance(layer.value_store, DenseStore)
-        value_codes = value_scale = value_zero = layer.value_store.rows()
+    if isinstance(values, torch.Tensor):
+        value_codes = value_scale = value_zero = values
     else:
-        assert isinstance(layer.value_store, QuantizedStore)
-        packed = layer.value_store.packed()
-        value_codes, value_scale, value_zero = packed.codes, packed.scale, packed.zero
+        value_codes, value_scale, value_zero = values.codes, values.scale, values.zero
     with launch_device(query.device):  # a layer of a split model may live on another GPU
-        n_splits, per_split = _splits(batch * plan.kv_heads, n_tokens, layer.config.block_size, query.device)
+        n_splits, per_split = _splits(batch * plan.kv_heads, n_tokens, settings.block, query.device)
         rows = batch * plan.kv_heads * n_splits * plan.block_g
         m, norm, acc = _partials(query.device, rows, head_dim)
         validity = valid if valid is not None else m
-        window_keys, window_values = layer.window_keys, layer.window_values
         compiled = plan.decode(
             (batch * plan.kv_heads, n_splits, 1),
             plan.decode_site(valid is not None, softcap is not None),
