@@ -17,6 +17,7 @@ from .config import BitsPerElement, HeadQConfig
 from .errors import CacheInputError
 from .fingerprint import sliding_windows
 from .layer import HeadQLayer
+from .prepare import prepare_basis
 from .static import StaticHeadQLayer
 
 
@@ -97,19 +98,11 @@ class HeadQCache(Cache):
         ``revision``, ``cache_dir``, ``local_files_only`` and ``token`` go to the Hub download;
         ``max_cache_len`` makes a fixed-capacity, compileable cache (prompt + new tokens, rounded up to
         whole blocks); other keywords override the cache settings stored with the basis (``rank=8``, ...)."""
-        from .factory import HeadQCacheFactory
-
-        factory = HeadQCacheFactory.from_pretrained(
-            path_or_repo_id,
-            model,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-            max_cache_len=max_cache_len,
-            **overrides,
-        )
-        return factory()
+        basis, config = prepare_basis(
+            path_or_repo_id, model, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+            token=token, max_cache_len=max_cache_len, **overrides,
+        )  # fmt: skip
+        return cls(basis, config, model_config=model.config, max_cache_len=max_cache_len)
 
     # ---------------------------------------------------------- reporting
     def memory_bytes(self) -> int:
