@@ -4,7 +4,8 @@ For every layer and KV head the basis holds ``U`` ([kv_heads, head_dim, r], orth
 the top-r eigenvectors of the pooled post-RoPE query second moment), the eigenvalues of that
 moment ([kv_heads, head_dim], descending) and the query mean. The side code is ``c = Uᵀ e``
 (``U`` is the *encoder*); the logit correction reads ``(q W)·ĉ`` with a *decoder* ``W`` that is
-``U`` itself unless a basis says otherwise (the wrong-sign control stores ``-U``).
+``U`` itself unless a basis says otherwise (the wrong-sign control stores ``-U``; an ``oblique`` basis
+stores the score-optimal encoder and decoder of :func:`oblique_code`, and its ``U`` is not orthonormal).
 
 Only safetensors are read, never pickles. This module knows nothing of caches or attention.
 """
@@ -29,6 +30,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "basis.safetensors"
 _PER_LAYER = ("U", "eigenvalues", "query_mean")
+OBLIQUE = "oblique"  # a basis whose U is the score-optimal encoder (not orthonormal) with its decoder
 
 
 @dataclass
@@ -112,8 +114,10 @@ class QueryBasis:
                     raise BasisFormatError(f"layer {i} {name} has dtype {t.dtype}, expected a float dtype")
                 if not torch.isfinite(t).all():
                     raise BasisFormatError(f"layer {i} {name} holds NaN or infinite values: the file is corrupt")
-            if orthonormality_error(layer.U) > 1e-3:
+            if self.kind != OBLIQUE and orthonormality_error(layer.U) > 1e-3:
                 raise BasisFormatError(f"layer {i} U does not have orthonormal columns: the file is corrupt")
+            if self.kind == OBLIQUE and layer.decoder is None:
+                raise BasisFormatError(f"layer {i} of an oblique basis has no decoder: the file is corrupt")
 
     def check_model(self, model_or_config: Any) -> None:
         """Raise :class:`BasisMismatchError` unless the basis fits this model (or config)."""
@@ -311,6 +315,41 @@ def basis_from_second_moment(second_moment: torch.Tensor, rank: int) -> tuple[to
     signs = torch.sign(torch.gather(evecs, -2, idx))
     evecs = evecs * torch.where(signs == 0, torch.ones_like(signs), signs)
     return evecs[..., :rank].float(), evals.clamp_min(0).float()
+
+
+def _psd_root(moment: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """``M^{1/2}`` or its pseudo-inverse of symmetric PSD ``[H, D, D]`` (eigenvalues under 1e-10 of the
+    largest treated as zero), in float64."""
+    evals, evecs = torch.linalg.eigh(moment.double())
+    keep = evals > 1e-10 * evals.amax(-1, keepdim=True).clamp_min(1e-300)
+    root = evals.clamp_min(0).sqrt()
+    root = torch.where(keep, 1 / root.clamp_min(1e-300), torch.zeros_like(root)) if inverse else root * keep
+    return evecs @ torch.diag_embed(root) @ evecs.transpose(-1, -2)
+
+
+def oblique_code(
+    query_moment: torch.Tensor, error_moment: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Score-optimal side code: encoder ``A`` and decoder ``W`` (``[H, D, rank]``) minimising
+    ``E_q E_e (q·(e − W Aᵀ e))²`` over rank-``rank`` codes, and the singular values ``[H, D]``.
+
+    With ``L = Σ_q^{1/2}`` and ``R = Σ_e^{1/2}`` the objective is ``‖L (I − W Aᵀ) R‖²``, so ``L W Aᵀ R``
+    is the best rank-``rank`` approximation of ``L R`` (an SVD ``P S Vᵀ``): ``W = L⁺ P_r`` and
+    ``Aᵀ = S_r V_rᵀ R⁺``. Each decoder column then costs the score error of a unit code error equally
+    (``Wᵀ Σ_q W = I``), and the columns are ordered by singular value, so the first ``r`` of a solution
+    are the rank-``r`` solution (:meth:`QueryBasis.with_rank` stays optimal). Where the key error is
+    isotropic this is the query eigenbasis (up to scale); where some channels err more (per-channel key
+    quantization) it leans towards them.
+    """
+    q_root, e_root = _psd_root(query_moment, inverse=False), _psd_root(error_moment, inverse=False)
+    left, singular, right_t = torch.linalg.svd(q_root @ e_root)
+    decoder = _psd_root(query_moment, inverse=True) @ left[..., :rank]
+    encoder = _psd_root(error_moment, inverse=True) @ right_t.transpose(-1, -2)[..., :rank] * singular[..., None, :rank]
+    # the sign of each (encoder, decoder) pair is free: fix it as basis_from_second_moment does
+    idx = decoder.abs().argmax(dim=-2, keepdim=True)
+    signs = torch.sign(torch.gather(decoder, -2, idx))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (encoder * signs).float(), (decoder * signs).float(), singular.float()
 
 
 def orthonormality_error(U: torch.Tensor) -> float:

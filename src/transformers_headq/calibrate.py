@@ -20,9 +20,10 @@ from typing import Any, cast
 
 import torch
 
-from .basis import LayerBasis, QueryBasis, basis_from_second_moment
+from .basis import OBLIQUE, LayerBasis, QueryBasis, basis_from_second_moment, oblique_code
 from .fingerprint import check_supported, model_fingerprint, text_config
 from .parallel import tensor_parallel_kv_heads
+from .quantize import GroupQuantizer
 
 CAPTURE_ATTENTION = "headq_capture"
 AttentionObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
@@ -73,6 +74,19 @@ class QueryMoments:
         U, eigenvalues = basis_from_second_moment(second.cpu(), rank)
         return LayerBasis(U=U, eigenvalues=eigenvalues, query_mean=mean.float().cpu())
 
+    def second_moment(self) -> torch.Tensor:
+        if (self.count == 0).any():
+            raise ValueError("no vectors were accumulated for some KV heads")
+        return (self.sum_outer / self.count[:, None, None]).cpu()
+
+    def to_oblique_basis(self, errors: QueryMoments, rank: int) -> LayerBasis:
+        """The score-optimal code for these queries and the key errors ``errors`` (see :func:`oblique_code`);
+        ``eigenvalues`` keeps the query spectrum, as in a query basis."""
+        encoder, decoder, _ = oblique_code(self.second_moment(), errors.second_moment(), rank)
+        _, eigenvalues = basis_from_second_moment(self.second_moment(), rank)
+        mean = (self.sum / self.count[:, None]).float().cpu()
+        return LayerBasis(U=encoder, eigenvalues=eigenvalues, query_mean=mean, decoder=decoder)
+
 
 def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -113,9 +127,12 @@ def _distributed() -> bool:
 
 
 def accumulate_moments(
-    model: Any, batches: Iterable[torch.Tensor], progress: bool = False
-) -> tuple[list[QueryMoments], list[QueryMoments]]:
-    """Per-layer query and key moments over ``batches`` of token ids (``[B, T]``, no padding).
+    model: Any, batches: Iterable[torch.Tensor], progress: bool = False, key_quantizer: GroupQuantizer | None = None
+) -> tuple[list[QueryMoments], list[QueryMoments], list[QueryMoments]]:
+    """Per-layer query, key and key-error moments over ``batches`` of token ids (``[B, T]``, no padding).
+
+    Key errors ``k − Q(k)`` are those of ``key_quantizer`` over the whole blocks of each sequence (none
+    without one): the oblique code (:func:`~transformers_headq.basis.oblique_code`) weighs them.
 
     Under ``torch.distributed`` each process passes its own share of batches; sums are all-reduced.
     On a tensor-parallel model the ranks of one model replica pass the same batches, each adds the
@@ -127,12 +144,15 @@ def accumulate_moments(
     shape = (fp["num_key_value_heads"], fp["head_dim"])
     queries = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
     keys = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
+    errors = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)] if key_quantizer else []
 
     heads = tensor_parallel_kv_heads(model)
 
     def observe(layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
         queries[layer_idx].add(query, heads)
         keys[layer_idx].add(key, heads)
+        if key_quantizer is not None:
+            errors[layer_idx].add(_key_error(key_quantizer, key), heads)
 
     items: Iterable[torch.Tensor] = batches
     if progress:
@@ -143,9 +163,16 @@ def accumulate_moments(
         for ids in items:
             model(input_ids=ids.to(device), use_cache=False)
     if _distributed():
-        for moments in (*queries, *keys):
+        for moments in (*queries, *keys, *errors):
             moments.all_reduce()
-    return queries, keys
+    return queries, keys, errors
+
+
+def _key_error(quantizer: GroupQuantizer, keys: torch.Tensor) -> torch.Tensor:
+    """``k − Q(k)`` over the whole quantization blocks of ``keys`` ``[B, H, T, D]`` (float32)."""
+    tokens = keys.shape[2] - keys.shape[2] % quantizer.group if quantizer.grouping == "channel" else keys.shape[2]
+    k = keys[:, :, :tokens].float()
+    return k - quantizer.dequantize(quantizer.quantize(k), k.shape[-1], torch.float32)
 
 
 def calibrate(
@@ -154,17 +181,19 @@ def calibrate(
     rank: int | None = None,
     metadata: dict[str, Any] | None = None,
     progress: bool = False,
+    key_quantizer: GroupQuantizer | None = None,
 ) -> dict[str, QueryBasis]:
     """Calibrate a query basis (and the key-PCA control) on ``batches`` of token ids.
 
-    Returns ``{"query": ..., "key-pca": ...}``. ``rank`` defaults to the head dimension (a full
-    eigenbasis: pick a smaller rank later with :meth:`QueryBasis.with_rank` or the cache settings).
+    Returns ``{"query": ..., "key-pca": ...}``, and with ``key_quantizer`` (the cache's key quantizer)
+    also ``"oblique"``: the score-optimal code for that quantizer's errors. ``rank`` defaults to the head
+    dimension (pick a smaller rank later with :meth:`QueryBasis.with_rank` or the cache settings).
     """
     check_supported(model.config)
     fp = model_fingerprint(model.config)
     rank = fp["head_dim"] if rank is None else rank
     started = time.perf_counter()
-    queries, keys = accumulate_moments(model, batches, progress)
+    queries, keys, errors = accumulate_moments(model, batches, progress, key_quantizer)
     if queries[0].sum.is_cuda:
         torch.cuda.synchronize()
     meta = dict(metadata or {})
@@ -172,7 +201,11 @@ def calibrate(
     meta["calibration_tokens"] = int(
         queries[0].count[0].item() // (fp["num_attention_heads"] // fp["num_key_value_heads"])
     )
-    return {
+    bases = {
         "query": QueryBasis([m.to_layer_basis(rank) for m in queries], fp, meta, kind="query"),
         "key-pca": QueryBasis([m.to_layer_basis(rank, centered=True) for m in keys], fp, meta, kind="key-pca"),
     }
+    if errors:
+        layers = [q.to_oblique_basis(e, rank) for q, e in zip(queries, errors, strict=True)]
+        bases[OBLIQUE] = QueryBasis(layers, fp, meta, kind=OBLIQUE)
+    return bases
