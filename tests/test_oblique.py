@@ -83,3 +83,9 @@ def test_a_query_basis_with_a_skewed_U_is_still_refused():
     layers[0].U = layers[0].U * 2
     with pytest.raises(BasisFormatError, match="orthonormal"):
         QueryBasis(layers, bases["query"].fingerprint)
+
+
+def test_windows_shorter_than_a_block_give_no_oblique_basis():
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(6))
+    bases = calibrate(tiny_model(), batches(ids, 2), rank=4, key_quantizer=GroupQuantizer(2, "channel", 16))
+    assert "oblique" not in bases and "query" in bases

@@ -186,7 +186,8 @@ def calibrate(
     """Calibrate a query basis (and the key-PCA control) on ``batches`` of token ids.
 
     Returns ``{"query": ..., "key-pca": ...}``, and with ``key_quantizer`` (the cache's key quantizer)
-    also ``"oblique"``: the score-optimal code for that quantizer's errors. ``rank`` defaults to the head
+    also ``"oblique"``: the score-optimal code for that quantizer's errors (not when the windows are
+    shorter than one of its blocks, which leaves no quantized key). ``rank`` defaults to the head
     dimension (pick a smaller rank later with :meth:`QueryBasis.with_rank` or the cache settings).
     """
     check_supported(model.config)
@@ -205,7 +206,7 @@ def calibrate(
         "query": QueryBasis([m.to_layer_basis(rank) for m in queries], fp, meta, kind="query"),
         "key-pca": QueryBasis([m.to_layer_basis(rank, centered=True) for m in keys], fp, meta, kind="key-pca"),
     }
-    if errors:
+    if errors and all(bool((e.count > 0).all()) for e in errors):  # windows shorter than a block have no errors
         layers = [q.to_oblique_basis(e, rank) for q, e in zip(queries, errors, strict=True)]
         bases[OBLIQUE] = QueryBasis(layers, fp, meta, kind=OBLIQUE)
     return bases

@@ -13,10 +13,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .basis import QueryBasis
+from .basis import OBLIQUE, QueryBasis
 from .config import HeadQConfig, bits_per_element
 from .corpus import DEFAULT_CORPUS
+from .fingerprint import model_fingerprint
 from .loading import DEFAULT_MODEL
+
+BESIDE = ("key-pca", OBLIQUE)  # bases `headq calibrate` writes beside the query basis, in sub-folders
 
 app = typer.Typer(help="HeadQ: 2-bit KV-cache quantization with score-space side codes.", no_args_is_help=True)
 console = Console()
@@ -117,7 +120,9 @@ def _join_process_group(world: int) -> tuple[int, str]:
 
 @app.command()
 def calibrate(
-    output: Annotated[Path, typer.Option(help="folder to write the basis to (key-PCA control in OUTPUT/key-pca)")],
+    output: Annotated[
+        Path, typer.Option(help="folder for the basis (with the key-PCA control and the oblique code in sub-folders)")
+    ],
     model: ModelOption = DEFAULT_MODEL,
     corpus: CorpusOption = DEFAULT_CORPUS,
     seq_len: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
@@ -151,14 +156,21 @@ def calibrate(
     ids = _windows(loaded.tokenizer, corpus, "calibration", seq_len, windows)
     metadata = {"model_id": loaded.name, "corpus": corpus, "sequence_length": seq_len, "processes": world}
     share = ids if tensor_parallel else ids[rank_id::world]  # tensor-parallel ranks run one model together
-    bases = run_calibration(loaded.model, batches(share, batch_size), rank or None, metadata, progress=rank_id == 0)
+    head_dim = model_fingerprint(loaded.model.config)["head_dim"]
+    settings = HeadQConfig(rank=use_rank or head_dim // 4, side_bits=side_bits, side_scale=side_scale)  # type: ignore[arg-type]
+    bases = run_calibration(
+        loaded.model, batches(share, batch_size), rank or None, metadata, progress=rank_id == 0,
+        key_quantizer=settings.key_quantizer(head_dim),  # the oblique code is tuned to this key quantizer
+    )  # fmt: skip
     if rank_id == 0:
-        head_dim = bases["query"].fingerprint["head_dim"]
-        settings = HeadQConfig(rank=use_rank or head_dim // 4, side_bits=side_bits, side_scale=side_scale)  # type: ignore[arg-type]
         for basis in bases.values():
             basis.quantizer = settings.to_dict()
         bases["query"].save_pretrained(output)
-        bases["key-pca"].save_pretrained(output / "key-pca")
+        for name in BESIDE:
+            if name in bases:
+                bases[name].save_pretrained(output / name)
+            else:
+                console.print(f"[yellow]no {name} basis: windows of {seq_len} tokens hold no whole key block[/yellow]")
         meta = bases["query"].metadata
         tokens, seconds = meta["calibration_tokens"], meta["calibration_seconds"]
         console.print(f"wrote {output}: {tokens} tokens in {seconds:.1f} s ({tokens / seconds:,.0f} tokens/s)")
@@ -196,7 +208,6 @@ def evaluate(
         run_evaluation,
         standard_methods,
     )
-    from .fingerprint import model_fingerprint
     from .shipped import resolve_basis
 
     profile = "full" if full else profile
@@ -205,14 +216,14 @@ def evaluate(
     loaded = _load(model, device)
     query_basis = resolve_basis(basis)
     query_basis.check_model(loaded.model)
-    key_pca = _key_pca_beside(basis)
+    key_pca, oblique = _beside(basis, "key-pca"), _beside(basis, OBLIQUE)
     if seq_len is None:
         limit = getattr(loaded.model.config, "max_position_embeddings", None) or 4096
         seq_len = min(4096, limit) if profile == "long" else 512
     n_windows = windows or (16 if profile == "full" else 4)
     with console.status(f"reading {corpus}"):
         ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
-    setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size)
+    setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size, oblique)
     methods = standard_methods(profile, model_fingerprint(loaded.model.config)["head_dim"])  # type: ignore[arg-type]
 
     def save(rows: list[Any]) -> None:  # after every row: an interrupted run keeps what it finished
@@ -349,12 +360,13 @@ def _settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _key_pca_beside(basis: str) -> QueryBasis | None:
+def _beside(basis: str, name: str) -> QueryBasis | None:
+    """The basis ``name`` (key-pca, oblique) calibrated beside ``basis``, or ``None`` (its rows are skipped)."""
     from .shipped import resolve_basis
 
     try:
-        return resolve_basis(basis, control="key-pca")
-    except Exception:  # a basis without its key-PCA control: that row is skipped
+        return resolve_basis(basis, control=name)
+    except Exception:  # an older or partial basis folder
         return None
 
 
@@ -437,7 +449,7 @@ def _push(
     token: str | None = None,
 ) -> None:
     loaded = QueryBasis.from_folder(basis)
-    extra = {"key-pca": QueryBasis.from_folder(basis / "key-pca")} if (basis / "key-pca").is_dir() else {}
+    extra = {name: QueryBasis.from_folder(basis / name) for name in BESIDE if (basis / name).is_dir()}
     rows = json.loads(quality.read_text()) if quality is not None else None
     commit = loaded.push_to_hub(
         repo_id,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from .attention import enable_headq_attention
-from .basis import QueryBasis
+from .basis import OBLIQUE, QueryBasis
 from .cache import HeadQCache
 from .config import HeadQConfig, bits_per_element
 from .fingerprint import model_fingerprint, sliding_windows
@@ -65,6 +65,8 @@ class Method:
             parts.append(f"keep{c.value_keep}" + ("" if c.value_policy == "a2" else f"/{c.value_policy}"))
         if self.rank:
             parts.append(f"r{self.rank} s{c.side_bits}/{c.side_scale}")
+        if self.basis_kind == OBLIQUE:
+            parts.append(OBLIQUE)
         return " ".join(parts)
 
     @property
@@ -164,6 +166,11 @@ def standard_methods(profile: Profile = "quick", head_dim: int = 64) -> list[Met
     for key_bits, block, rank, side_bits in grid:
         config = _headq(rank, side_bits, block, key_bits=key_bits)
         methods.append(Method("k-only", "headq", "channel", config, "query"))
+    if profile in ("quick", "long"):
+        # the score-optimal code where it measured better (small ranks), and a high-rank row near full precision
+        for rank, side_bits in ((r[2], 4), (r[3], 3)):
+            methods.append(Method("k-only", "headq", "channel", _headq(rank, side_bits), OBLIQUE))
+        methods.append(Method("k-only", "headq", "channel", _headq(r[6], 3), "query"))
     if profile != "long":
         methods.append(Method("k-only", "headq", "token", _headq(r[2], 4, key_grouping="token"), "query"))
         for kind in ("random", "key-pca", "wrong-sign"):
@@ -185,10 +192,17 @@ def standard_methods(profile: Profile = "quick", head_dim: int = 64) -> list[Met
     return methods
 
 
-def control_basis(basis: QueryBasis, kind: str, key_pca: QueryBasis | None, seed: int = 0) -> QueryBasis:
-    """The basis a row uses: the calibrated one or one of the paper's controls."""
+def control_basis(
+    basis: QueryBasis, kind: str, key_pca: QueryBasis | None, seed: int = 0, oblique: QueryBasis | None = None
+) -> QueryBasis:
+    """The basis a row uses: the calibrated one, the oblique code calibrated beside it, or one of the
+    paper's controls."""
     if kind == "query":
         return basis
+    if kind == OBLIQUE:
+        if oblique is None:
+            raise ValueError("an oblique row needs the oblique basis (headq calibrate writes one)")
+        return oblique
     if kind == "random":
         return QueryBasis.random(basis, seed)
     if kind == "wrong-sign":
@@ -322,6 +336,7 @@ class EvalSetup:
     basis: QueryBasis
     key_pca: QueryBasis | None = None
     batch_size: int = 1
+    oblique: QueryBasis | None = None
 
 
 def _dense_attention(model: Any) -> None:
@@ -343,6 +358,8 @@ def skip_reason(setup: EvalSetup, method: Method) -> str | None:
             return "transformers' QuantizedCache does not support sliding-window layers, which this model has"
     if method.basis_kind == "key-pca" and setup.key_pca is None:
         return "no key-PCA basis beside the query basis (headq calibrate writes one in OUTPUT/key-pca)"
+    if method.basis_kind == OBLIQUE and setup.oblique is None:
+        return "no oblique basis beside the query basis (headq calibrate writes one in OUTPUT/oblique)"
     if method.basis_kind is not None and method.rank > setup.basis.rank:
         return (
             f"rank {method.rank} needs {method.rank} calibrated directions, the basis holds {setup.basis.rank} "
@@ -371,7 +388,8 @@ def evaluate_method(setup: EvalSetup, method: Method, on_batch: Callable[[int], 
         config = method.config
         basis = None
         if method.basis_kind is not None:
-            basis = control_basis(setup.basis, method.basis_kind, setup.key_pca).with_rank(method.rank)
+            chosen = control_basis(setup.basis, method.basis_kind, setup.key_pca, oblique=setup.oblique)
+            basis = chosen.with_rank(method.rank)
             side_bits = config.side_bits
 
         # Plain rows too need the headq attention: it is what makes a one-forward prefill decode-exact.
