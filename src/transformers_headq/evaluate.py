@@ -65,8 +65,8 @@ class Method:
             parts.append(f"keep{c.value_keep}" + ("" if c.value_policy == "a2" else f"/{c.value_policy}"))
         if self.rank:
             parts.append(f"r{self.rank} s{c.side_bits}/{c.side_scale}")
-        if self.basis_kind == OBLIQUE:
-            parts.append(OBLIQUE)
+            if self.basis_kind == OBLIQUE:
+                parts.append(OBLIQUE)
         return " ".join(parts)
 
     @property

@@ -7,6 +7,8 @@ caller falls back to the reference path (the oracle the kernel is tested against
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .kernels import DecodeSettings, decode_attention, decode_supports, kernels_enabled, mask_covered
@@ -26,18 +28,36 @@ def kernel_covers(layer: HeadQLayer) -> bool:
     )
 
 
+# Per layer: the query heads and dtype its settings were made for, and the settings (None: not covered).
+# Kept outside the layer (copying a cache copies none of it); made once, not at every step (host time).
+_SETTINGS: weakref.WeakKeyDictionary[HeadQLayer, tuple[int, torch.dtype, DecodeSettings | None]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _settings(layer: HeadQLayer, q_heads: int) -> DecodeSettings | None:
+    known = _SETTINGS.get(layer)
+    if known is None or known[:2] != (q_heads, layer.dtype):
+        settings = None
+        if kernel_covers(layer):
+            _, kv_heads, head_dim = layer.shape
+            settings = DecodeSettings(
+                layer._quantizers(), layer.rank, layer.config.block_size, kv_heads, head_dim, q_heads, layer.dtype
+            )
+        known = _SETTINGS[layer] = (q_heads, layer.dtype, settings)
+    return known[2]
+
+
 def fused_decode_attention(
     layer: HeadQLayer, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
 ) -> torch.Tensor | None:
     """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step, or ``None`` if not covered."""
     batch, q_heads, q_len, head_dim = query.shape
-    if q_len != 1 or not kernels_enabled(query.device) or not kernel_covers(layer) or layer.quantized_length == 0:
+    if q_len != 1 or not kernels_enabled(query.device):
         return None
-    if not mask_covered(mask, layer.stored_length):
+    settings = _settings(layer, q_heads)
+    if settings is None or layer.quantized_length == 0 or not mask_covered(mask, layer.stored_length):
         return None
-    settings = DecodeSettings(
-        layer._quantizers(), layer.rank, layer.config.block_size, layer.shape[1], head_dim, q_heads, layer.dtype
-    )
     assert isinstance(layer.key_store, QuantizedStore)
     side = None
     if layer.rank:

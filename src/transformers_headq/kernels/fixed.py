@@ -42,6 +42,11 @@ def fixed_decode_attention(
     encoder and decoder if ``rank``. ``window``: ``[B, H, block, D + D_v]``, keys then values.
     ``rank=0``: no side code; ``softcap=0``: none.
     """
+    import triton
+    import triton.language as tl
+
+    from .decode import headq_decode_kernel, headq_merge_kernel
+
     views = carve(arena, layout)
     key_codes, key_scale, key_zero = views[:3]
     side_codes, side_scale, side_zero = views[3:6] if rank else views[:3]  # not read without a side code
@@ -49,42 +54,6 @@ def fixed_decode_attention(
     value_codes, value_scale, value_zero = rest[:3] if value_bits else rest[:1] * 3
     decoder = views[-1] if rank else query
     window_keys, window_values = window[..., : query.shape[-1]], window[..., query.shape[-1] :]
-    return _fixed_decode(
-        query, decoder, key_codes, key_scale, key_zero, side_codes, side_scale, side_zero,
-        value_codes, value_scale, value_zero, window_keys, window_values, validity, lengths,
-        scaling, softcap, key_bits, side_bits, side_per_token, value_bits, rank,
-    )  # fmt: skip
-
-
-def _fixed_decode(
-    query: torch.Tensor,
-    decoder: torch.Tensor,
-    key_codes: torch.Tensor,
-    key_scale: torch.Tensor,
-    key_zero: torch.Tensor,
-    side_codes: torch.Tensor,
-    side_scale: torch.Tensor,
-    side_zero: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_scale: torch.Tensor,
-    value_zero: torch.Tensor,
-    window_keys: torch.Tensor,
-    window_values: torch.Tensor,
-    validity: torch.Tensor | None,
-    lengths: torch.Tensor,
-    scaling: float,
-    softcap: float,
-    key_bits: int,
-    side_bits: int,
-    side_per_token: bool,
-    value_bits: int,
-    rank: int,
-) -> torch.Tensor:
-    """The two launches (split decode, merge) over the stores' tensors."""
-    import triton
-    import triton.language as tl
-
-    from .decode import headq_decode_kernel, headq_merge_kernel
 
     batch, q_heads, _, head_dim = query.shape
     kv_heads, capacity, block = key_codes.shape[1], key_codes.shape[2], window_keys.shape[2]
