@@ -58,7 +58,7 @@ def static_decode_attention(
         scores = softcap * torch.tanh(scores / softcap)
     slots = torch.arange(plan.capacity, device=query.device)
     window_slots = torch.arange(plan.block_size, device=query.device)
-    quantized, fill = layer.state[0:1], layer.state[1:2]
+    quantized, fill = layer.quantized, layer.fill
     visible = torch.cat([slots < quantized, window_slots < fill])
     columns = _mask_columns(mask, torch.cat([slots, quantized + window_slots]))
     keep = visible if columns is None else visible & columns
@@ -107,6 +107,6 @@ def _fused(
     side_per_token = bool(plan.side_spec) and not plan.side_spec[1]
     value_bits = plan.value_spec[0] if plan.value_spec else 0
     return fixed_decode_attention(
-        query, layer.arena, plan.layout, layer.window, validity, layer.state[0:2],
+        query, layer.arena, plan.layout, layer.window, validity, layer.lengths,
         scaling, softcap or 0.0, key_bits, side_bits, side_per_token, value_bits, plan.rank,
     )  # fmt: skip
