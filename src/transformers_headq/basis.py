@@ -317,14 +317,18 @@ def basis_from_second_moment(second_moment: torch.Tensor, rank: int) -> tuple[to
     return evecs[..., :rank].float(), evals.clamp_min(0).float()
 
 
-def _psd_root(moment: torch.Tensor, inverse: bool) -> torch.Tensor:
-    """``M^{1/2}`` or its pseudo-inverse of symmetric PSD ``[H, D, D]`` (eigenvalues under 1e-10 of the
-    largest treated as zero), in float64."""
+def _psd_roots(moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``M^{1/2}`` and its pseudo-inverse for symmetric PSD ``[H, D, D]``, from one eigendecomposition
+    (eigenvalues under 1e-10 of the largest treated as zero), in float64."""
     evals, evecs = torch.linalg.eigh(moment.double())
     keep = evals > 1e-10 * evals.amax(-1, keepdim=True).clamp_min(1e-300)
     root = evals.clamp_min(0).sqrt()
-    root = torch.where(keep, 1 / root.clamp_min(1e-300), torch.zeros_like(root)) if inverse else root * keep
-    return evecs @ torch.diag_embed(root) @ evecs.transpose(-1, -2)
+    inverse = torch.where(keep, 1 / root.clamp_min(1e-300), torch.zeros_like(root))
+
+    def rebuild(values: torch.Tensor) -> torch.Tensor:
+        return evecs @ torch.diag_embed(values) @ evecs.transpose(-1, -2)
+
+    return rebuild(root * keep), rebuild(inverse)
 
 
 def oblique_code(
@@ -341,10 +345,10 @@ def oblique_code(
     isotropic this is the query eigenbasis (up to scale); where some channels err more (per-channel key
     quantization) it leans towards them.
     """
-    q_root, e_root = _psd_root(query_moment, inverse=False), _psd_root(error_moment, inverse=False)
+    (q_root, q_inverse), (e_root, e_inverse) = _psd_roots(query_moment), _psd_roots(error_moment)
     left, singular, right_t = torch.linalg.svd(q_root @ e_root)
-    decoder = _psd_root(query_moment, inverse=True) @ left[..., :rank]
-    encoder = _psd_root(error_moment, inverse=True) @ right_t.transpose(-1, -2)[..., :rank] * singular[..., None, :rank]
+    decoder = q_inverse @ left[..., :rank]
+    encoder = e_inverse @ right_t.transpose(-1, -2)[..., :rank] * singular[..., None, :rank]
     # the sign of each (encoder, decoder) pair is free: fix it as basis_from_second_moment does
     idx = decoder.abs().argmax(dim=-2, keepdim=True)
     signs = torch.sign(torch.gather(decoder, -2, idx))

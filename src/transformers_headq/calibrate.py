@@ -63,29 +63,35 @@ class QueryMoments:
         for tensor in (self.sum_outer, self.sum, self.count):
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
-    def to_layer_basis(self, rank: int, centered: bool = False) -> LayerBasis:
-        """Eigenbasis of ``E[x xᵀ]`` (or of the covariance when ``centered``, as key PCA uses)."""
+    def mean(self) -> torch.Tensor:
+        """``E[x]`` per KV head, ``[H, D]``."""
+        self._check_counts()
+        return self.sum / self.count[:, None]
+
+    def second_moment(self) -> torch.Tensor:
+        """``E[x xᵀ]`` per KV head, ``[H, D, D]``."""
+        self._check_counts()
+        return self.sum_outer / self.count[:, None, None]
+
+    def _check_counts(self) -> None:
         if (self.count == 0).any():
             raise ValueError("no vectors were accumulated for some KV heads")
-        mean = self.sum / self.count[:, None]
-        second = self.sum_outer / self.count[:, None, None]
+
+    def to_layer_basis(self, rank: int, centered: bool = False) -> LayerBasis:
+        """Eigenbasis of ``E[x xᵀ]`` (or of the covariance when ``centered``, as key PCA uses)."""
+        mean, second = self.mean(), self.second_moment()
         if centered:
             second = second - mean[:, :, None] * mean[:, None, :]
         U, eigenvalues = basis_from_second_moment(second.cpu(), rank)
         return LayerBasis(U=U, eigenvalues=eigenvalues, query_mean=mean.float().cpu())
 
-    def second_moment(self) -> torch.Tensor:
-        if (self.count == 0).any():
-            raise ValueError("no vectors were accumulated for some KV heads")
-        return (self.sum_outer / self.count[:, None, None]).cpu()
-
     def to_oblique_basis(self, errors: QueryMoments, rank: int) -> LayerBasis:
         """The score-optimal code for these queries and the key errors ``errors`` (see :func:`oblique_code`);
         ``eigenvalues`` keeps the query spectrum, as in a query basis."""
-        encoder, decoder, _ = oblique_code(self.second_moment(), errors.second_moment(), rank)
-        _, eigenvalues = basis_from_second_moment(self.second_moment(), rank)
-        mean = (self.sum / self.count[:, None]).float().cpu()
-        return LayerBasis(U=encoder, eigenvalues=eigenvalues, query_mean=mean, decoder=decoder)
+        second = self.second_moment().cpu()
+        encoder, decoder, _ = oblique_code(second, errors.second_moment().cpu(), rank)
+        _, eigenvalues = basis_from_second_moment(second, rank)
+        return LayerBasis(U=encoder, eigenvalues=eigenvalues, query_mean=self.mean().float().cpu(), decoder=decoder)
 
 
 def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:

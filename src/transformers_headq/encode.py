@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .arena import carve
-from .kernels import Quantizers, block_encode_supports, kernels_enabled, quantize_pack
+from .kernels import Quantizers, block_encode_supports, kernels_enabled, quantize_pack, split_stored
 from .kernels import commit_block as commit_block_kernel
 from .kernels import encode_blocks as encode_blocks_kernel
 from .quantize import GroupQuantizer, QuantizedTokens
@@ -88,10 +88,9 @@ def encode_blocks(
     return _encode_torch(keys, values, encoder, quantizers)
 
 
-def stored_parts(key_spec: list[int], side_spec: list[int], value_spec: list[int], rank: int) -> int:
-    """Tensors a block of these streams is stored as (codes, scale, zero: 3; dense rows: 1)."""
-    streams = [key_spec, *([side_spec] if rank else []), value_spec]
-    return sum(3 if spec else 1 for spec in streams)
+def stored_parts(spec: list[int]) -> int:
+    """Tensors a stream of this spec is stored as: codes, scale, zero (3), or dense rows (1)."""
+    return 3 if spec else 1
 
 
 @torch.library.custom_op("headq::commit_block", mutates_args=("arena",))
@@ -119,9 +118,10 @@ def commit_block(
         quantizer_from_spec(side_spec, meta_dtype),
         quantizer_from_spec(value_spec, meta_dtype),
     )
-    views = carve(arena, layout)
-    n = stored_parts(key_spec, side_spec, value_spec, rank)
-    storage, encoder = views[:n], (views[n] if rank else None)
+    stored = split_stored(
+        carve(arena, layout), stored_parts(key_spec), stored_parts(side_spec) if rank else 0, stored_parts(value_spec)
+    )
+    storage, encoder = stored.keys + stored.side + stored.values, stored.encoder
     if _fused(keys, encoder, quantizers, keys.shape[2]):
         commit_block_kernel(keys, values, encoder, quantizers, storage, target, commit)
         return

@@ -236,7 +236,7 @@ class StaticHeadQLayer(HeadQLayer):
         commit = full & (quantized < plan.capacity)
         target = (quantized // block).clamp(max=plan.capacity // block - 1)
         commit_block(
-            self.window[..., : plan.key_dim], self.window[..., plan.key_dim :], self.arena, plan.layout,
+            self._window_k, self._window_v, self.arena, plan.layout,
             list(plan.key_spec), list(plan.side_spec), list(plan.value_spec), plan.rank, plan.meta_dtype,
             target, commit,
         )  # fmt: skip

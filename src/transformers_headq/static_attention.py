@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from .arena import carve
-from .encode import quantizer_from_spec
+from .encode import quantizer_from_spec, stored_parts
 from .handoff import StaticDecodeStates
-from .kernels import kernels_enabled
+from .kernels import kernels_enabled, split_stored
 from .kernels.fixed import fixed_decode_attention
 from .quantize import QuantizedTokens
 from .static import FixedPlan
@@ -47,13 +47,12 @@ def static_decode_attention(
     kv_heads = layer.window.shape[1]
     groups = q_heads // kv_heads
     qg = query.float().reshape(batch, kv_heads, groups, head_dim)
-    key_hat, side, value = _read_capacity(layer.arena, plan)
+    key_hat, side, value, decoder = _read_capacity(layer.arena, plan)
     logits = qg @ key_hat.transpose(-1, -2)
     if side is not None:
-        decoder = carve(layer.arena, plan.layout)[-1]
+        assert decoder is not None
         logits = logits + torch.einsum("bhgd,hdr->bhgr", qg, decoder) @ side.transpose(-1, -2)
-    window_keys, window_values = layer.window[..., : plan.key_dim], layer.window[..., plan.key_dim :]
-    scores = torch.cat([logits, qg @ window_keys.float().transpose(-1, -2)], dim=-1) * scaling
+    scores = torch.cat([logits, qg @ layer._window_k.float().transpose(-1, -2)], dim=-1) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     slots = torch.arange(plan.capacity, device=query.device)
@@ -66,27 +65,33 @@ def static_decode_attention(
     top = scores.amax(-1, keepdim=True)
     weights = torch.exp(scores - torch.where(torch.isinf(top), torch.zeros_like(top), top))
     total = weights.sum(-1, keepdim=True)
-    values = torch.cat([value, window_values.float()], dim=-2)
+    values = torch.cat([value, layer._window_v.float()], dim=-2)
     out = (weights @ values) / torch.where(total > 0, total, torch.ones_like(total))
     return out.reshape(batch, q_heads, 1, -1).transpose(1, 2).to(query.dtype)
 
 
-def _read_capacity(arena: torch.Tensor, plan: FixedPlan) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Keys ``k̂``, side codes (``None`` without) and values over the whole capacity, float32, from the arena."""
-    views = iter(carve(arena, plan.layout))
-    streams = [(plan.key_spec, plan.key_dim), *([(plan.side_spec, plan.rank)] if plan.rank else [])]
-    streams.append((plan.value_spec, plan.value_dim))
-    out: list[torch.Tensor] = []
-    for spec, channels in streams:
+def _read_capacity(
+    arena: torch.Tensor, plan: FixedPlan
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """Keys ``k̂``, side codes and values over the whole capacity (float32) and the decoder, from the
+    arena (side codes and decoder ``None`` without a side code)."""
+    side_parts = stored_parts(list(plan.side_spec)) if plan.rank else 0
+    stored = split_stored(
+        carve(arena, plan.layout), stored_parts(list(plan.key_spec)), side_parts, stored_parts(list(plan.value_spec))
+    )
+
+    def dense(tensors: list[torch.Tensor], spec: tuple[int, ...], channels: int) -> torch.Tensor:
         quantizer = quantizer_from_spec(list(spec), plan.meta_dtype)
         if quantizer is None:
-            out.append(next(views).float())
-            continue
-        codes, scale, zero = next(views), next(views), next(views)
-        out.append(quantizer.dequantize(QuantizedTokens(codes, scale, zero), channels, torch.float32))
-    if plan.rank:
-        return out[0], out[1], out[2]
-    return out[0], None, out[1]
+            return tensors[0].float()
+        return quantizer.dequantize(QuantizedTokens(*tensors), channels, torch.float32)
+
+    side = dense(stored.side, plan.side_spec, plan.rank) if plan.rank else None
+    keys, values = (
+        dense(stored.keys, plan.key_spec, plan.key_dim),
+        dense(stored.values, plan.value_spec, plan.value_dim),
+    )
+    return keys, side, values, stored.decoder
 
 
 def _mask_is_per_key(mask: torch.Tensor | None) -> bool:

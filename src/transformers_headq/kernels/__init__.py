@@ -17,6 +17,7 @@ import functools
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -25,6 +26,31 @@ from .launch import CachedLauncher, LaunchSite, launch_device
 
 # A layer's key, side-code and value quantizers (``None``: that stream is stored dense).
 Quantizers = tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None]
+
+
+class StoredTensors(NamedTuple):
+    """A fixed-capacity layer's tensors, split by stream: each stream's codes, scale and zero (or its one
+    tensor of dense rows); ``side`` is empty, ``encoder`` and ``decoder`` ``None``, without a side code."""
+
+    keys: list[torch.Tensor]
+    side: list[torch.Tensor]
+    values: list[torch.Tensor]
+    encoder: torch.Tensor | None
+    decoder: torch.Tensor | None
+
+
+def split_stored(tensors: list[torch.Tensor], key_parts: int, side_parts: int, value_parts: int) -> StoredTensors:
+    """Split a fixed layer's tensors, in the order its arena holds them: the key stream's ``key_parts``
+    tensors, the side code's ``side_parts`` (0: none), the values' ``value_parts``, then the encoder and
+    decoder when there is a side code. (3 parts: codes, scale, zero; 1: dense rows.)"""
+    side_start, value_start = key_parts, key_parts + side_parts
+    end = value_start + value_parts
+    encoder, decoder = tensors[end : end + 2] if side_parts else (None, None)
+    return StoredTensors(
+        tensors[:side_start], tensors[side_start:value_start], tensors[value_start:end], encoder, decoder
+    )
+
+
 _PLANE_BITS = (2, 4, 8)  # codes a byte holds in at most four planes (the kernel's unrolled planes)
 # Launch settings of the split kernel, from the H100 sweeps in benchmarks/records/kernel-tuning-h100-v8-planes.txt and
 # the A/B in benchmarks/records/kernel-ab-h100.txt. tile: tokens a loop step; programs_per_sm: how many splits to

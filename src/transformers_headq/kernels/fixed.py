@@ -2,9 +2,8 @@
 
 ``torch.ops.headq.fixed_decode_attention`` takes tensors only: the arena of packed stores over the
 whole capacity (with its layout), the one-block window, and the ``[2]`` device counts of quantized and
-window tokens. Its
-splits are sized by the capacity, not by the tokens held, so one launch configuration serves every
-step and a CUDA graph can replay it; the kernel reads the counts from device memory
+window tokens. Its splits are sized by the capacity, not by the tokens held, so one launch
+configuration serves every step and a CUDA graph can replay it; the kernel reads the counts from device memory
 (``DEVICE_LENGTHS``) and splits past them write empty partials. As a custom op it is one opaque
 node to ``torch.compile``: ``mode="reduce-overhead"`` captures it in the step's CUDA graph.
 """
@@ -15,7 +14,7 @@ import torch
 
 from ..arena import carve
 from ..quantize import packed_row_bytes
-from . import _OPERAND_DTYPES, LAUNCH, _bht, _smallest_dot_rows, _splits
+from . import _OPERAND_DTYPES, LAUNCH, _bht, _smallest_dot_rows, _splits, split_stored
 from .launch import launch_device
 
 
@@ -47,12 +46,11 @@ def fixed_decode_attention(
 
     from .decode import headq_decode_kernel, headq_merge_kernel
 
-    views = carve(arena, layout)
-    key_codes, key_scale, key_zero = views[:3]
-    side_codes, side_scale, side_zero = views[3:6] if rank else views[:3]  # not read without a side code
-    rest = views[6:] if rank else views[3:]
-    value_codes, value_scale, value_zero = rest[:3] if value_bits else rest[:1] * 3
-    decoder = views[-1] if rank else query
+    stored = split_stored(carve(arena, layout), 3, 3 if rank else 0, 3 if value_bits else 1)
+    key_codes, key_scale, key_zero = stored.keys
+    side_codes, side_scale, side_zero = stored.side or stored.keys  # not read without a side code
+    value_codes, value_scale, value_zero = stored.values if value_bits else stored.values * 3
+    decoder = stored.decoder if stored.decoder is not None else query
     window_keys, window_values = window[..., : query.shape[-1]], window[..., query.shape[-1] :]
 
     batch, q_heads, _, head_dim = query.shape
