@@ -137,6 +137,28 @@ def test_chunked_path_matches_single_chunk_and_tracks_squared_attention():
     torch.testing.assert_close(cache.attention_mass(0), expected, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [4, 4096])
+@pytest.mark.parametrize("memo_bytes", [0, 1000, 1 << 30])
+def test_a2_passes_give_the_same_result_with_scores_kept_or_recomputed(monkeypatch, chunk, memo_bytes):
+    """The A² passes reuse each chunk's scores while they fit the memo budget (none, some chunks, all):
+    outputs, the kept tokens' choice and the attention mass are those of recomputing every pass."""
+    import transformers_headq.attention as attention
+
+    gen = torch.Generator().manual_seed(3)
+    keys, values = torch.randn(2, 2, 41, 8, generator=gen), torch.randn(2, 2, 41, 8, generator=gen)
+    q = torch.randn(2, 4, 25, 8, generator=gen)
+    U = random_orthonormal(2, 8, 3)
+    config = HeadQConfig(key_bits=2, value_bits=2, block_size=4, chunk_size=chunk, value_keep=1, track_attention=True)
+    results = []
+    for budget in (0, memo_bytes):
+        monkeypatch.setattr(attention, "SCORE_MEMO_BYTES", budget)
+        cache = HeadQCache(_basis(U), config)
+        out = _attend(cache, keys, values, q, 16)
+        results.append((out, cache.attention_mass(0).clone(), cache.layers[0].read_values(0, 40).clone()))
+    for reference, measured in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(measured, reference, atol=0, rtol=0)
+
+
 def test_attention_without_cache_is_plain_causal_attention():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 6, 8, generator=gen) for _ in range(3))

@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from transformers_headq import HeadQCache, HeadQConfig, enable_headq_attention
+from transformers_headq.config import bits_per_element
 from transformers_headq.evaluate import (
+    FRONT_BITS,
     EvalSetup,
     Method,
     Row,
     annotate_removed,
+    budget_methods,
     evaluate_method,
     fair_budget_losses,
     fair_budget_summary,
@@ -247,9 +250,38 @@ def test_side_code_ranks_follow_the_head_dimension(profile):
     """Ranks are fractions of the head: a rank-r code of s bits costs r·s/head_dim bits per key element, so
     every model gets rows over the same budgets (up to the byte padding of a packed row)."""
     small, large = standard_methods(profile, head_dim=64), standard_methods(profile, head_dim=256)
-    assert [(m.method, m.mode) for m in small] == [(m.method, m.mode) for m in large]
-    assert [4 * a.rank for a in small] == [b.rank for b in large]
+    # budget rows (below) fill each plain row's budget instead: padding makes their ranks no exact multiple
+    small_budget, large_budget = budget_methods(small, 64, 512), budget_methods(large, 256, 512)
+    fixed_small = [m for m in small if m not in small_budget]
+    fixed_large = [m for m in large if m not in large_budget]
+    assert [(m.method, m.mode) for m in fixed_small] == [(m.method, m.mode) for m in fixed_large]
+    assert [4 * a.rank for a in fixed_small] == [b.rank for b in fixed_large]
     if profile == "quick":  # head dim 64: the grid the README's table was made with
-        assert sorted({m.rank for m in small if m.method == "headq"}) == [4, 8, 12, 16, 24]
+        assert sorted({m.rank for m in fixed_small if m.method == "headq"}) == [4, 8, 12, 16, 24]
     if profile == "long":
         assert not any(m.quanto_bits for m in small)  # no token-by-token decode loop at long windows
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("profile", ["quick", "long"])
+def test_every_plain_budget_has_a_headq_row_that_fills_it(profile, head_dim):
+    """For each plain K-only row with 2.5-3.5 key bits there is a HeadQ row of no more bits, and the budget row
+    made for it holds the largest rank that budget pays for (one more direction would cost more)."""
+    seq_len = 4096 if profile == "long" else 512
+    methods = standard_methods(profile, head_dim=head_dim, seq_len=seq_len)
+
+    def key_bits(m):
+        return bits_per_element(m.config, head_dim, m.rank, seq_len).key
+
+    budgets = [key_bits(m) for m in methods if m.mode == "k-only" and m.method == "plain"]
+    budgets = [b for b in budgets if FRONT_BITS[0] <= b <= FRONT_BITS[1]]
+    assert budgets
+    headq = [m for m in methods if m.mode == "k-only" and m.method == "headq"]
+    for budget in budgets:
+        assert any(key_bits(m) <= budget for m in headq), budget
+    made = budget_methods(methods, head_dim, seq_len)
+    assert made and all(m in methods for m in made)
+    for m in made:
+        assert key_bits(m) <= max(budgets)
+        one_more = bits_per_element(m.config, head_dim, m.rank + 1, seq_len).key
+        assert any(key_bits(m) <= b < one_more for b in budgets)

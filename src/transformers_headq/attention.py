@@ -29,6 +29,8 @@ ATTENTION_NAME = "headq"
 # Multi-token calls go through sdpa over effective keys where they can (effective_sdpa.py); the
 # reference below stays the oracle that tests hold that path to.
 PREFILL_BY_SDPA = True
+# Memory the A² passes of one layer's call may keep scores in (see _computed_once).
+SCORE_MEMO_BYTES = 1 << 30
 
 
 @dataclass
@@ -200,6 +202,30 @@ def _add_squared_attention(
         mass[..., lo - offset : hi - offset] += p.square().sum(-2)
 
 
+def _computed_once(scores: Scorer) -> Scorer:
+    """``scores``, each chunk's kept after its first call while they fit in ``SCORE_MEMO_BYTES``.
+
+    With the A² value policy a prefill reads every chunk's scores up to four times (softmax statistics,
+    ranking of the blocks just quantized, the readout, the window's mass); the keys do not change between
+    those passes (the policy only keeps values), so the logits need not be recomputed. Past the budget
+    (long windows) chunks are scored again as before."""
+    kept: dict[int, torch.Tensor] = {}
+    used = 0
+
+    def scores_once(chunk: _Chunk) -> torch.Tensor:
+        nonlocal used
+        s = kept.get(id(chunk))
+        if s is None:
+            s = scores(chunk)
+            size = s.numel() * s.element_size()
+            if used + size <= SCORE_MEMO_BYTES:
+                kept[id(chunk)] = s
+                used += size
+        return s
+
+    return scores_once
+
+
 def _layer_chunks(inputs: AttentionInputs, qg: torch.Tensor, row_slots: torch.Tensor) -> list[_Chunk]:
     layer = inputs.layer
     q_side = None if layer.decoder is None else torch.einsum("bhrd,hdk->bhrk", qg, layer.decoder)
@@ -228,6 +254,11 @@ def _attend_layer(
     chunks = _layer_chunks(inputs, qg, row_slots)
     scores = _scorer(mask, row_slots, scaling, softcap)
     kept = layer.kept
+    passes = (kept is not None and (kept.pending is not None or kept.window_mass is not None)) or (
+        layer.attention_mass is not None
+    )
+    if passes:
+        scores = _computed_once(scores)
     if kept is not None and kept.pending is not None:
         # Blocks quantized in this call: rank their tokens (A²) before any row reads them quantized.
         extra = None

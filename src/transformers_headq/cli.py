@@ -224,7 +224,7 @@ def evaluate(
     with console.status(f"reading {corpus}"):
         ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
     setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size, oblique)
-    methods = standard_methods(profile, model_fingerprint(loaded.model.config)["head_dim"])  # type: ignore[arg-type]
+    methods = standard_methods(profile, model_fingerprint(loaded.model.config)["head_dim"], seq_len)  # type: ignore[arg-type]
 
     def save(rows: list[Any]) -> None:  # after every row: an interrupted run keeps what it finished
         if markdown is not None:

@@ -33,6 +33,10 @@ DEPLOY_DTYPE = torch.float16
 QUANTO_GROUP = 64
 QUANTO_RESIDUAL = 128
 POSITION_BUCKETS = 8
+# Key bits of the fair-budget comparison (plain rows in this range must not be on the Pareto front), and the
+# side-code width of the rows that fill each plain row's budget.
+FRONT_BITS = (2.5, 3.5)
+BUDGET_SIDE_BITS = 3
 
 
 @dataclass(frozen=True)
@@ -126,7 +130,38 @@ def _rank(head_dim: int, sixteenths: float) -> int:
     return max(1, round(head_dim * sixteenths / 16))
 
 
-def standard_methods(profile: Profile = "quick", head_dim: int = 64) -> list[Method]:
+def budget_rank(config: HeadQConfig, budget: float, head_dim: int, seq_len: int) -> int:
+    """The largest side-code rank whose keys, stored with ``config``, cost at most ``budget`` bits per
+    element over windows of ``seq_len`` tokens (everything counted, byte padding included); 0 if none."""
+    for rank in range(head_dim, 0, -1):
+        if bits_per_element(config, head_dim, rank, seq_len, DEPLOY_DTYPE).key <= budget + 1e-9:
+            return rank
+    return 0
+
+
+def budget_methods(methods: list[Method], head_dim: int, seq_len: int) -> list[Method]:
+    """One oblique row per plain K-only budget in ``FRONT_BITS``: 2-bit keys on blocks of 64 with a side code
+    of 3-bit entries of the largest rank that budget pays for, so that at every plain row's budget HeadQ has
+    a row of no more bits (the fair-budget comparison), whatever the head dimension."""
+    budgets = sorted(
+        {
+            bits_per_element(m.config, head_dim, 0, seq_len, DEPLOY_DTYPE).key
+            for m in methods
+            if m.mode == "k-only" and m.method == "plain" and m.config is not None
+        }
+    )
+    rows = []
+    for budget in budgets:
+        if not FRONT_BITS[0] <= budget <= FRONT_BITS[1]:
+            continue
+        rank = budget_rank(_headq(1, BUDGET_SIDE_BITS), budget, head_dim, seq_len)
+        row = Method("k-only", "headq", "channel", _headq(rank, BUDGET_SIDE_BITS), OBLIQUE)
+        if rank and row not in rows:
+            rows.append(row)
+    return rows
+
+
+def standard_methods(profile: Profile = "quick", head_dim: int = 64, seq_len: int = 512) -> list[Method]:
     """The rows ``headq eval`` runs: ``quick`` is the README's main job, ``full`` adds every rank,
     side-code width and block, ``core`` is the handful a transfer check needs, ``long`` is the set
     the long-context evaluation needs (fronts of plain and HeadQ rows, full-KV, no slow decode loop).
@@ -134,7 +169,9 @@ def standard_methods(profile: Profile = "quick", head_dim: int = 64) -> list[Met
     Side-code ranks are fractions of ``head_dim`` (a rank-``r`` code of ``s`` bits costs ``r·s/head_dim``
     bits per key element), so every model gets rows spanning the same 2.4-3.5 key bits; for head
     dim 64 they are ranks 4 to 24. Plain and HeadQ rows use blocks of 64 and 128 tokens so that a
-    Pareto front can be drawn; the controls share one HeadQ setting.
+    Pareto front can be drawn; the controls share one HeadQ setting. Beside them, ``quick`` and ``long``
+    hold a budget row for each plain row between 2.5 and 3.5 key bits (:func:`budget_methods`): its rank
+    is what that budget pays for at this head dim and window length (``seq_len``).
     """
     r = {n: _rank(head_dim, n) for n in (1, 2, 3, 4, 6, 8)}  # sixteenths of the head
     if profile == "core":  # the rows a transfer or regression check needs, in under a minute
@@ -171,6 +208,7 @@ def standard_methods(profile: Profile = "quick", head_dim: int = 64) -> list[Met
         for rank, side_bits in ((r[2], 4), (r[3], 3)):
             methods.append(Method("k-only", "headq", "channel", _headq(rank, side_bits), OBLIQUE))
         methods.append(Method("k-only", "headq", "channel", _headq(r[6], 3), "query"))
+        methods += [m for m in budget_methods(methods, head_dim, seq_len) if m not in methods]
     if profile != "long":
         methods.append(Method("k-only", "headq", "token", _headq(r[2], 4, key_grouping="token"), "query"))
         for kind in ("random", "key-pca", "wrong-sign"):
@@ -630,7 +668,7 @@ def headline(rows: list[Row]) -> list[str]:
 
 
 def fair_budget_losses(
-    rows: list[Row], low: float = 2.5, high: float = 3.5
+    rows: list[Row], low: float = FRONT_BITS[0], high: float = FRONT_BITS[1]
 ) -> list[tuple[float, float, Row, Row | None]]:
     """Key-bit budgets in ``[low, high]`` where HeadQ's best K-only row at or below the budget does
     not beat the best plain row at or below it, as ``(from, to, best plain, best headq or None)``."""
@@ -653,7 +691,7 @@ def _best(rows: list[Row], method: str, budget: float) -> Row | None:
     return min((r for r in rows if r.method == method and r.key_bits <= budget), key=lambda r: r.ppl, default=None)
 
 
-def fair_budget_summary(rows: list[Row], low: float = 2.5, high: float = 3.5) -> str:
+def fair_budget_summary(rows: list[Row], low: float = FRONT_BITS[0], high: float = FRONT_BITS[1]) -> str:
     """One line: where, in ``[low, high]`` key bits, HeadQ's front is below the plain front or not."""
     losses = fair_budget_losses(rows, low, high)
     if not losses:
