@@ -12,6 +12,7 @@ from transformers_headq import HeadQCache, HeadQConfig, enable_headq_attention
 from transformers_headq.config import bits_per_element
 from transformers_headq.evaluate import (
     FRONT_BITS,
+    FULL_KV_BITS,
     EvalSetup,
     Method,
     Row,
@@ -20,6 +21,7 @@ from transformers_headq.evaluate import (
     evaluate_method,
     fair_budget_losses,
     fair_budget_summary,
+    full_kv_budget_method,
     headline,
     markdown_table,
     pareto_front,
@@ -251,7 +253,8 @@ def test_side_code_ranks_follow_the_head_dimension(profile):
     every model gets rows over the same budgets (up to the byte padding of a packed row)."""
     small, large = standard_methods(profile, head_dim=64), standard_methods(profile, head_dim=256)
     # budget rows (below) fill each plain row's budget instead: padding makes their ranks no exact multiple
-    small_budget, large_budget = budget_methods(small, 64, 512), budget_methods(large, 256, 512)
+    small_budget = [*budget_methods(small, 64, 512), full_kv_budget_method(64, 512)]
+    large_budget = [*budget_methods(large, 256, 512), full_kv_budget_method(256, 512)]
     fixed_small = [m for m in small if m not in small_budget]
     fixed_large = [m for m in large if m not in large_budget]
     assert [(m.method, m.mode) for m in fixed_small] == [(m.method, m.mode) for m in fixed_large]
@@ -285,3 +288,17 @@ def test_every_plain_budget_has_a_headq_row_that_fills_it(profile, head_dim):
         assert key_bits(m) <= max(budgets)
         one_more = bits_per_element(m.config, head_dim, m.rank + 1, seq_len).key
         assert any(key_bits(m) <= b < one_more for b in budgets)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_full_kv_budget_row_fills_its_budget(head_dim):
+    """The full-KV budget row stays within FULL_KV_BITS a key and a value element, and one more side-code
+    direction or one more kept value per block would not."""
+    method = full_kv_budget_method(head_dim, 512)
+    config = method.config
+    cost = bits_per_element(config, head_dim, method.rank, 512)
+    assert cost.key <= FULL_KV_BITS and cost.value <= FULL_KV_BITS
+    assert method.rank > 0 and config.value_keep > 0 and method.basis_kind == "oblique"
+    assert bits_per_element(config, head_dim, method.rank + 1, 512).key > FULL_KV_BITS
+    more = config.replace(value_keep=config.value_keep + 1)
+    assert bits_per_element(more, head_dim, method.rank, 512).value > FULL_KV_BITS
