@@ -86,7 +86,8 @@ def sweep(layer, q, context: int, batch: int) -> dict[str, int]:  # type: ignore
     best = dict(min(results, key=results.__getitem__))
     variants = [{"min_rows": 16}, {"min_rows": 4}, {"asm": 0}, {"tile": 32}, {"num_warps": 2}]
     variants += [{"num_warps": 2, "min_rows": 16}, {"num_warps": 4}]
-    variants += [{"programs_per_sm": 8}, {"programs_per_sm": 32}, {"min_split_tokens": 64}, {"min_split_tokens": 1024}]
+    variants += [{"programs_per_sm": 8}, {"programs_per_sm": 32}, {"programs_per_sm": 64}]
+    variants += [{"min_split_tokens": 64}, {"min_split_tokens": 1024}]
     for variant in variants:
         setting = {**best, **variant}
         results[tuple(setting.items())] = time_setting(layer, q, read, **setting)

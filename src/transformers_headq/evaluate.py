@@ -213,12 +213,12 @@ def standard_methods(profile: Profile = "quick", head_dim: int = 64, seq_len: in
         for bits in (2, 3):
             config = HeadQConfig(key_bits=bits, key_grouping="token", rank=0)
             methods.append(Method("k-only", "plain", "token", config))
-    # (key bits, block, rank, side bits): 2-bit keys with side codes of growing rank (on the query basis);
-    # ``full`` adds a small side code on 3-bit keys. ``long`` keeps the ends of the 2.4-3.5 bit range, the
-    # rest of its HeadQ front comes from the oblique and budget rows below (a 4096-token row costs minutes).
+    # (key bits, block, rank, side bits): 2-bit keys with side codes of growing rank (on the query basis), and
+    # a small side code on 3-bit keys for the top of the range. ``long`` keeps the ends of the 2.4-3.5 bit range,
+    # the rest of its HeadQ front comes from the oblique and budget rows below (a 4096-token row costs minutes).
     if profile == "quick":
         grid = [(2, 64, r[1], 4), (2, 64, r[2], 4), (2, 64, r[3], 3), (2, 64, r[4], 3), (2, 128, r[1], 2)]
-        grid += [(2, 128, r[3], 2), (2, 128, r[4], 3), (2, 128, r[6], 3)]
+        grid += [(2, 128, r[3], 2), (2, 128, r[4], 3), (2, 128, r[6], 3), (3, 128, r[1], 2)]
     elif profile == "long":
         grid = [(2, 128, r[1], 2), (2, 128, r[6], 3)]
     else:
