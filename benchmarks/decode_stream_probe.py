@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from transformers_headq.kernels.codes import dequantized_plane, plane_codes
+
 KV_HEADS, HEAD_DIM, RANK, BLOCK = 8, 128, 16, 64
 KEY_BYTES, SIDE_BYTES, VALUE_BYTES = HEAD_DIM * 2 // 8, RANK * 4 // 8, HEAD_DIM * 2 // 8
 
@@ -67,6 +69,64 @@ def stream_kernel(
     tl.store(out_ptr + bh * tl.num_programs(1) + split, tl.sum(total) + (tl.sum(scales) + tl.sum(side)).to(tl.int32))
 
 
+@triton.jit
+def _key_products(kb, ks_ptr, block_row, q, PLANE: tl.constexpr, D: tl.constexpr, KB: tl.constexpr,
+                  ASM: tl.constexpr):  # fmt: skip
+    """``[TILE, G]`` products of one key plane, dequantized with its block's scales, with a query plane."""
+    chan = PLANE * KB + tl.arange(0, KB)
+    scale = tl.load(ks_ptr + block_row * D + chan)[None, :]
+    zero = tl.load(ks_ptr + (block_row + 1) * D + chan)[None, :]
+    return tl.dot(dequantized_plane(kb, scale, zero, PLANE, 2, tl.float16, ASM), q)
+
+
+@triton.jit
+def products_kernel(
+    kc_ptr, ks_ptr, cc_ptr, cs_ptr, vc_ptr, vs_ptr, out_ptr, n_tokens, tokens_per_split,
+    KB: tl.constexpr, SB: tl.constexpr, VB: tl.constexpr, D: tl.constexpr, R: tl.constexpr,
+    BLOCK_N: tl.constexpr, TILE: tl.constexpr, G: tl.constexpr, PARTS: tl.constexpr, ASM: tl.constexpr,
+):  # fmt: skip
+    """The stream kernel's reads plus the decode kernel's code conversions and tensor-core products, no softmax:
+    ``PARTS`` 1: keys (dequantized per plane, against a query of ``G`` rows), 2: and values (codes against
+    fixed probabilities), 3: and the side code. Blocks of ``BLOCK_N`` = ``TILE`` tokens (one scale row a tile)."""
+    bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    start = split * tokens_per_split
+    end = tl.minimum(start + tokens_per_split, n_tokens)
+    rows = tl.arange(0, TILE)
+    q = tl.full([KB, G], 0.01, tl.float16)
+    p = tl.full([G, TILE], 0.01, tl.float16)
+    s_total = tl.zeros([TILE, G], tl.float32)
+    acc = tl.zeros([G, VB], tl.float32)
+    for tile in range(start, end, TILE):
+        t = tile + rows
+        keep = t < end
+        token = bh * n_tokens + t
+        kb = tl.load(kc_ptr + token[:, None] * KB + tl.arange(0, KB)[None, :], mask=keep[:, None], other=0)
+        side_bytes = tl.arange(0, 16)  # a product needs 16 columns: the side code's 8 bytes, padded
+        cb = tl.load(
+            cc_ptr + token[:, None] * SB + side_bytes[None, :], mask=keep[:, None] & (side_bytes < SB)[None, :], other=0
+        )
+        vb = tl.load(vc_ptr + token[:, None] * VB + tl.arange(0, VB)[None, :], mask=keep[:, None], other=0)
+        block_row = (bh * (n_tokens // BLOCK_N) + tile // BLOCK_N) * 2
+        for plane in tl.static_range(4):
+            s_total += _key_products(kb, ks_ptr, block_row, q, plane, D, KB, ASM)
+        if PARTS >= 2:
+            for plane in tl.static_range(4):
+                acc = tl.dot(p, plane_codes(vb, plane, 2, tl.float16, ASM), acc)
+        else:
+            acc += tl.sum(vb.to(tl.float32), axis=0)[None, :]
+        if PARTS >= 3:
+            q_side = tl.full([16, G], 0.01, tl.float16)
+            for plane in tl.static_range(2):
+                s_total += tl.dot(plane_codes(cb, plane, 4, tl.float16, ASM), q_side)
+        else:
+            s_total += tl.sum(cb.to(tl.float32), axis=1)[:, None]
+        value_scale = tl.load(vs_ptr + token * 2, mask=keep, other=0.0).to(tl.float32)
+        side = tl.load(cs_ptr + block_row * R + tl.arange(0, 2 * R)).to(tl.float32)
+        s_total += value_scale[:, None] + tl.sum(side)
+    tl.store(out_ptr + bh * tl.num_programs(1) + split, tl.sum(s_total) + tl.sum(acc))
+
+
 def stores(batch: int, context: int) -> tuple[list[torch.Tensor], int]:
     """Random packed stores of one layer, laid out as the decode kernel reads them, and their bytes."""
     bh, blocks = batch * KV_HEADS, context // BLOCK
@@ -108,6 +168,25 @@ def probe(tensors: list[torch.Tensor], context: int, programs_per_sm: int, tile:
     return time_ms(launch)
 
 
+def products_ms(tensors: list[torch.Tensor], context: int, parts: int, warps: int, programs_per_sm: int) -> float:
+    """Time of :func:`products_kernel` (tiles of 64 tokens, 3 stages) over ``tensors``, in ms."""
+    kc, ks, cc, cs, vc, vs = tensors
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    bh = kc.shape[0]
+    splits = max(1, min(context // BLOCK, -(-programs_per_sm * sms // bh)))
+    per_split = -(-context // splits // BLOCK) * BLOCK
+    splits = -(-context // per_split)
+    out = torch.empty(bh * splits, dtype=torch.float32, device="cuda")
+
+    def launch() -> None:
+        products_kernel[(bh, splits)](
+            kc, ks, cc, cs, vc, vs, out, context, per_split, KEY_BYTES, SIDE_BYTES, VALUE_BYTES, HEAD_DIM, RANK,
+            BLOCK, BLOCK, 8, parts, True, num_warps=warps, num_stages=3,
+        )  # fmt: skip
+
+    return time_ms(launch)
+
+
 def copy_bandwidth(nbytes: int) -> float:
     """Bytes/s of a device-to-device copy of ``nbytes`` (it reads and writes them)."""
     flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
@@ -143,6 +222,13 @@ def main() -> None:
                 f"tile {best['tile']}, stages {best['stages']}, programs/SM {best['programs_per_sm']}",
                 flush=True,
             )
+        for parts, name in ((1, "keys"), (2, "keys+values"), (3, "keys+values+side")):
+            for warps, programs_per_sm in itertools.product((1, 2, 4), (16, 64)):
+                ms = products_ms(tensors, args.context, parts, warps, programs_per_sm)
+                print(f"  read + convert + products of {name}, {warps} warps, {programs_per_sm} programs/SM: "
+                      f"{ms:.4f} ms", flush=True)  # fmt: skip
+                rows.append(dict(batch=batch, context=args.context, parts=name, warps=warps, ms=ms,
+                                 programs_per_sm=programs_per_sm, gpu=torch.cuda.get_device_name()))  # fmt: skip
         del tensors
         if args.json:
             args.json.write_text(json.dumps(rows, indent=1) + "\n")
