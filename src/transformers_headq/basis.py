@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,17 +236,35 @@ class QueryBasis:
             token=token,
             force_download=force_download,
         )
-        return load_downloaded(repo_id, snapshot, cache_dir)
+        return load_downloaded(repo_id, snapshot, cache_dir, cls.from_folder)
 
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        base_model: str | None = None,
+        quality_rows: Iterable[Mapping[str, Any]] | None = None,
+        extra_folders: Mapping[str, QueryBasis] | None = None,
+        commit_message: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Upload this basis and a generated model card to ``repo_id`` in one commit.
 
-        Keyword arguments are those of :func:`transformers_headq.hub.push_basis` (``commit_message``,
-        ``private``, ``token``, ``branch``, ``create_pr``, ``base_model``, ``quality_rows``, ...).
+        ``extra_folders`` adds sub-bases (e.g. ``{"key-pca": control}``) in the same commit; ``base_model`` and
+        ``quality_rows`` go into the card. Other keywords are those of :func:`transformers_headq.hub.push_folder`
+        (``private``, ``token``, ``branch``, ``create_pr``). Returns the ``CommitInfo``.
         """
-        from .hub import push_basis
+        from .hub import push_folder
+        from .model_card import basis_model_card
 
-        return push_basis(self, repo_id, **kwargs)
+        def write(folder: Path) -> None:
+            self.save_pretrained(folder)
+            for name, sub in (extra_folders or {}).items():
+                sub.save_pretrained(folder / name)
+            basis_model_card(self, repo_id, base_model, quality_rows).save(folder / "README.md")
+
+        message = commit_message or f"Upload HeadQ query basis ({self.metadata.get('model_id', 'model')})"
+        return push_folder(write, repo_id, message, **kwargs)
 
     @classmethod
     def from_folder(cls, path: Path) -> QueryBasis:

@@ -476,7 +476,7 @@ def pull(
     from .hub import download_basis, load_downloaded
 
     path = download_basis(repo_id, revision=revision, cache_dir=cache_dir, token=token)
-    loaded = load_downloaded(repo_id, path, cache_dir)
+    loaded = load_downloaded(repo_id, path, cache_dir, QueryBasis.from_folder)
     fp = loaded.fingerprint
     console.print(
         f"{repo_id} -> {path}\n  {fp['model_type']}, {fp['num_hidden_layers']} layers, "

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 from .errors import BasisFormatError
 
-if TYPE_CHECKING:
-    from .basis import QueryBasis
+Loaded = TypeVar("Loaded")
 
 BASIS_FILES = ["basis.safetensors", "config.json", "README.md"]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -89,12 +88,13 @@ def download_basis(
     return path
 
 
-def load_downloaded(repo_id: str, path: Path, cache_dir: str | os.PathLike[str] | None) -> QueryBasis:
-    """Load a downloaded snapshot; if it is not a valid basis, drop it from the cache and say so."""
-    from .basis import QueryBasis
-
+def load_downloaded(
+    repo_id: str, path: Path, cache_dir: str | os.PathLike[str] | None, load: Callable[[Path], Loaded]
+) -> Loaded:
+    """``load(path)`` of a downloaded snapshot; if it is not a valid basis (``load`` raises
+    :class:`BasisFormatError`), drop it from the cache and say so."""
     try:
-        return QueryBasis.from_folder(path)
+        return load(path)
     except BasisFormatError as err:
         _forget(repo_id, path, cache_dir)
         raise BasisFormatError(
@@ -137,37 +137,27 @@ def _forget(repo_id: str, snapshot: Path, cache_dir: str | os.PathLike[str] | No
         info.delete_revisions(*revisions).execute()
 
 
-def push_basis(
-    basis: QueryBasis,
+def push_folder(
+    write: Callable[[Path], None],
     repo_id: str,
+    commit_message: str,
     *,
-    commit_message: str | None = None,
     private: bool | None = None,
     token: str | None = None,
     branch: str | None = None,
     create_pr: bool = False,
-    base_model: str | None = None,
-    quality_rows: Iterable[Mapping[str, Any]] | None = None,
-    extra_folders: Mapping[str, QueryBasis] | None = None,
 ) -> Any:
-    """Create ``repo_id`` if needed and upload the basis with its model card in one commit.
+    """Create ``repo_id`` if needed and upload, in one commit, the folder that ``write(folder)`` fills.
 
-    ``extra_folders`` adds sub-bases (e.g. ``{"key-pca": control}``) in the same commit. Returns
-    the ``huggingface_hub.CommitInfo`` (its ``oid`` is the commit hash to pin).
+    Returns the ``huggingface_hub.CommitInfo`` (its ``oid`` is the commit hash to pin).
     """
     from huggingface_hub import HfApi
-
-    from .model_card import basis_model_card
 
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        basis.save_pretrained(folder)
-        for name, sub in (extra_folders or {}).items():
-            sub.save_pretrained(folder / name)
-        basis_model_card(basis, repo_id, base_model, quality_rows).save(folder / "README.md")
-        message = commit_message or f"Upload HeadQ query basis ({basis.metadata.get('model_id', 'model')})"
+        write(folder)
         return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=message, revision=branch, create_pr=create_pr
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=branch, create_pr=create_pr
         )

@@ -8,9 +8,20 @@ datasets) and its quality is visible before download: the card carries the rows 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
-from .basis import QueryBasis
+
+class CardSource(Protocol):
+    """What a card shows of a basis (:class:`~transformers_headq.QueryBasis` has it)."""
+
+    fingerprint: dict[str, Any]
+    metadata: dict[str, Any]
+    quantizer: dict[str, Any]
+    kind: str
+
+    @property
+    def rank(self) -> int: ...
+
 
 CARD_TAGS = ["headq", "kv-cache", "quantization", "query-basis", "transformers-headq"]
 
@@ -34,7 +45,7 @@ def _dataset_ids(corpus: str) -> list[str]:
 
 
 def basis_model_card(
-    basis: QueryBasis,
+    basis: CardSource,
     repo_id: str,
     base_model: str | None = None,
     quality_rows: Iterable[Mapping[str, Any]] | None = None,
