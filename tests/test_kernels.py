@@ -252,7 +252,7 @@ def test_fixed_capacity_kernel_matches_its_torch_path(monkeypatch, name, padded)
     """The custom op over a fixed-capacity cache (splits over the capacity, lengths read from the
     device, empty splits past them) computes what the fixed layer's torch path computes."""
     from transformers_headq import kernels
-    from transformers_headq.handoff import StaticDecodeStates
+    from transformers_headq.static import StaticDecodeStates
     from transformers_headq.static_attention import static_decode_attention
 
     monkeypatch.setitem(kernels.LAUNCH, "min_split_tokens", 16)  # many splits, most of them empty

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 
 from .effective_sdpa import can_use_effective_sdpa, effective_sdpa_attention
-from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
+from .handoff import AttentionInputs, HeadQStates
+from .layer import HeadQLayer
+from .static import StaticDecodeStates
 from .static_attention import static_decode_attention
 
 ATTENTION_NAME = "headq"
@@ -44,7 +46,7 @@ class _Chunk:
 
 
 def _quantized_chunk(
-    inputs: AttentionInputs,
+    inputs: AttentionInputs[HeadQLayer],
     qg: torch.Tensor,
     q_side: torch.Tensor | None,
     row_slots: torch.Tensor,
@@ -226,7 +228,7 @@ def _computed_once(scores: Scorer) -> Scorer:
     return scores_once
 
 
-def _layer_chunks(inputs: AttentionInputs, qg: torch.Tensor, row_slots: torch.Tensor) -> list[_Chunk]:
+def _layer_chunks(inputs: AttentionInputs[HeadQLayer], qg: torch.Tensor, row_slots: torch.Tensor) -> list[_Chunk]:
     layer = inputs.layer
     q_side = None if layer.decoder is None else torch.einsum("bhrd,hdk->bhrk", qg, layer.decoder)
     step = -(-layer.config.chunk_size // layer.config.block_size) * layer.config.block_size
@@ -240,7 +242,7 @@ def _layer_chunks(inputs: AttentionInputs, qg: torch.Tensor, row_slots: torch.Te
 
 
 def _attend_layer(
-    inputs: AttentionInputs,
+    inputs: AttentionInputs[HeadQLayer],
     qg: torch.Tensor,
     q_len: int,
     groups: int,

@@ -23,11 +23,12 @@ from __future__ import annotations
 import torch
 
 from .handoff import AttentionInputs
+from .layer import HeadQLayer
 
 ROWS_PER_CALL = 2048  # query rows per sdpa call: bounds the mask of a long prefill
 
 
-def can_use_effective_sdpa(inputs: AttentionInputs, q_len: int, softcap: float | None) -> bool:
+def can_use_effective_sdpa(inputs: AttentionInputs[HeadQLayer], q_len: int, softcap: float | None) -> bool:
     """Whether this call can run through sdpa over effective keys (see the module docstring)."""
     layer = inputs.layer
     needs_probabilities = layer.attention_mass is not None or (layer.kept is not None and layer.kept.by_attention)
@@ -35,7 +36,7 @@ def can_use_effective_sdpa(inputs: AttentionInputs, q_len: int, softcap: float |
 
 
 def _row_key_mask(
-    inputs: AttentionInputs, rows: range, mask: torch.Tensor | None, device: torch.device
+    inputs: AttentionInputs[HeadQLayer], rows: range, mask: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
     """The sdpa mask of query ``rows`` (indices into the call's queries) over the stored slots then the
     exact copies of the slots flushed in this call: ``[.., len(rows), stored + copies]``.
@@ -64,13 +65,13 @@ def _row_key_mask(
     return base.masked_fill(~structure, float("-inf"))
 
 
-def _fresh_end(inputs: AttentionInputs) -> int:
+def _fresh_end(inputs: AttentionInputs[HeadQLayer]) -> int:
     """End of the slots flushed in this call (they have exact copies from ``fresh_start`` to here)."""
     return inputs.layer.quantized_length if inputs.fresh_keys is not None else inputs.fresh_start
 
 
 def effective_sdpa_attention(
-    inputs: AttentionInputs, query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+    inputs: AttentionInputs[HeadQLayer], query: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
     """HeadQ attention of ``query`` [B, H_q, Q, D] over a layer by sdpa; returns ``[B, Q, H_q, D_v]``.
 

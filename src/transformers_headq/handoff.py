@@ -15,19 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch.utils._pytree import tree_map
 
-if TYPE_CHECKING:
-    from .layer import HeadQLayer
-    from .static import StaticHeadQLayer
+LayerT = TypeVar("LayerT")
 
 
 @dataclass
-class AttentionInputs:
-    """What one attention call needs from a cache layer.
+class AttentionInputs(Generic[LayerT]):
+    """What one attention call needs from a cache layer (``AttentionInputs[HeadQLayer]``: the hand-off knows
+    no layer class, so that the layers can import it and nothing here imports them back).
 
     Attributes:
         layer: the cache layer (packed stores, full-precision window, basis, A² accumulator).
@@ -38,7 +37,7 @@ class AttentionInputs:
             a token-by-token decode. ``fresh_keys``/``fresh_values`` hold their exact states.
     """
 
-    layer: HeadQLayer
+    layer: LayerT
     query_start: int
     fresh_start: int
     fresh_keys: torch.Tensor | None
@@ -48,7 +47,7 @@ class AttentionInputs:
 class HeadQStates(torch.Tensor):
     """Keys or values of a HeadQ layer, as a lazy tensor (see the module docstring)."""
 
-    inputs: AttentionInputs
+    inputs: AttentionInputs[Any]
     _materialize: Callable[[], torch.Tensor]
 
     @staticmethod
@@ -57,7 +56,7 @@ class HeadQStates(torch.Tensor):
         dense_like: torch.Size,
         dtype: torch.dtype,
         device: torch.device,
-        inputs: AttentionInputs,
+        inputs: AttentionInputs[Any],
         materialize: Callable[[], torch.Tensor],
     ) -> HeadQStates:
         states = torch.Tensor._make_wrapper_subclass(cls, dense_like, dtype=dtype, device=device)
@@ -85,22 +84,3 @@ class HeadQStates(torch.Tensor):
 def _dense(x: Any) -> Any:
     """Materialise a :class:`HeadQStates` argument; leave anything else as it is."""
     return x._materialize() if isinstance(x, HeadQStates) else x
-
-
-@dataclass
-class StaticDecodeStates:
-    """What a fixed-capacity layer's decode step hands to the ``headq`` attention (keys and values).
-
-    Not a tensor: a compiled decode step traces it as a plain object, and the attention reads the
-    layer's fixed buffers and device-side lengths from it. Only the ``headq`` attention accepts it
-    (``HeadQCache.from_pretrained`` switches the model to it).
-    """
-
-    layer: StaticHeadQLayer
-
-    @property
-    def shape(self) -> torch.Size:
-        """``[B, H_kv, slots, D]`` like key states (slots: the capacity and the window), for model code
-        that reads the shape of what the cache returned before calling the attention."""
-        batch, heads, head_dim = self.layer.shape
-        return torch.Size((batch, heads, self.layer.capacity + self.layer.config.block_size, head_dim))

@@ -34,7 +34,7 @@ from . import arena
 from .config import HeadQConfig
 from .encode import commit_block, quantizer_spec
 from .errors import CacheInputError
-from .handoff import AttentionInputs, HeadQStates, StaticDecodeStates
+from .handoff import AttentionInputs, HeadQStates
 from .kernels import decode_supports
 from .layer import HeadQLayer
 from .store import CacheCapacityError, DenseStore, QuantizedStore, TokenBuffer, TokenStore, capacity_error
@@ -354,3 +354,22 @@ class StaticHeadQLayer(HeadQLayer):
 
 
 __all__ = ["CacheCapacityError", "FixedPlan", "StaticHeadQLayer", "check_fixed_capacity_config", "round_to_blocks"]
+
+
+@dataclass
+class StaticDecodeStates:
+    """What a fixed-capacity layer's decode step hands to the ``headq`` attention (keys and values).
+
+    Not a tensor: a compiled decode step traces it as a plain object, and the attention reads the
+    layer's fixed buffers and device-side lengths from it. Only the ``headq`` attention accepts it
+    (``HeadQCache.from_pretrained`` switches the model to it).
+    """
+
+    layer: StaticHeadQLayer
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[B, H_kv, slots, D]`` like key states (slots: the capacity and the window), for model code
+        that reads the shape of what the cache returned before calling the attention."""
+        batch, heads, head_dim = self.layer.shape
+        return torch.Size((batch, heads, self.layer.capacity + self.layer.config.block_size, head_dim))

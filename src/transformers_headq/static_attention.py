@@ -13,11 +13,10 @@ import torch
 
 from .arena import carve
 from .encode import quantizer_from_spec, stored_parts
-from .handoff import StaticDecodeStates
 from .kernels import kernels_enabled, split_stored
 from .kernels.fixed import fixed_decode_attention
 from .quantize import QuantizedTokens
-from .static import FixedPlan
+from .static import FixedPlan, StaticDecodeStates
 
 
 def _mask_columns(mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor | None:
