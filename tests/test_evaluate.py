@@ -172,6 +172,10 @@ def test_fair_budget_finds_the_budgets_where_plain_wins():
     assert summary == [(2.5, 2.75, 70.0, None), (3.25, 3.375, 56.6, 57.3)]
     assert "[3.250, 3.375)" in fair_budget_summary(rows)
     assert fair_budget_losses([r for r in rows if r.key_bits not in (2.5, 3.25)]) == []
+    # a plain row at exactly the top of the range counts too
+    at_top = [*rows[2:], _k_only_row("plain", 3.5, 56.3)]
+    assert [(a, b, p.ppl, h.ppl) for a, b, p, h in fair_budget_losses(at_top)] == [(3.5, 3.5, 56.3, 56.4)]
+    assert "3.500 bits: plain" in fair_budget_summary(at_top)
 
 
 def _setup_for(model, windows: torch.Tensor = WINDOWS, key_pca=None) -> EvalSetup:

@@ -702,16 +702,19 @@ def fair_budget_losses(
     rows: list[Row], low: float = FRONT_BITS[0], high: float = FRONT_BITS[1]
 ) -> list[tuple[float, float, Row, Row | None]]:
     """Key-bit budgets in ``[low, high]`` where HeadQ's best K-only row at or below the budget does
-    not beat the best plain row at or below it, as ``(from, to, best plain, best headq or None)``."""
+    not beat the best plain row at or below it, as ``(from, to, best plain, best headq or None)``: the
+    budgets from ``from`` up to ``to`` (excluded), or the budget ``high`` alone when ``from == to == high``
+    (a plain row with exactly ``high`` bits is in the range too)."""
     k_only = [r for r in rows if r.ok and r.mode == "k-only" and r.method in ("plain", "headq")]
-    budgets = sorted({low} | {r.key_bits for r in k_only if low <= r.key_bits < high})
+    budgets = sorted({low} | {r.key_bits for r in k_only if low <= r.key_bits <= high})
     losses: list[tuple[float, float, Row, Row | None]] = []
     for start, end in zip(budgets, [*budgets[1:], high], strict=True):
         plain = _best(k_only, "plain", start)
         headq = _best(k_only, "headq", start)
         if plain is None or (headq is not None and headq.ppl < plain.ppl):
             continue
-        if losses and losses[-1][1] == start and losses[-1][2] is plain and losses[-1][3] is headq:
+        merge = losses and start < end and losses[-1][1] == start
+        if merge and losses[-1][2] is plain and losses[-1][3] is headq:
             losses[-1] = (losses[-1][0], end, plain, headq)
         else:
             losses.append((start, end, plain, headq))
@@ -730,5 +733,6 @@ def fair_budget_summary(rows: list[Row], low: float = FRONT_BITS[0], high: float
     parts = []
     for start, end, plain, headq in losses:
         theirs = "no HeadQ row" if headq is None else f"HeadQ {headq.setting} {headq.ppl:.2f}"
-        parts.append(f"[{start:.3f}, {end:.3f}) bits: plain {plain.setting} {plain.ppl:.2f} vs {theirs}")
+        where = f"{start:.3f} bits" if start == end else f"[{start:.3f}, {end:.3f}) bits"
+        parts.append(f"{where}: plain {plain.setting} {plain.ppl:.2f} vs {theirs}")
     return f"Fair budget: HeadQ's best row beats the best plain row in [{low}, {high}] bits except " + "; ".join(parts)
