@@ -149,20 +149,24 @@ def time_ms(fn, warmup: int = 10, reps: int = 50) -> float:  # type: ignore[no-u
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=reps))
 
 
+def splits_of(batch_heads: int, context: int, tile: int, programs_per_sm: int) -> tuple[int, int]:
+    """``(splits, tokens per split)`` aiming at ``programs_per_sm`` programs per SM, whole tiles a split."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits = max(1, min(context // tile, -(-programs_per_sm * sms // batch_heads)))
+    per_split = -(-context // splits // tile) * tile
+    return -(-context // per_split), per_split
+
+
 def probe(tensors: list[torch.Tensor], context: int, programs_per_sm: int, tile: int, warps: int, stages: int) -> float:
     """Time of one read of ``tensors`` (the stores of :func:`stores`) with this launch setting, in ms."""
-    kc, ks, cc, cs, vc, vs = tensors
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bh = kc.shape[0]
-    splits = max(1, min(context // tile, -(-programs_per_sm * sms // bh)))
-    per_split = -(-context // splits // tile) * tile
-    splits = -(-context // per_split)
+    bh = tensors[0].shape[0]
+    splits, per_split = splits_of(bh, context, tile, programs_per_sm)
     out = torch.empty(bh * splits, dtype=torch.int32, device="cuda")
 
     def launch() -> None:
         stream_kernel[(bh, splits)](
-            kc, ks, cc, cs, vc, vs, out, context, per_split, KEY_BYTES, SIDE_BYTES, VALUE_BYTES, HEAD_DIM, RANK,
-            BLOCK, tile, num_warps=warps, num_stages=stages,
+            *tensors, out, context, per_split, KEY_BYTES, SIDE_BYTES, VALUE_BYTES, HEAD_DIM, RANK, BLOCK, tile,
+            num_warps=warps, num_stages=stages,
         )  # fmt: skip
 
     return time_ms(launch)
@@ -170,18 +174,14 @@ def probe(tensors: list[torch.Tensor], context: int, programs_per_sm: int, tile:
 
 def products_ms(tensors: list[torch.Tensor], context: int, parts: int, warps: int, programs_per_sm: int) -> float:
     """Time of :func:`products_kernel` (tiles of 64 tokens, 3 stages) over ``tensors``, in ms."""
-    kc, ks, cc, cs, vc, vs = tensors
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    bh = kc.shape[0]
-    splits = max(1, min(context // BLOCK, -(-programs_per_sm * sms // bh)))
-    per_split = -(-context // splits // BLOCK) * BLOCK
-    splits = -(-context // per_split)
+    bh = tensors[0].shape[0]
+    splits, per_split = splits_of(bh, context, BLOCK, programs_per_sm)
     out = torch.empty(bh * splits, dtype=torch.float32, device="cuda")
 
     def launch() -> None:
         products_kernel[(bh, splits)](
-            kc, ks, cc, cs, vc, vs, out, context, per_split, KEY_BYTES, SIDE_BYTES, VALUE_BYTES, HEAD_DIM, RANK,
-            BLOCK, BLOCK, 8, parts, True, num_warps=warps, num_stages=3,
+            *tensors, out, context, per_split, KEY_BYTES, SIDE_BYTES, VALUE_BYTES, HEAD_DIM, RANK, BLOCK, BLOCK, 8,
+            parts, True, num_warps=warps, num_stages=3,
         )  # fmt: skip
 
     return time_ms(launch)

@@ -133,13 +133,17 @@ def _rank(head_dim: int, sixteenths: float) -> int:
     return max(1, round(head_dim * sixteenths / 16))
 
 
+def _largest(upper: int, fits: Callable[[int], bool]) -> int:
+    """The largest ``n`` in ``1 .. upper`` with ``fits(n)``, or 0 (costs grow with ``n``, padding aside)."""
+    return next((n for n in range(upper, 0, -1) if fits(n)), 0)
+
+
 def budget_rank(config: HeadQConfig, budget: float, head_dim: int, seq_len: int) -> int:
     """The largest side-code rank whose keys, stored with ``config``, cost at most ``budget`` bits per
     element over windows of ``seq_len`` tokens (everything counted, byte padding included); 0 if none."""
-    for rank in range(head_dim, 0, -1):
-        if bits_per_element(config, head_dim, rank, seq_len, DEPLOY_DTYPE).key <= budget + 1e-9:
-            return rank
-    return 0
+    return _largest(
+        head_dim, lambda rank: bits_per_element(config, head_dim, rank, seq_len, DEPLOY_DTYPE).key <= budget + 1e-9
+    )
 
 
 def budget_methods(methods: list[Method], head_dim: int, seq_len: int) -> list[Method]:
@@ -173,12 +177,12 @@ def full_kv_budget_method(head_dim: int, seq_len: int, budget: float = FULL_KV_B
     cost: on the default model this measured 57.57 against 58.50 for blocks of 64 at the same budget."""
     base = _headq(1, BUDGET_SIDE_BITS, FULL_KV_BLOCK, value_bits=2)
     rank = budget_rank(base, budget, head_dim, seq_len)
-    keep = 0
-    while keep < FULL_KV_BLOCK:
-        config = base.replace(rank=rank, value_keep=keep + 1)
-        if bits_per_element(config, head_dim, rank, seq_len, DEPLOY_DTYPE).value > budget + 1e-9:
-            break
-        keep += 1
+
+    def values_fit(keep: int) -> bool:
+        config = base.replace(rank=rank, value_keep=keep)
+        return bits_per_element(config, head_dim, rank, seq_len, DEPLOY_DTYPE).value <= budget + 1e-9
+
+    keep = _largest(FULL_KV_BLOCK, values_fit)
     return Method("full-kv", "headq", "channel", base.replace(rank=rank, value_keep=keep), OBLIQUE)
 
 

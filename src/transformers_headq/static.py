@@ -353,9 +353,6 @@ class StaticHeadQLayer(HeadQLayer):
         return super().value_nbytes()
 
 
-__all__ = ["CacheCapacityError", "FixedPlan", "StaticHeadQLayer", "check_fixed_capacity_config", "round_to_blocks"]
-
-
 @dataclass
 class StaticDecodeStates:
     """What a fixed-capacity layer's decode step hands to the ``headq`` attention (keys and values).
@@ -373,3 +370,13 @@ class StaticDecodeStates:
         that reads the shape of what the cache returned before calling the attention."""
         batch, heads, head_dim = self.layer.shape
         return torch.Size((batch, heads, self.layer.capacity + self.layer.config.block_size, head_dim))
+
+
+__all__ = [
+    "CacheCapacityError",
+    "FixedPlan",
+    "StaticDecodeStates",
+    "StaticHeadQLayer",
+    "check_fixed_capacity_config",
+    "round_to_blocks",
+]
