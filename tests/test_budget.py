@@ -18,6 +18,7 @@ CONFIGS = [
     HeadQConfig(key_bits=None, value_bits=None, rank=0, block_size=8),
     HeadQConfig(key_bits=2, value_bits=2, block_size=4, side_bits=4, value_keep=2),
     HeadQConfig(key_bits=2, value_bits=2, block_size=4, side_bits=4, value_keep=1, value_policy="position"),
+    HeadQConfig(key_bits=2, value_bits=2, block_size=8, side_bits=3, side_scale="block", sink_keys=3),
 ]
 
 
@@ -39,7 +40,9 @@ def _held_tensors(cache: HeadQCache) -> list[torch.Tensor]:
 @pytest.mark.parametrize(
     "config",
     CONFIGS,
-    ids=lambda c: f"k{c.key_bits}{c.key_grouping}-v{c.value_bits}-s{c.side_bits}-keep{c.value_keep}{c.value_policy}",
+    ids=lambda c: (
+        f"k{c.key_bits}{c.key_grouping}-v{c.value_bits}-s{c.side_bits}-keep{c.value_keep}{c.value_policy}-sink{c.sink_keys}"
+    ),
 )
 @pytest.mark.parametrize("length", [1, 7, 8, 29])
 def test_memory_and_bits_match_held_bytes(config, length):

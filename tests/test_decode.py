@@ -27,6 +27,7 @@ CONFIGS = {
     "token-k2-v2-headq": HeadQConfig(key_bits=2, key_grouping="token", value_bits=2, block_size=1, side_bits=2),
     "kivi-kv2-block-side": HeadQConfig(key_bits=2, value_bits=2, block_size=5, side_bits=3, side_scale="block"),
     "kivi-kv2-a2": HeadQConfig(key_bits=2, value_bits=2, block_size=5, side_bits=3, side_scale="block", value_keep=2),
+    "kivi-kv2-sinks": HeadQConfig(key_bits=2, value_bits=2, block_size=5, side_bits=3, side_scale="block", sink_keys=2),
     "kivi-kv2-position-keep": HeadQConfig(
         key_bits=2, value_bits=2, block_size=8, value_keep=1, value_policy="position"
     ),

@@ -269,13 +269,18 @@ def test_side_code_ranks_follow_the_head_dimension(profile):
         assert not any(m.quanto_bits for m in small)  # no token-by-token decode loop at long windows
 
 
+@pytest.mark.parametrize("sinks", [0, 1])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("profile", ["quick", "long"])
-def test_every_plain_budget_has_a_headq_row_that_fills_it(profile, head_dim):
+def test_every_plain_budget_has_a_headq_row_that_fills_it(profile, head_dim, sinks):
     """For each plain K-only row with 2.5-3.5 key bits there is a HeadQ row of no more bits, and the budget row
-    made for it holds the largest rank that budget pays for (one more direction would cost more)."""
+    made for it holds the largest rank that budget pays for (one more direction would cost more); with sink
+    keys, on every row that quantizes keys, paid for on both sides."""
     seq_len = 4096 if profile == "long" else 512
-    methods = standard_methods(profile, head_dim=head_dim, seq_len=seq_len)
+    methods = standard_methods(profile, head_dim=head_dim, seq_len=seq_len, sink_keys=sinks)
+    quantized = [m for m in methods if m.config is not None and m.config.key_bits is not None]
+    assert quantized and all(m.config.sink_keys == sinks for m in quantized)
+    assert all(("sink" in m.setting) == bool(sinks) for m in quantized)
 
     def key_bits(m):
         return bits_per_element(m.config, head_dim, m.rank, seq_len).key
@@ -286,7 +291,7 @@ def test_every_plain_budget_has_a_headq_row_that_fills_it(profile, head_dim):
     headq = [m for m in methods if m.mode == "k-only" and m.method == "headq"]
     for budget in budgets:
         assert any(key_bits(m) <= budget for m in headq), budget
-    made = budget_methods(methods, head_dim, seq_len)
+    made = budget_methods(methods, head_dim, seq_len, sinks)
     assert made and all(m in methods for m in made)
     for m in made:
         assert key_bits(m) <= max(budgets)
@@ -294,11 +299,13 @@ def test_every_plain_budget_has_a_headq_row_that_fills_it(profile, head_dim):
         assert any(key_bits(m) <= b < one_more for b in budgets)
 
 
+@pytest.mark.parametrize("sinks", [0, 4])
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
-def test_full_kv_budget_row_fills_its_budget(head_dim):
+def test_full_kv_budget_row_fills_its_budget(head_dim, sinks):
     """The full-KV budget row stays within FULL_KV_BITS a key and a value element, and one more side-code
-    direction or one more kept value per block would not."""
-    method = full_kv_budget_method(head_dim, 512)
+    direction or one more kept value per block would not (sink keys paid for)."""
+    method = full_kv_budget_method(head_dim, 512, sink_keys=sinks)
+    assert method.config.sink_keys == sinks
     config = method.config
     cost = bits_per_element(config, head_dim, method.rank, 512)
     assert cost.key <= FULL_KV_BITS and cost.value <= FULL_KV_BITS

@@ -20,7 +20,14 @@ from transformers_headq.layer import HeadQLayer
 from .helpers import FAMILIES, random_basis, tiny_config, tiny_model
 
 QUANTIZED = HeadQConfig(
-    key_bits=2, value_bits=2, block_size=4, side_bits=3, side_scale="block", value_keep=1, meta_dtype="float32"
+    key_bits=2,
+    value_bits=2,
+    block_size=4,
+    side_bits=3,
+    side_scale="block",
+    value_keep=1,
+    sink_keys=2,
+    meta_dtype="float32",
 )
 
 
@@ -34,7 +41,7 @@ def _log_likelihoods(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_one_forward_equals_token_by_token_decode(family):
-    """Quantized keys and values, side code, A² kept values, and sliding-window eviction."""
+    """Quantized keys and values, side code, A² kept values, exact sink keys, and sliding-window eviction."""
     model = tiny_model(family)
     enable_headq_attention(model)
     basis = random_basis(model, rank=4)

@@ -192,6 +192,9 @@ def evaluate(
         str, typer.Option(help="rows: 'quick', 'full' (= --full), 'core' (5 rows) or 'long' (long windows)")
     ] = "quick",
     batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
+    sink_keys: Annotated[
+        int, typer.Option(help="every quantized row (plain and HeadQ) also keeps its first N keys exact, paid for")
+    ] = 0,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     plot: Annotated[Path, typer.Option(help="PNG of PPL against bits per element")] = Path("headq-eval.png"),
     markdown: Annotated[Path | None, typer.Option(help="write the markdown table here too")] = None,
@@ -224,7 +227,8 @@ def evaluate(
     with console.status(f"reading {corpus}"):
         ids = _windows(loaded.tokenizer, corpus, "evaluation", seq_len, n_windows)
     setup = EvalSetup(loaded.model, loaded.name, corpus, ids, query_basis, key_pca, batch_size, oblique)
-    methods = standard_methods(profile, model_fingerprint(loaded.model.config)["head_dim"], seq_len)  # type: ignore[arg-type]
+    head_dim = model_fingerprint(loaded.model.config)["head_dim"]
+    methods = standard_methods(profile, head_dim, seq_len, sink_keys)  # type: ignore[arg-type]
 
     def save(rows: list[Any]) -> None:  # after every row: an interrupted run keeps what it finished
         if markdown is not None:

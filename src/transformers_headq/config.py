@@ -41,6 +41,10 @@ class HeadQConfig:
         value_policy: how the kept tokens are chosen: ``"a2"``, the largest mean ``p²`` over the
             queries that read the block before it was quantized, or ``"position"`` (a control:
             the first ``value_keep`` tokens of each block).
+        sink_keys: the first ``sink_keys`` keys of each sequence are also held in the model dtype, and
+            attention reads them exact (no side code): the attention sink that most heads put their
+            mass on. Its 2-bit error moves every query's softmax normaliser, the more so the longer the
+            context (results/eval-sinks.md). Must lie in the first block.
         track_attention: accumulate ``Σ p²`` per cached token for every token (a diagnostic).
         chunk_size: cached tokens processed at once by the reference attention path.
     """
@@ -57,6 +61,7 @@ class HeadQConfig:
     meta_dtype: str = "float16"
     value_keep: int = 0
     value_policy: ValuePolicy = "a2"
+    sink_keys: int = 0
     track_attention: bool = False
     chunk_size: int = 4096
 
@@ -83,6 +88,10 @@ class HeadQConfig:
             raise ValueError(f"value_keep must be between 0 and block_size={self.block_size}, got {self.value_keep}")
         if self.value_keep and self.value_bits is None:
             raise ValueError("value_keep needs quantized values (value_bits); dense values are already exact")
+        if not 0 <= self.sink_keys <= self.block_size:
+            raise ValueError(f"sink_keys must be between 0 and block_size={self.block_size}, got {self.sink_keys}")
+        if self.sink_keys and self.key_bits is None:
+            raise ValueError("sink_keys needs quantized keys (key_bits); dense keys are already exact")
         if self.rank is not None and self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
 
@@ -158,6 +167,7 @@ def cache_bytes_per_head(
     quantized = (seq_len // config.block_size) * config.block_size
     window = seq_len - quantized
     key = _stream_bytes(config.key_quantizer(head_dim), quantized, head_dim, dense) + window * head_dim * dense
+    key += min(config.sink_keys, quantized) * head_dim * dense  # exact sink keys beside their codes
     if rank:
         key += _stream_bytes(config.side_quantizer(rank), quantized, rank, dense)
     value = _stream_bytes(config.value_quantizer(head_dim), quantized, head_dim, dense) + window * head_dim * dense
@@ -176,8 +186,8 @@ def bits_per_element(
 ) -> BitsPerElement:
     """Bits per cached key and value element for one head after ``seq_len`` tokens.
 
-    Counts codes, scales, zero points, side codes and their scales, the full-precision window
-    (in ``dtype``, the model's), and the attention accumulator when tracked.
+    Counts codes, scales, zero points, side codes and their scales, the full-precision window and
+    sink keys (in ``dtype``, the model's), and the attention accumulator when tracked.
     """
     if seq_len < 1:
         raise ValueError("seq_len must be >= 1")

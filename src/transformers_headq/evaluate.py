@@ -66,6 +66,8 @@ class Method:
         parts = [f"K{c.key_bits}/{c.key_grouping}"]
         if c.block_size != 64:
             parts.append(f"b{c.block_size}")
+        if c.sink_keys:
+            parts.append(f"sink{c.sink_keys}")
         if c.value_bits is not None:
             parts.append(f"V{c.value_bits}")
         if c.value_keep:
@@ -128,6 +130,14 @@ def _headq(rank: int, side_bits: int, block: int = 64, **changes: Any) -> HeadQC
     return HeadQConfig(rank=rank, side_bits=side_bits, side_scale="block", block_size=block, **changes)
 
 
+def with_sink_keys(method: Method, sink_keys: int) -> Method:
+    """``method`` holding its first ``sink_keys`` keys exact, where it quantizes keys (otherwise as it is)."""
+    config = method.config
+    if not sink_keys or config is None or config.key_bits is None:
+        return method
+    return dataclasses.replace(method, config=config.replace(sink_keys=sink_keys))
+
+
 def _rank(head_dim: int, sixteenths: float) -> int:
     """A side-code rank of ``sixteenths / 16`` of the head: the same bits per key element at any head dim."""
     return max(1, round(head_dim * sixteenths / 16))
@@ -146,7 +156,7 @@ def budget_rank(config: HeadQConfig, budget: float, head_dim: int, seq_len: int)
     )
 
 
-def budget_methods(methods: list[Method], head_dim: int, seq_len: int) -> list[Method]:
+def budget_methods(methods: list[Method], head_dim: int, seq_len: int, sink_keys: int = 0) -> list[Method]:
     """One oblique row per plain K-only budget in ``FRONT_BITS``: 2-bit keys on blocks of 64 with a side code
     of 3-bit entries of the largest rank that budget pays for, so that at every plain row's budget HeadQ has
     a row of no more bits (the fair-budget comparison), whatever the head dimension."""
@@ -161,21 +171,21 @@ def budget_methods(methods: list[Method], head_dim: int, seq_len: int) -> list[M
     for budget in budgets:
         if not FRONT_BITS[0] <= budget <= FRONT_BITS[1]:
             continue
-        rank = budget_rank(_headq(1, BUDGET_SIDE_BITS), budget, head_dim, seq_len)
-        row = Method("k-only", "headq", "channel", _headq(rank, BUDGET_SIDE_BITS), OBLIQUE)
+        rank = budget_rank(_headq(1, BUDGET_SIDE_BITS, sink_keys=sink_keys), budget, head_dim, seq_len)
+        row = Method("k-only", "headq", "channel", _headq(rank, BUDGET_SIDE_BITS, sink_keys=sink_keys), OBLIQUE)
         if rank and row not in rows:
             rows.append(row)
     return rows
 
 
-def full_kv_budget_method(head_dim: int, seq_len: int, budget: float = FULL_KV_BITS) -> Method:
+def full_kv_budget_method(head_dim: int, seq_len: int, budget: float = FULL_KV_BITS, sink_keys: int = 0) -> Method:
     """Full-KV HeadQ at no more than ``budget`` bits per key and per value element: 2-bit keys and values on
     blocks of ``FULL_KV_BLOCK`` tokens, the oblique side code (3-bit entries) of the largest rank the key
     budget pays for, and the A² policy keeping as many values per block as the value budget pays for.
 
     Blocks of 128 rather than 64 halve the keys' scale bytes and pay a kept value per 128 tokens at half the
     cost: on the default model this measured 57.57 against 58.50 for blocks of 64 at the same budget."""
-    base = _headq(1, BUDGET_SIDE_BITS, FULL_KV_BLOCK, value_bits=2)
+    base = _headq(1, BUDGET_SIDE_BITS, FULL_KV_BLOCK, value_bits=2, sink_keys=sink_keys)
     rank = budget_rank(base, budget, head_dim, seq_len)
 
     def values_fit(keep: int) -> bool:
@@ -186,7 +196,9 @@ def full_kv_budget_method(head_dim: int, seq_len: int, budget: float = FULL_KV_B
     return Method("full-kv", "headq", "channel", base.replace(rank=rank, value_keep=keep), OBLIQUE)
 
 
-def standard_methods(profile: Profile = "quick", head_dim: int = 64, seq_len: int = 512) -> list[Method]:
+def standard_methods(
+    profile: Profile = "quick", head_dim: int = 64, seq_len: int = 512, sink_keys: int = 0
+) -> list[Method]:
     """The rows ``headq eval`` runs: ``quick`` is the README's main job, ``full`` adds every rank,
     side-code width and block, ``core`` is the handful a transfer check needs, ``long`` is the set
     the long-context evaluation needs (fronts of plain and HeadQ rows, the full-KV budget row, no slow
@@ -198,25 +210,33 @@ def standard_methods(profile: Profile = "quick", head_dim: int = 64, seq_len: in
     Pareto front can be drawn; the controls share one HeadQ setting. Beside them, ``quick`` and ``long``
     hold a budget row for each plain row between 2.5 and 3.5 key bits (:func:`budget_methods`): its rank
     is what that budget pays for at this head dim and window length (``seq_len``).
+
+    ``sink_keys``: every row with quantized keys (plain and HeadQ alike, so that the comparison stays fair)
+    also holds its first ``sink_keys`` keys exact, and pays for them (:class:`HeadQConfig`).
     """
     r = {n: _rank(head_dim, n) for n in (1, 2, 3, 4, 6, 8)}  # sixteenths of the head
     if profile == "core":  # the rows a transfer or regression check needs, in under a minute
-        return [
+        core = [
             Method("k-only", "full-precision"),
             Method("k-only", "plain", "channel", HeadQConfig(key_bits=2, rank=0)),
             Method("k-only", "headq", "channel", _headq(r[2], 4), "query"),
             Method("k-only", "headq", "channel", _headq(r[4], 3), "query"),
             Method("k-only", "random", "channel", _headq(r[4], 3), "random"),
         ]
+        return [with_sink_keys(m, sink_keys) for m in core]
     methods = [Method("k-only", "full-precision")]
+
+    def add(*new: Method) -> None:
+        methods.extend(with_sink_keys(m, sink_keys) for m in new)
+
     blocks = (32, 64, 128) if profile == "full" else (64, 128)
     for block in blocks:
         for bits in (2, 3, 4) if profile == "full" else (2, 3):
-            methods.append(Method("k-only", "plain", "channel", HeadQConfig(key_bits=bits, rank=0, block_size=block)))
+            add(Method("k-only", "plain", "channel", HeadQConfig(key_bits=bits, rank=0, block_size=block)))
     if profile != "long":
         for bits in (2, 3):
             config = HeadQConfig(key_bits=bits, key_grouping="token", rank=0)
-            methods.append(Method("k-only", "plain", "token", config))
+            add(Method("k-only", "plain", "token", config))
     # (key bits, block, rank, side bits): 2-bit keys with side codes of growing rank (on the query basis), and
     # a small side code on 3-bit keys for the top of the range. ``long`` keeps the ends of the 2.4-3.5 bit range,
     # the rest of its HeadQ front comes from the oblique and budget rows below (a 4096-token row costs minutes).
@@ -231,38 +251,36 @@ def standard_methods(profile: Profile = "quick", head_dim: int = 64, seq_len: in
         grid += [(3, b, rank, s) for b in blocks for rank in ranks[:3] for s in (2, 3)]
     for key_bits, block, rank, side_bits in grid:
         config = _headq(rank, side_bits, block, key_bits=key_bits)
-        methods.append(Method("k-only", "headq", "channel", config, "query"))
+        add(Method("k-only", "headq", "channel", config, "query"))
     if profile in ("quick", "long"):
         # the score-optimal code where it measured better (small ranks), and a high-rank row near full precision
         for rank, side_bits in ((r[2], 4), (r[3], 3)):
-            methods.append(Method("k-only", "headq", "channel", _headq(rank, side_bits), OBLIQUE))
-        methods.append(Method("k-only", "headq", "channel", _headq(r[6], 3), "query"))
-        methods += [m for m in budget_methods(methods, head_dim, seq_len) if m not in methods]
+            add(Method("k-only", "headq", "channel", _headq(rank, side_bits), OBLIQUE))
+        add(Method("k-only", "headq", "channel", _headq(r[6], 3), "query"))
+        methods += [m for m in budget_methods(methods, head_dim, seq_len, sink_keys) if m not in methods]
     if profile != "long":
-        methods.append(Method("k-only", "headq", "token", _headq(r[2], 4, key_grouping="token"), "query"))
+        add(Method("k-only", "headq", "token", _headq(r[2], 4, key_grouping="token"), "query"))
         for kind in ("random", "key-pca", "wrong-sign"):
-            methods.append(Method("k-only", kind, "channel", _headq(r[4], 3), kind))
+            add(Method("k-only", kind, "channel", _headq(r[4], 3), kind))
 
     for key_bits, value_bits in ((2, 2), (3, 2), (2, 3)):
-        methods.append(
-            Method("full-kv", "plain", "channel", HeadQConfig(key_bits=key_bits, value_bits=value_bits, rank=0))
-        )
+        add(Method("full-kv", "plain", "channel", HeadQConfig(key_bits=key_bits, value_bits=value_bits, rank=0)))
     if profile != "long":
         for rank, keep in ((r[1], 2), (r[2], 0), (r[2], 2)):
             config = _headq(rank, 4, value_bits=2, value_keep=keep)
-            methods.append(Method("full-kv", "headq", "channel", config, "query"))
+            add(Method("full-kv", "headq", "channel", config, "query"))
     if profile in ("quick", "long"):  # the full-KV budget row and its plain base
-        budget_row = full_kv_budget_method(head_dim, seq_len)
+        budget_row = full_kv_budget_method(head_dim, seq_len, sink_keys=sink_keys)
         assert budget_row.config is not None
         base = budget_row.config.replace(rank=0, value_keep=0, side_bits=None, side_scale="token")
         methods += [Method("full-kv", "plain", "channel", base), budget_row]
     if profile == "long":
         return methods
     control = _headq(r[2], 4, value_bits=2, value_keep=2, value_policy="position")
-    methods.append(Method("full-kv", "position-keep", "channel", control, "query"))
-    methods.append(Method("full-kv", "quanto", "token", quanto_bits=2))
+    add(Method("full-kv", "position-keep", "channel", control, "query"))
+    add(Method("full-kv", "quanto", "token", quanto_bits=2))
     if profile == "full":
-        methods.append(Method("full-kv", "quanto", "token", quanto_bits=4))
+        add(Method("full-kv", "quanto", "token", quanto_bits=4))
     return methods
 
 

@@ -17,12 +17,13 @@ from .store import QuantizedStore
 
 
 def kernel_covers(layer: HeadQLayer) -> bool:
-    """Whether the decode kernel covers this layer's storage settings (A² kept values and the attention
-    tracker need the reference path)."""
+    """Whether the decode kernel covers this layer's storage settings (A² kept values, exact sink keys and
+    the attention tracker need the reference path)."""
     cfg = layer.config
     return (
         isinstance(layer.key_store, QuantizedStore)
         and cfg.value_keep == 0
+        and cfg.sink_keys == 0
         and not cfg.track_attention
         and decode_supports(layer._quantizers(), layer.rank, cfg.block_size, layer.shape[2])
     )

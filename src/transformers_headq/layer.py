@@ -73,6 +73,9 @@ class HeadQLayer(CacheLayerMixin):
             TokenBuffer(torch.zeros(batch, heads, 0, device=self.device)) if cfg.track_attention else None
         )
         self.kept = KeptValues(cfg, value_states) if cfg.value_keep else None
+        # Exact keys of the first cfg.sink_keys slots, held once block 0 is quantized (None before and
+        # after it is gone: evicted or cropped).
+        self.sink_keys: torch.Tensor | None = None
         self.is_initialized = True
 
     def _check_first_states(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -156,6 +159,8 @@ class HeadQLayer(CacheLayerMixin):
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole blocks into the stores; the side code encodes the key error on ``U``."""
+        if self.config.sink_keys and self.key_store.length == 0 and self.evicted == 0:  # block 0
+            self.sink_keys = keys[:, :, : self.config.sink_keys].clone()
         encoded = encode_blocks(keys, values, self.encoder, self._quantizers(), self.config.block_size)
         for store in (self.key_store, self.side_store, self.value_store):
             if store is not None:
@@ -188,6 +193,7 @@ class HeadQLayer(CacheLayerMixin):
             self.kept.drop_front_blocks(tokens // self.config.block_size)
         if self.attention_mass is not None:
             self.attention_mass.drop_front(tokens)
+        self.sink_keys = None  # whole blocks go: block 0, and the sinks in it, first
         self.evicted += tokens
 
     # ---------------------------------------------------------------- reads
@@ -202,9 +208,17 @@ class HeadQLayer(CacheLayerMixin):
         return self.quantized_length + self.window_keys.shape[-2] if self.is_initialized else 0
 
     def read_keys(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Dequantized keys ``k̂`` and side codes ``ĉ`` (float32) of quantized slots ``[start, end)``."""
+        """Dequantized keys ``k̂`` and side codes ``ĉ`` (float32) of quantized slots ``[start, end)``;
+        sink slots read their exact keys and a zero side code."""
         side = None if self.side_store is None else self.side_store.read(start, end, torch.float32)
-        return self.key_store.read(start, end, torch.float32), side
+        keys = self.key_store.read(start, end, torch.float32)
+        sinks = 0 if self.sink_keys is None else min(self.sink_keys.shape[-2], end) - start
+        if sinks > 0:
+            assert self.sink_keys is not None
+            keys[:, :, :sinks] = self.sink_keys[:, :, start : start + sinks].float()
+            if side is not None:
+                side[:, :, :sinks] = 0
+        return keys, side
 
     def read_values(self, start: int, end: int) -> torch.Tensor:
         """Values of quantized slots ``[start, end)`` (float32), kept tokens in full precision."""
@@ -257,6 +271,7 @@ class HeadQLayer(CacheLayerMixin):
             "window_values",
             "attention_mass",
             "kept",
+            "sink_keys",
         ):
             self.__dict__.pop(name, None)
 
@@ -271,6 +286,8 @@ class HeadQLayer(CacheLayerMixin):
         if self.kept is not None:
             self.kept.map_batch(fn)
         self.window_keys, self.window_values = fn(self.window_keys), fn(self.window_values)
+        if self.sink_keys is not None:
+            self.sink_keys = fn(self.sink_keys)
         self.shape = (self.window_keys.shape[0], *self.shape[1:])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -312,6 +329,8 @@ class HeadQLayer(CacheLayerMixin):
             for store in (self.key_store, self.side_store, self.value_store):
                 if store is not None:
                     store.truncate(aligned)
+            if aligned == 0:  # block 0 is back in the window (its exact sink keys with it)
+                self.sink_keys = None
         # Copies, so that the new window does not keep the larger tensors it was cut from alive.
         self.window_keys, self.window_values = window_keys.clone(), window_values.clone()
         if self.attention_mass is not None:
@@ -326,7 +345,11 @@ class HeadQLayer(CacheLayerMixin):
             return 0
         stores = [self.key_store] + ([self.side_store] if self.side_store is not None else [])
         used = sum(buf.nbytes_used() for s in stores for buf in s.buffers())
-        return used + self.window_keys.numel() * self.window_keys.element_size()
+        return used + sum(t.numel() * t.element_size() for t in self._dense_keys())
+
+    def _dense_keys(self) -> list[torch.Tensor]:
+        """The keys held in the model dtype: the window, and the sink keys when held."""
+        return [self.window_keys] + ([self.sink_keys] if self.sink_keys is not None else [])
 
     def value_nbytes(self) -> int:
         """Bytes held for values, including the ``Σ p²`` accumulator when tracked."""
@@ -346,5 +369,5 @@ class HeadQLayer(CacheLayerMixin):
         stores = [s for s in (self.key_store, self.side_store, self.value_store) if s is not None]
         bufs = [b for s in stores for b in s.buffers()] + ([self.attention_mass] if self.attention_mass else [])
         bufs += self.kept.buffers() if self.kept is not None else []
-        window = sum(t.numel() * t.element_size() for t in (self.window_keys, self.window_values))
+        window = sum(t.numel() * t.element_size() for t in (*self._dense_keys(), self.window_values))
         return sum(b.nbytes_allocated() for b in bufs) + window

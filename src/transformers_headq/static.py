@@ -46,10 +46,10 @@ def _compiling() -> bool:
 
 def check_fixed_capacity_config(config: HeadQConfig) -> None:
     """Refuse settings a fixed-capacity cache cannot hold, saying what to do instead."""
-    if config.value_keep or config.track_attention:
+    if config.value_keep or config.track_attention or config.sink_keys:
         raise CacheInputError(
-            "max_cache_len (fixed capacity) does not support value_keep (A² kept values) or track_attention: "
-            "set value_keep=0, or make the cache without max_cache_len"
+            "max_cache_len (fixed capacity) does not support value_keep (A² kept values), sink_keys or "
+            "track_attention: set them to 0, or make the cache without max_cache_len"
         )
 
 
