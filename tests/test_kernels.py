@@ -126,6 +126,7 @@ def test_uncovered_settings_fall_back():
     for config in (
         HeadQConfig(key_bits=3, block_size=16, rank=0),  # 3-bit codes straddle bytes
         HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=0, value_keep=1),  # A² kept values
+        HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=0, sink_keys=1),  # exact sink keys
         HeadQConfig(key_bits=2, key_grouping="token", block_size=16, rank=0),
         HeadQConfig(key_bits=1, block_size=16, rank=0),  # eight planes a byte: the kernel unrolls four
         # the kernel reads one value scale a token over the whole head (it read these layouts wrongly: NaN)
