@@ -120,6 +120,7 @@ def check(contexts=(1000, 4100), batches=(1, 3)) -> list[dict[str, Any]]:
         "K2 r16 s4/block V2": HEADQ,
         "K2 r8 s2/token dense V": HEADQ.replace(value_bits=None, rank=8, side_bits=2, side_scale="token"),
         "K2 no side, V4": HEADQ.replace(rank=0, value_bits=4),
+        "K2 r16 s4/block V2 sink4": HEADQ.replace(sink_keys=4),
     }
     for dtype, tolerance in CHECK_TOLERANCE.items():
         for name, config in configs.items():
@@ -156,8 +157,9 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
         with sdpa_backend(cache.endswith("-flash")):
             ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         bytes_per_token, read = dense_bytes_per_token, 2 * k.numel() * 2
-    elif cache == "headq":
-        layer = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ).layers[0]
+    elif cache in ("headq", "headq-sink1"):  # headq-sink1: the first key exact (HeadQConfig.sink_keys)
+        config = HEADQ.replace(sink_keys=1) if cache == "headq-sink1" else HEADQ
+        layer = HeadQCache(random_basis(HEADQ.rank or 0), config).layers[0]
         fill_headq_layer(layer, batch, context)
         ms = bench(lambda: fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))
         graph_ms = _graph_ms(lambda: fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))

@@ -39,6 +39,10 @@ CASES = {
         ),
         128,
     ),
+    "k2-r4s4-block-v2-sinks": (
+        HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=4, side_bits=4, side_scale="block", sink_keys=3),
+        64,
+    ),
     "k8-r20s4-token-v2": (
         HeadQConfig(key_bits=8, value_bits=2, block_size=16, rank=20, side_bits=4, side_scale="token"),
         128,
@@ -100,6 +104,28 @@ def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap, spli
     torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
 
 
+def test_fused_decode_sink_keys_spanning_tiles(monkeypatch):
+    """Sink keys over more than one tile of the kernel's loop, in the first split only (the others have none)."""
+    from transformers_headq import kernels
+    from transformers_headq.fused_decode import fused_decode_attention
+
+    monkeypatch.setitem(kernels.LAUNCH, "tile", 16)
+    monkeypatch.setitem(kernels.LAUNCH, "min_split_tokens", 32)
+    monkeypatch.setitem(kernels.LAUNCH, "programs_per_sm", 1000)
+    config = HeadQConfig(key_bits=2, value_bits=2, block_size=32, rank=4, side_bits=4, sink_keys=20)
+    cache, query = _filled_cache(config, tokens=100, seed=3)
+    layer = cache.layers[0]
+    key, value = cache.update(*torch.randn(2, 3, 2, 1, 64, device=DEVICE), 0)
+    fused = fused_decode_attention(layer, query, None, 0.25, None)
+    assert fused is not None and layer.sink_keys is not None
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference, _ = headq_attention_forward(MODULE, query, key, value, None, scaling=0.25)
+    torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
+    layer.sink_keys = None  # read from their codes, the same slots give another output: the check has teeth
+    codes_only, _ = headq_attention_forward(MODULE, query, key, value, None, scaling=0.25)
+    assert (codes_only - reference).abs().max() > 100 * FLOAT32_TOLERANCE
+
+
 @pytest.mark.parametrize("tokens", [150, 221])  # 9 and 13 splits: the merge's chunks of 8, the last one partial
 def test_fused_decode_merges_many_splits(monkeypatch, tokens):
     from transformers_headq import kernels
@@ -126,7 +152,6 @@ def test_uncovered_settings_fall_back():
     for config in (
         HeadQConfig(key_bits=3, block_size=16, rank=0),  # 3-bit codes straddle bytes
         HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=0, value_keep=1),  # A² kept values
-        HeadQConfig(key_bits=2, value_bits=2, block_size=16, rank=0, sink_keys=1),  # exact sink keys
         HeadQConfig(key_bits=2, key_grouping="token", block_size=16, rank=0),
         HeadQConfig(key_bits=1, block_size=16, rank=0),  # eight planes a byte: the kernel unrolls four
         # the kernel reads one value scale a token over the whole head (it read these layouts wrongly: NaN)
@@ -248,7 +273,7 @@ def test_copied_cache_decodes_like_the_original():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(n for n, (config, _) in CASES.items() if not config.sink_keys))  # refused
 def test_fixed_capacity_kernel_matches_its_torch_path(monkeypatch, name, padded):
     """The custom op over a fixed-capacity cache (splits over the capacity, lengths read from the
     device, empty splits past them) computes what the fixed layer's torch path computes."""

@@ -17,13 +17,12 @@ from .store import QuantizedStore
 
 
 def kernel_covers(layer: HeadQLayer) -> bool:
-    """Whether the decode kernel covers this layer's storage settings (A² kept values, exact sink keys and
-    the attention tracker need the reference path)."""
+    """Whether the decode kernel covers this layer's storage settings (A² kept values and the attention
+    tracker need the reference path)."""
     cfg = layer.config
     return (
         isinstance(layer.key_store, QuantizedStore)
         and cfg.value_keep == 0
-        and cfg.sink_keys == 0
         and not cfg.track_attention
         and decode_supports(layer._quantizers(), layer.rank, cfg.block_size, layer.shape[2])
     )
@@ -67,5 +66,5 @@ def fused_decode_attention(
     values = layer.value_store.packed() if isinstance(layer.value_store, QuantizedStore) else layer.value_store.rows()  # type: ignore[attr-defined]
     return decode_attention(
         settings, query, layer.decoder, layer.key_store.packed(), side, values,
-        layer.window_keys, layer.window_values, mask, scaling, softcap,
+        layer.window_keys, layer.window_values, mask, scaling, softcap, layer.sink_keys,
     )  # fmt: skip

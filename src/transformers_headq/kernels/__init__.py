@@ -181,17 +181,18 @@ class _DecodePlan:
         self._options = {"num_warps": LAUNCH["num_warps"], "num_stages": LAUNCH["num_stages"]}
         if LAUNCH["maxnreg"]:  # a register cap, for more programs per SM
             self._options["maxnreg"] = LAUNCH["maxnreg"]
-        self._sites: dict[tuple[bool, bool], LaunchSite] = {}
+        self._sites: dict[tuple[bool, bool, bool], LaunchSite] = {}
         self.decode = CachedLauncher(headq_decode_kernel)
         self.merge = CachedLauncher(headq_merge_kernel)
         self._merge_sites: dict[int, LaunchSite] = {}
 
-    def decode_site(self, has_mask: bool, has_softcap: bool) -> LaunchSite:
-        """The split kernel's launch site for a step with or without a padding mask and soft-capping."""
-        site = self._sites.get((has_mask, has_softcap))
+    def decode_site(self, has_mask: bool, has_softcap: bool, has_sinks: bool) -> LaunchSite:
+        """The split kernel's launch site for a step with or without a padding mask, soft-capping and sink keys."""
+        key = (has_mask, has_softcap, has_sinks)
+        site = self._sites.get(key)
         if site is None:
-            constexprs = {**self._constexprs, "HAS_MASK": has_mask, "SOFTCAP": has_softcap}
-            site = self._sites[(has_mask, has_softcap)] = LaunchSite(self.decode.kernel, constexprs, self._options)
+            constexprs = {**self._constexprs, "HAS_MASK": has_mask, "SOFTCAP": has_softcap, "HAS_SINKS": has_sinks}
+            site = self._sites[key] = LaunchSite(self.decode.kernel, constexprs, self._options)
         return site
 
     def merge_site(self, splits_pad: int) -> LaunchSite:
@@ -235,12 +236,15 @@ def decode_attention(
     mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
+    sink_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step over packed stores.
 
     ``keys``/``side``/``values``: the stored tokens' codes, scales and zeros ``[B, H, T, *]`` (``values``
     may be dense rows), ``side`` and ``decoder`` ``None`` without a side code; ``window_*``: the exact
-    recent tokens after them; ``mask``: ``None`` or a boolean key mask ``[B, 1, 1, T + window]``.
+    recent tokens after them; ``mask``: ``None`` or a boolean key mask ``[B, 1, 1, T + window]``;
+    ``sink_keys``: ``None`` or the exact keys ``[B, H, S, D]`` that the first ``S`` stored slots read
+    (no side code there).
     Two launches: the split kernel (stored tokens, and the window in the last split) and the merge of
     the splits' partial softmaxes, which writes the output in the layout and dtype the model's attention
     returns (no transpose or cast after it). The caller checks :func:`decode_supports` first.
@@ -268,13 +272,14 @@ def decode_attention(
         validity = valid if valid is not None else m
         compiled = plan.decode(
             (batch * plan.kv_heads, n_splits, 1),
-            plan.decode_site(valid is not None, softcap is not None),
+            plan.decode_site(valid is not None, softcap is not None, sink_keys is not None),
             (
                 query, decoder,
                 keys.codes, keys.scale, keys.zero,
                 side.codes, side.scale, side.zero,
                 value_codes, value_scale, value_zero,
                 window_keys, window_values,
+                sink_keys if sink_keys is not None else query,  # not read without sinks
                 validity,
                 m,  # lengths: not read without DEVICE_LENGTHS
                 m, norm, acc,
@@ -285,6 +290,7 @@ def decode_attention(
                 *_bht(value_codes), *_bht(value_scale),
                 *_bht(window_keys), *_bht(window_values),
                 validity.stride(0) if valid is not None else 0,
+                *((sink_keys.shape[2], *_bht(sink_keys)) if sink_keys is not None else (0, 0, 0, 0)),
             ),
         )  # fmt: skip
         global last_compiled

@@ -96,13 +96,16 @@ def _window_plane(rows, row_mask, PLANE: tl.constexpr, NB: tl.constexpr, DTYPE: 
     return tl.load(rows + chan[None, :], mask=row_mask[:, None], other=0.0).to(DTYPE)
 
 
-@triton.jit(do_not_specialize=["n_tokens", "n_window", "tokens_per_split", "s_wk_b", "s_wk_h", "s_wv_b", "s_wv_h"])
+@triton.jit(
+    do_not_specialize=["n_tokens", "n_window", "tokens_per_split", "s_wk_b", "s_wk_h", "s_wv_b", "s_wv_h", "n_sinks"]
+)
 def headq_decode_kernel(
     q_ptr, w_ptr,  # query [B, Hq, 1, D] (strided), decoder W [Hkv, D, R] float32 contiguous
     kc_ptr, ks_ptr, kz_ptr,  # key codes [B, Hkv, T, D*KB/8], scale/zero [B, Hkv, T/BLOCK_N, D]
     cc_ptr, cs_ptr, cz_ptr,  # side codes [B, Hkv, T, SIDE_BYTES], scale/zero [.., T/BLOCK_N, R] or [.., T, 1]
     vc_ptr, vs_ptr, vz_ptr,  # value codes [B, Hkv, T, D*VB/8], scale/zero [B, Hkv, T, 1]; or dense values
     wk_ptr, wv_ptr,  # full-precision window keys/values [B, Hkv, W, D]
+    sk_ptr,  # exact sink keys [B, Hkv, n_sinks, D] of the first stored slots, when HAS_SINKS
     valid_ptr,  # [B, T + W] key validity (uint8), when HAS_MASK
     lengths_ptr,  # [2] int64: quantized tokens and window tokens, when DEVICE_LENGTHS (else not read)
     m_ptr, l_ptr, acc_ptr,  # partials [B*Hkv, S, BLOCK_G], [B*Hkv, S, BLOCK_G], [B*Hkv, S, BLOCK_G, D]
@@ -113,11 +116,12 @@ def headq_decode_kernel(
     s_vc_b, s_vc_h, s_vc_t, s_vs_b, s_vs_h, s_vs_t,
     s_wk_b, s_wk_h, s_wk_t, s_wv_b, s_wv_h, s_wv_t,
     s_valid_b,
+    n_sinks, s_sk_b, s_sk_h, s_sk_t,
     H_KV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr,
     R: tl.constexpr, SIDE_BYTES: tl.constexpr, SIDE_NB: tl.constexpr, KEY_BITS: tl.constexpr,
     SIDE_BITS: tl.constexpr, SIDE_PER_TOKEN: tl.constexpr, VALUE_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
     TILE: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr,
-    ASM: tl.constexpr, DEVICE_LENGTHS: tl.constexpr,
+    ASM: tl.constexpr, DEVICE_LENGTHS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
     FP32: tl.constexpr = OP_DTYPE == tl.float32  # noqa: SIM300 (a constexpr, not a constant)
     CODE_DTYPE: tl.constexpr = tl.float32 if FP32 else tl.float16  # dequantized keys, codes, folded p
@@ -157,6 +161,9 @@ def headq_decode_kernel(
             qw3, c_dir3, c_ok3 = _side_query_plane(w_head, q_t, 3, SIDE_NB, SIDE_BYTES, R, D)
             norm = tl.maximum(norm, tl.maximum(tl.max(tl.abs(qw2), axis=0), tl.max(tl.abs(qw3), axis=0)))
     norm = tl.where(norm > 0, norm, 1.0)
+    if HAS_SINKS:  # the query over its row norms, in float32: the sink slots' exact logits
+        q_exact = q_t / norm[None, :]
+        sk_base = sk_ptr + b * s_sk_b + h * s_sk_h
     kj = tl.arange(0, KNB)
     q0 = _query_plane(q_rows, g_mask, norm, 0, KNB, CODE_DTYPE)
     if KP > 1:
@@ -242,6 +249,12 @@ def headq_decode_kernel(
                                s_t, FP32)  # fmt: skip
                     s_t = _dot(_side_plane(cb, cs_row, cz_row, c_dir3, c_ok3, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3,
                                s_t, FP32)  # fmt: skip
+        if HAS_SINKS:  # noqa: SIM102 (a constexpr branch: without sinks its names do not exist)
+            if tile < n_sinks:  # sink slots: exact keys, no side code
+                sink = row_mask & (rows < n_sinks)
+                k_exact = tl.load(sk_base + rows[:, None] * s_sk_t + d[None, :], mask=sink[:, None], other=0.0)
+                exact = tl.dot(k_exact.to(tl.float32), q_exact, input_precision="tf32x3")
+                s_t = tl.where(sink[:, None], exact, s_t)
         p, alpha, m_i, l_i = _softmax_step(
             tl.trans(s_t), rows, row_mask, m_i, l_i, row_scaling, softcap, valid_row, HAS_MASK, SOFTCAP
         )

@@ -70,6 +70,7 @@ def fixed_decode_attention(
             side_codes, side_scale, side_zero,
             value_codes, value_scale, value_zero,
             window_keys, window_values,
+            query,  # sink keys: not read (HAS_SINKS=False)
             valid, lengths,
             m, norm, acc,
             0, 0, per_split, scaling, softcap,
@@ -79,12 +80,13 @@ def fixed_decode_attention(
             *_bht(value_codes), *_bht(value_scale),
             *_bht(window_keys), *_bht(window_values),
             valid.stride(0) if validity is not None else 0,
+            0, 0, 0, 0,  # no sink keys in a fixed-capacity cache
             H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim, R=rank,
             SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)),
             KEY_BITS=key_bits, SIDE_BITS=side_bits, SIDE_PER_TOKEN=side_per_token, VALUE_BITS=value_bits,
             BLOCK_N=block, TILE=min(LAUNCH["tile"], block), HAS_MASK=validity is not None, SOFTCAP=softcap != 0.0,
             OP_DTYPE=getattr(tl, _OPERAND_DTYPES[query.dtype]), ASM=bool(LAUNCH["asm"]) and query.is_cuda,
-            DEVICE_LENGTHS=True, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+            DEVICE_LENGTHS=True, HAS_SINKS=False, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
         )  # fmt: skip
         out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
         splits_pad = max(2, 1 << (n_splits - 1).bit_length())
