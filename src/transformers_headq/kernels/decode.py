@@ -161,9 +161,6 @@ def headq_decode_kernel(
             qw3, c_dir3, c_ok3 = _side_query_plane(w_head, q_t, 3, SIDE_NB, SIDE_BYTES, R, D)
             norm = tl.maximum(norm, tl.maximum(tl.max(tl.abs(qw2), axis=0), tl.max(tl.abs(qw3), axis=0)))
     norm = tl.where(norm > 0, norm, 1.0)
-    if HAS_SINKS:  # the query over its row norms, in float32: the sink slots' exact logits
-        q_exact = q_t / norm[None, :]
-        sk_base = sk_ptr + b * s_sk_b + h * s_sk_h
     kj = tl.arange(0, KNB)
     q0 = _query_plane(q_rows, g_mask, norm, 0, KNB, CODE_DTYPE)
     if KP > 1:
@@ -211,6 +208,8 @@ def headq_decode_kernel(
     for tile in range(start, end, TILE):  # TILE divides BLOCK_N: one scale row of keys per tile
         rows = tile + tl.arange(0, TILE)
         row_mask = rows < end
+        if HAS_SINKS:  # sink slots are read after the loop
+            row_mask = row_mask & (rows >= n_sinks)
         ks_row = ks_base + (tile // BLOCK_N) * s_ks_t
         kz_row = kz_base + (tile // BLOCK_N) * s_ks_t
         kb = tl.load(kc_base + rows[:, None] * s_kc_t + kj[None, :], mask=row_mask[:, None], other=0)
@@ -249,33 +248,33 @@ def headq_decode_kernel(
                                s_t, FP32)  # fmt: skip
                     s_t = _dot(_side_plane(cb, cs_row, cz_row, c_dir3, c_ok3, 3, SIDE_BITS, CODE_DTYPE, FAST), qw3,
                                s_t, FP32)  # fmt: skip
-        if HAS_SINKS:  # noqa: SIM102 (a constexpr branch: without sinks its names do not exist)
-            if tile < n_sinks:  # sink slots: exact keys, no side code
-                sink = row_mask & (rows < n_sinks)
-                k_exact = tl.load(sk_base + rows[:, None] * s_sk_t + d[None, :], mask=sink[:, None], other=0.0)
-                exact = tl.dot(k_exact.to(tl.float32), q_exact, input_precision="tf32x3")
-                s_t = tl.where(sink[:, None], exact, s_t)
         p, alpha, m_i, l_i = _softmax_step(
             tl.trans(s_t), rows, row_mask, m_i, l_i, row_scaling, softcap, valid_row, HAS_MASK, SOFTCAP
         )
-        if VALUE_BITS > 0:  # per-token scale and zero over the whole head, folded into p
-            v_scale = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
-            v_zero = tl.load(vz_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
-            new_norm = tl.maximum(v_norm, tl.max(v_scale, axis=0))
-            rescale = alpha * (v_norm / new_norm)
-            v_norm = new_norm
-            v_bias = v_bias * alpha + tl.sum(p * v_zero[None, :], axis=1)
-            p_op = (p * (v_scale / v_norm)[None, :]).to(CODE_DTYPE)
-            vb = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0)
-            acc0 = _dot(p_op, plane_codes(vb, 0, VALUE_BITS, CODE_DTYPE, FAST), acc0 * rescale[:, None], FP32)
-            if VP > 1:
-                acc1 = _dot(p_op, plane_codes(vb, 1, VALUE_BITS, CODE_DTYPE, FAST), acc1 * rescale[:, None], FP32)
-            if VP > 2:
-                acc2 = _dot(p_op, plane_codes(vb, 2, VALUE_BITS, CODE_DTYPE, FAST), acc2 * rescale[:, None], FP32)
-                acc3 = _dot(p_op, plane_codes(vb, 3, VALUE_BITS, CODE_DTYPE, FAST), acc3 * rescale[:, None], FP32)
-        else:
-            v = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0.0)
-            acc0 = _dot(p.to(OP_DTYPE), v.to(OP_DTYPE), acc0 * alpha[:, None], FP32)
+        acc0, acc1, acc2, acc3, v_bias, v_norm = _read_values(
+            p, alpha, rows, row_mask, acc0, acc1, acc2, acc3, v_bias, v_norm, vc_base, vs_base, vz_base, s_vc_t,
+            s_vs_t, vj, VALUE_BITS, VP, CODE_DTYPE, OP_DTYPE, FP32, FAST,
+        )  # fmt: skip
+
+    if HAS_SINKS:  # noqa: SIM102 (a constexpr branch: without sinks its names do not exist)
+        # The sink slots, masked out of the loop above, with their exact keys (no side code) and stored values.
+        # Here, after the loop, so that nothing of theirs is live in it (registers: the loop has none to spare).
+        if start < n_sinks:  # the query read again (not kept live through the loop), float32 products
+            q_exact = tl.load(q_rows[None, :] + d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
+            sk_base = sk_ptr + b * s_sk_b + h * s_sk_h
+            for tile in range(0, n_sinks, TILE):
+                rows = tile + tl.arange(0, TILE)
+                row_mask = rows < n_sinks
+                k_exact = tl.load(sk_base + rows[:, None] * s_sk_t + d[None, :], mask=row_mask[:, None], other=0.0)
+                s_t = tl.dot(k_exact.to(tl.float32), q_exact, input_precision="tf32x3")
+                p, alpha, m_i, l_i = _softmax_step(
+                    tl.trans(s_t), rows, row_mask, m_i, l_i, tl.full([BLOCK_G], scaling, tl.float32), softcap,
+                    valid_row, HAS_MASK, SOFTCAP,
+                )  # fmt: skip
+                acc0, acc1, acc2, acc3, v_bias, v_norm = _read_values(
+                    p, alpha, rows, row_mask, acc0, acc1, acc2, acc3, v_bias, v_norm, vc_base, vs_base, vz_base,
+                    s_vc_t, s_vs_t, vj, VALUE_BITS, VP, CODE_DTYPE, OP_DTYPE, FP32, FAST,
+                )  # fmt: skip
 
     if VALUE_BITS > 0:  # back to plain sums of p ⊙ value
         v_norm = v_norm / code_unit(FAST)
@@ -314,6 +313,35 @@ def headq_decode_kernel(
     if VP > 2:
         tl.store(acc_rows + 2 * VNB, acc2, mask=g_mask[:, None])
         tl.store(acc_rows + 3 * VNB, acc3, mask=g_mask[:, None])
+
+
+@triton.jit
+def _read_values(p, alpha, rows, row_mask, acc0, acc1, acc2, acc3, v_bias, v_norm, vc_base, vs_base, vz_base, s_vc_t,
+                 s_vs_t, vj, VALUE_BITS: tl.constexpr, VP: tl.constexpr, CODE_DTYPE: tl.constexpr,
+                 OP_DTYPE: tl.constexpr, FP32: tl.constexpr, FAST: tl.constexpr):  # fmt: skip
+    """Fold one tile's values, weighted by ``p [G, N]``, into the accumulators (rescaled by ``alpha``).
+
+    Quantized values: per-token scale and zero over the whole head, folded into ``p`` (see the kernel's
+    docstring); dense values: one product."""
+    if VALUE_BITS > 0:
+        v_scale = tl.load(vs_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
+        v_zero = tl.load(vz_base + rows * s_vs_t, mask=row_mask, other=0.0).to(tl.float32)
+        new_norm = tl.maximum(v_norm, tl.max(v_scale, axis=0))
+        rescale = alpha * (v_norm / new_norm)
+        v_norm = new_norm
+        v_bias = v_bias * alpha + tl.sum(p * v_zero[None, :], axis=1)
+        p_op = (p * (v_scale / v_norm)[None, :]).to(CODE_DTYPE)
+        vb = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0)
+        acc0 = _dot(p_op, plane_codes(vb, 0, VALUE_BITS, CODE_DTYPE, FAST), acc0 * rescale[:, None], FP32)
+        if VP > 1:
+            acc1 = _dot(p_op, plane_codes(vb, 1, VALUE_BITS, CODE_DTYPE, FAST), acc1 * rescale[:, None], FP32)
+        if VP > 2:
+            acc2 = _dot(p_op, plane_codes(vb, 2, VALUE_BITS, CODE_DTYPE, FAST), acc2 * rescale[:, None], FP32)
+            acc3 = _dot(p_op, plane_codes(vb, 3, VALUE_BITS, CODE_DTYPE, FAST), acc3 * rescale[:, None], FP32)
+    else:
+        v = tl.load(vc_base + rows[:, None] * s_vc_t + vj[None, :], mask=row_mask[:, None], other=0.0)
+        acc0 = _dot(p.to(OP_DTYPE), v.to(OP_DTYPE), acc0 * alpha[:, None], FP32)
+    return acc0, acc1, acc2, acc3, v_bias, v_norm
 
 
 @triton.jit
