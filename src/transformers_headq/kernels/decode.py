@@ -23,7 +23,8 @@ per-row norm, multiplied back into the logits' scaling) and ``p ⊙ scale`` (div
 value scale so far) are float16 operands (11 significant bits), accumulated in float32. Keys must lie
 within float16's range (|k| < 65504), as their default float16 scales and zeros already require. For
 float32 models the products run in float32 (``tf32x3``). The full-precision window (fewer than
-``BLOCK_N`` tokens, read by the last split) uses the model's dtype, as sdpa does. Logits are scaled
+``BLOCK_N`` tokens, read by the last split) and the exact sink keys (the first stored slots, read by the
+first split after its loop; ``HAS_SINKS``) use the model's dtype, as sdpa does. Logits are scaled
 and optionally soft-capped as transformers does; padded keys are masked by a validity row. Each split
 writes its running max, normaliser and unnormalised output for the real query rows;
 :func:`headq_merge_kernel` combines them. With ``DEVICE_LENGTHS`` (a fixed-capacity cache, a CUDA
@@ -123,6 +124,7 @@ def headq_decode_kernel(
     TILE: tl.constexpr, HAS_MASK: tl.constexpr, SOFTCAP: tl.constexpr, OP_DTYPE: tl.constexpr,
     ASM: tl.constexpr, DEVICE_LENGTHS: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):  # fmt: skip
+    SINK_TILE: tl.constexpr = 16  # sink slots a step (the fewest rows a product takes)
     FP32: tl.constexpr = OP_DTYPE == tl.float32  # noqa: SIM300 (a constexpr, not a constant)
     CODE_DTYPE: tl.constexpr = tl.float32 if FP32 else tl.float16  # dequantized keys, codes, folded p
     FAST: tl.constexpr = ASM and not FP32
@@ -259,14 +261,14 @@ def headq_decode_kernel(
     if HAS_SINKS:  # noqa: SIM102 (a constexpr branch: without sinks its names do not exist)
         # The sink slots, masked out of the loop above, with their exact keys (no side code) and stored values.
         # Here, after the loop, so that nothing of theirs is live in it (registers: the loop has none to spare).
-        if start < n_sinks:  # the query read again (not kept live through the loop), float32 products
-            q_exact = tl.load(q_rows[None, :] + d[:, None], mask=g_mask[None, :], other=0.0).to(tl.float32)
+        if start < n_sinks:  # in small tiles and the model's dtype, as the window: few registers here too
+            q = tl.load(q_rows[None, :] + d[:, None], mask=g_mask[None, :], other=0.0).to(OP_DTYPE)  # [D, G]
             sk_base = sk_ptr + b * s_sk_b + h * s_sk_h
-            for tile in range(0, n_sinks, TILE):
-                rows = tile + tl.arange(0, TILE)
+            for first in range(0, n_sinks, SINK_TILE):
+                rows = first + tl.arange(0, SINK_TILE)
                 row_mask = rows < n_sinks
                 k_exact = tl.load(sk_base + rows[:, None] * s_sk_t + d[None, :], mask=row_mask[:, None], other=0.0)
-                s_t = tl.dot(k_exact.to(tl.float32), q_exact, input_precision="tf32x3")
+                s_t = _dot(k_exact.to(OP_DTYPE), q, tl.zeros([SINK_TILE, BLOCK_G], tl.float32), FP32)
                 p, alpha, m_i, l_i = _softmax_step(
                     tl.trans(s_t), rows, row_mask, m_i, l_i, tl.full([BLOCK_G], scaling, tl.float32), softcap,
                     valid_row, HAS_MASK, SOFTCAP,
