@@ -204,6 +204,7 @@ def evaluate(
     from .evaluate import (
         EvalSetup,
         fair_budget_summary,
+        front_bits,
         headline,
         markdown_table,
         plot_results,
@@ -240,7 +241,7 @@ def evaluate(
     console.print(f"\n{loaded.name} on {corpus} (evaluation split), {ids.shape[0]} x {seq_len} tokens\n")
     typer.echo(markdown_table(rows))
     typer.echo(BITS_NOTE)
-    for line in [*headline(rows), fair_budget_summary(rows)]:
+    for line in [*headline(rows), fair_budget_summary(rows, *front_bits(seq_len, sink_keys))]:
         typer.echo(line)
     by_position = position_table(rows, seq_len)
     if by_position:

@@ -156,8 +156,16 @@ def budget_rank(config: HeadQConfig, budget: float, head_dim: int, seq_len: int)
     )
 
 
+def front_bits(seq_len: int, sink_keys: int = 0) -> tuple[float, float]:
+    """The key bits of the fair-budget comparison, ``FRONT_BITS`` moved up by what exact sink keys cost a key
+    element over windows of ``seq_len`` tokens (every quantized row pays it), so that sinks move no plain row
+    out of the comparison (plain 3-bit keys with a sink cost 3.5 + 16 / seq_len bits)."""
+    sinks = 8 * torch.empty((), dtype=DEPLOY_DTYPE).element_size() * sink_keys / seq_len
+    return FRONT_BITS[0] + sinks, FRONT_BITS[1] + sinks
+
+
 def budget_methods(methods: list[Method], head_dim: int, seq_len: int, sink_keys: int = 0) -> list[Method]:
-    """One oblique row per plain K-only budget in ``FRONT_BITS``: 2-bit keys on blocks of 64 with a side code
+    """One oblique row per plain K-only budget in :func:`front_bits`: 2-bit keys on blocks of 64 with a side code
     of 3-bit entries of the largest rank that budget pays for, so that at every plain row's budget HeadQ has
     a row of no more bits (the fair-budget comparison), whatever the head dimension."""
     budgets = sorted(
@@ -168,8 +176,9 @@ def budget_methods(methods: list[Method], head_dim: int, seq_len: int, sink_keys
         }
     )
     rows = []
+    low, high = front_bits(seq_len, sink_keys)
     for budget in budgets:
-        if not FRONT_BITS[0] <= budget <= FRONT_BITS[1]:
+        if not low - 1e-9 <= budget <= high + 1e-9:
             continue
         rank = budget_rank(_headq(1, BUDGET_SIDE_BITS, sink_keys=sink_keys), budget, head_dim, seq_len)
         row = Method("k-only", "headq", "channel", _headq(rank, BUDGET_SIDE_BITS, sink_keys=sink_keys), OBLIQUE)
