@@ -44,13 +44,18 @@ def test_sink_slots_read_exact_keys_and_the_rest_read_codes():
         torch.testing.assert_close(layer.effective_keys()[:, :, :SINKS], layer.sink_keys, atol=0, rtol=0)
 
 
-def test_sinks_follow_batch_operations_and_are_dropped_by_reset():
+def _prefilled(batch: int, length: int, seed: int):
+    """A tiny model, a sink-key cache after one forward over random ids, the ids and the exact first-layer keys."""
     model = tiny_model()
     enable_headq_attention(model)
-    ids = torch.randint(1, 97, (3, 10), generator=torch.Generator().manual_seed(1))
-    exact = _exact_keys(model, ids)
+    ids = torch.randint(1, 97, (batch, length), generator=torch.Generator().manual_seed(seed))
     cache = HeadQCache(random_basis(model, 4), CONFIG)
     model(input_ids=ids, past_key_values=cache)
+    return model, cache, ids, _exact_keys(model, ids)
+
+
+def test_sinks_follow_batch_operations_and_are_dropped_by_reset():
+    model, cache, ids, exact = _prefilled(batch=3, length=10, seed=1)
     cache.reorder_cache(torch.tensor([2, 0, 1]))
     cache.batch_select_indices(torch.tensor([0, 2]))
     cache.batch_repeat_interleave(2)
@@ -62,12 +67,7 @@ def test_sinks_follow_batch_operations_and_are_dropped_by_reset():
 
 
 def test_crop_into_the_first_block_and_regrow_keeps_sinks_exact():
-    model = tiny_model()
-    enable_headq_attention(model)
-    ids = torch.randint(1, 97, (1, 14), generator=torch.Generator().manual_seed(2))
-    exact = _exact_keys(model, ids)
-    cache = HeadQCache(random_basis(model, 4), CONFIG)
-    model(input_ids=ids, past_key_values=cache)
+    model, cache, ids, exact = _prefilled(batch=1, length=14, seed=2)
     cache.crop(2)  # block 0 goes back to the window, as attention saw it: exact sinks
     assert cache.layers[0].sink_keys is None and cache.get_seq_length() == 2
     model(input_ids=ids[:, 2:], past_key_values=cache)
