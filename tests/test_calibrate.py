@@ -101,6 +101,27 @@ def test_two_process_calibration_equals_single_process(tmp_path):
     assert two.metadata["calibration_tokens"] == IDS.numel()
 
 
+def test_cli_records_the_cache_settings_a_basis_is_used_with(tmp_path):
+    """`headq calibrate --sink-keys 1 --side-bits 4` writes settings that HeadQCache.from_pretrained then uses."""
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from transformers_headq import HeadQCache
+    from transformers_headq.cli import app
+
+    text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(2000))
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("\n".join(text[i : i + 200] for i in range(0, len(text), 200)))
+    save_tiny_model_folder(tmp_path / "model", text)
+    args = ["calibrate", "--model", str(tmp_path / "model"), "--corpus", str(corpus), "--seq-len", "32"]
+    args += ["--windows", "4", "--sink-keys", "1", "--side-bits", "4", "--output", str(tmp_path / "basis")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    cache = HeadQCache.from_pretrained(str(tmp_path / "basis"), model=model)
+    assert (cache.config.sink_keys, cache.config.side_bits) == (1, 4)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_through_the_cli_equal_one(tmp_path):
     """`headq calibrate` under torchrun (2 CPU processes, gloo) writes the single-process basis."""

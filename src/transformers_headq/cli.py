@@ -132,6 +132,7 @@ def calibrate(
     use_rank: Annotated[int, typer.Option(help="side-code rank a cache uses by default (0: head dim / 4)")] = 0,
     side_bits: Annotated[int, typer.Option(help="side-code bits a cache uses by default")] = 3,
     side_scale: Annotated[str, typer.Option(help="side-code scales by default: 'block' or 'token'")] = "block",
+    sink_keys: Annotated[int, typer.Option(help="first keys a cache holds exact by default (attention sinks)")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, ... (under accelerate launch: each process' own)")] = "cpu",
     dtype: Annotated[str, typer.Option(help="model weights: float32, bfloat16 or float16")] = "float32",
     push_to_hub: Annotated[str | None, typer.Option(help="also push the basis to this Hub repo")] = None,
@@ -157,7 +158,12 @@ def calibrate(
     metadata = {"model_id": loaded.name, "corpus": corpus, "sequence_length": seq_len, "processes": world}
     share = ids if tensor_parallel else ids[rank_id::world]  # tensor-parallel ranks run one model together
     head_dim = model_fingerprint(loaded.model.config)["head_dim"]
-    settings = HeadQConfig(rank=use_rank or head_dim // 4, side_bits=side_bits, side_scale=side_scale)  # type: ignore[arg-type]
+    settings = HeadQConfig(
+        rank=use_rank or head_dim // 4,
+        side_bits=side_bits,
+        side_scale=side_scale,
+        sink_keys=sink_keys,  # type: ignore[arg-type]
+    )
     bases = run_calibration(
         loaded.model, batches(share, batch_size), rank or None, metadata, progress=rank_id == 0,
         key_quantizer=settings.key_quantizer(head_dim),  # the oblique code is tuned to this key quantizer
