@@ -161,8 +161,8 @@ def calibrate(
     settings = HeadQConfig(
         rank=use_rank or head_dim // 4,
         side_bits=side_bits,
-        side_scale=side_scale,
-        sink_keys=sink_keys,  # type: ignore[arg-type]
+        side_scale=side_scale,  # type: ignore[arg-type]
+        sink_keys=sink_keys,
     )
     bases = run_calibration(
         loaded.model, batches(share, batch_size), rank or None, metadata, progress=rank_id == 0,
