@@ -101,6 +101,15 @@ def test_two_process_calibration_equals_single_process(tmp_path):
     assert two.metadata["calibration_tokens"] == IDS.numel()
 
 
+def _calibrate_args(folder, words: int) -> list[str]:
+    """`headq calibrate` arguments over a tiny model and a text file of ``words`` word pairs written in ``folder``."""
+    text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(words))
+    corpus = folder / "text.txt"
+    corpus.write_text("\n".join(text[i : i + 200] for i in range(0, len(text), 200)))
+    save_tiny_model_folder(folder / "model", text)
+    return ["calibrate", "--model", str(folder / "model"), "--corpus", str(corpus), "--seq-len", "32"]
+
+
 def test_cli_records_the_cache_settings_a_basis_is_used_with(tmp_path):
     """`headq calibrate --sink-keys 1 --side-bits 4` writes settings that HeadQCache.from_pretrained then uses."""
     from transformers import AutoModelForCausalLM
@@ -109,11 +118,7 @@ def test_cli_records_the_cache_settings_a_basis_is_used_with(tmp_path):
     from transformers_headq import HeadQCache
     from transformers_headq.cli import app
 
-    text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(2000))
-    corpus = tmp_path / "text.txt"
-    corpus.write_text("\n".join(text[i : i + 200] for i in range(0, len(text), 200)))
-    save_tiny_model_folder(tmp_path / "model", text)
-    args = ["calibrate", "--model", str(tmp_path / "model"), "--corpus", str(corpus), "--seq-len", "32"]
+    args = _calibrate_args(tmp_path, words=2000)
     args += ["--windows", "4", "--sink-keys", "1", "--side-bits", "4", "--output", str(tmp_path / "basis")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -128,11 +133,7 @@ def test_torchrun_two_processes_through_the_cli_equal_one(tmp_path):
     import subprocess
     import sys
 
-    text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(4000))
-    corpus = tmp_path / "text.txt"
-    corpus.write_text("\n".join(text[i : i + 200] for i in range(0, len(text), 200)))
-    save_tiny_model_folder(tmp_path / "model", text)
-    args = ["calibrate", "--model", str(tmp_path / "model"), "--corpus", str(corpus), "--seq-len", "32"]
+    args = _calibrate_args(tmp_path, words=4000)
     args += ["--windows", "8", "--batch-size", "2", "--rank", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cli = [sys.executable, "-m", "transformers_headq.cli"]

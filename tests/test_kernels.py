@@ -105,7 +105,8 @@ def test_fused_decode_matches_reference(monkeypatch, name, padded, softcap, spli
 
 
 def test_fused_decode_sink_keys_spanning_tiles(monkeypatch):
-    """Sink keys over more than one tile of the kernel's loop, in the first split only (the others have none)."""
+    """20 sink keys: two of the kernel's 16-row sink tiles, and with loop tiles of 16 one tile wholly of sinks and
+    one that mixes sinks (masked out of the loop) with coded slots; in the first split only (the others have none)."""
     from transformers_headq import kernels
     from transformers_headq.fused_decode import fused_decode_attention
 

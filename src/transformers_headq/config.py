@@ -44,7 +44,7 @@ class HeadQConfig:
         sink_keys: the first ``sink_keys`` keys of each sequence are also held in the model dtype, and
             attention reads them exact (no side code): the attention sink that most heads put their
             mass on. Its 2-bit error moves every query's softmax normaliser, the more so the longer the
-            context (results/eval-sinks.md). Must lie in the first block.
+            context (README, "Attention-sink keys"). Must lie in the first block.
         track_attention: accumulate ``Σ p²`` per cached token for every token (a diagnostic).
         chunk_size: cached tokens processed at once by the reference attention path.
     """

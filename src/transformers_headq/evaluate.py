@@ -159,8 +159,11 @@ def budget_rank(config: HeadQConfig, budget: float, head_dim: int, seq_len: int)
 def front_bits(seq_len: int, sink_keys: int = 0) -> tuple[float, float]:
     """The key bits of the fair-budget comparison, ``FRONT_BITS`` moved up by what exact sink keys cost a key
     element over windows of ``seq_len`` tokens (every quantized row pays it), so that sinks move no plain row
-    out of the comparison (plain 3-bit keys with a sink cost 3.5 + 16 / seq_len bits)."""
-    sinks = 8 * torch.empty((), dtype=DEPLOY_DTYPE).element_size() * sink_keys / seq_len
+    out of the comparison (plain 3-bit keys with a sink cost 3.5 + 16 / seq_len bits). The cost is the budget's
+    own accounting (:func:`bits_per_element`) with and without the sinks, so the two cannot disagree."""
+    plain = HeadQConfig(rank=0)  # blocks of 64, the grid's smallest in quick and long
+    cost = [bits_per_element(plain.replace(sink_keys=n), 1, 0, seq_len, DEPLOY_DTYPE).key for n in (0, sink_keys)]
+    sinks = cost[1] - cost[0]
     return FRONT_BITS[0] + sinks, FRONT_BITS[1] + sinks
 
 
