@@ -38,7 +38,8 @@ from transformers_headq.speed import sdpa_backend
 
 Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
 DATASHEET_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}  # bytes/s, SXM datasheets; else the measured copy
-HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=4, side_scale="block")
+# The library's defaults made explicit (one exact sink key); `headq-nosink` rows drop the sink.
+HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=4, side_scale="block", sink_keys=1)
 
 
 class _Module(torch.nn.Module):
@@ -157,8 +158,8 @@ def attention_row(cache: str, batch: int, context: int, peak: float) -> dict[str
         with sdpa_backend(cache.endswith("-flash")):
             ms = bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         bytes_per_token, read = dense_bytes_per_token, 2 * k.numel() * 2
-    elif cache in ("headq", "headq-sink1"):  # headq-sink1: the first key exact (HeadQConfig.sink_keys)
-        config = HEADQ.replace(sink_keys=1) if cache == "headq-sink1" else HEADQ
+    elif cache in ("headq", "headq-nosink"):  # headq-nosink: no exact sink key (HeadQConfig.sink_keys=0)
+        config = HEADQ.replace(sink_keys=0) if cache == "headq-nosink" else HEADQ
         layer = HeadQCache(random_basis(HEADQ.rank or 0), config).layers[0]
         fill_headq_layer(layer, batch, context)
         ms = bench(lambda: fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None))

@@ -76,13 +76,14 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="CACHE@CONTEXTxBATCH rows, ',' separated")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--check-tokens", type=int, default=0)
+    parser.add_argument("--sink-keys", type=int, default=HEADQ.sink_keys, help="HeadQ rows' exact first keys")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
 
     model = llama_3_8b_model()
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     basis = random_basis(HEADQ.rank or 0)
-    factory = HeadQCacheFactory(basis, HEADQ, model.config)
+    factory = HeadQCacheFactory(basis, HEADQ.replace(sink_keys=args.sink_keys), model.config)
     gpu = torch.cuda.get_device_name()
     versions = {"torch": torch.__version__, "python": platform.python_version()}
     import transformers
@@ -108,6 +109,8 @@ def main() -> None:
             block_size=HEADQ.block_size, on_skip=skipped.__setitem__,
         )  # fmt: skip
         row: dict[str, Any] = {"cache": NAMES.get(cache, cache), "context": context, "batch": batch, "gpu": gpu}
+        if cache.startswith("headq"):
+            row["sink_keys"] = args.sink_keys
         if not speeds:
             row["skipped"] = "; ".join(skipped.values())
         else:

@@ -69,6 +69,8 @@ def test_memory_and_bits_match_held_bytes(config, length):
 
 def test_two_bit_keys_cost_what_the_layout_says():
     """2-bit codes at head dim 128, fp16 scale+zero per channel per 64-token block, 4-bit side code of
-    rank 8 with one fp16 scale+zero per token: 2 + 2*16/64 + (8*4 + 32)/128 = 3.0 bits."""
+    rank 8 with one fp16 scale+zero per token: 2 + 2*16/64 + (8*4 + 32)/128 = 3.0 bits; the default exact sink
+    key adds 16 bits of a key element over the 640 tokens: 0.025."""
     cfg = HeadQConfig(key_bits=2, key_grouping="channel", block_size=64, side_bits=4, side_scale="token")
-    assert bits_per_element(cfg, head_dim=128, rank=8, seq_len=640).key == pytest.approx(3.0)
+    assert bits_per_element(cfg, head_dim=128, rank=8, seq_len=640).key == pytest.approx(3.025)
+    assert bits_per_element(cfg.replace(sink_keys=0), head_dim=128, rank=8, seq_len=640).key == pytest.approx(3.0)

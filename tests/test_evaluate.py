@@ -92,7 +92,7 @@ def _setup() -> EvalSetup:
 
 def test_rows_state_bits_and_controls_run():
     setup = _setup()
-    config = HeadQConfig(rank=4, side_bits=4, side_scale="block", block_size=8)
+    config = HeadQConfig(rank=4, side_bits=4, side_scale="block", block_size=8, sink_keys=0)
     methods = [
         Method("k-only", "full-precision"),
         Method("k-only", "plain", "channel", config.replace(rank=0)),
@@ -100,12 +100,14 @@ def test_rows_state_bits_and_controls_run():
         Method("k-only", "wrong-sign", "channel", config, "wrong-sign"),
         Method("k-only", "random", "channel", config, "random"),
         Method("k-only", "key-pca", "channel", config, "key-pca"),
+        Method("k-only", "plain", "channel", config.replace(rank=0, sink_keys=1)),
     ]
     rows = [evaluate_method(setup, m) for m in methods]
     assert rows[0].key_bits == rows[0].value_bits == 16.0
     # 2 bits + fp16 scale and zero per channel per 8 tokens = 6 bits; the side code adds 4*4/16 + 2*16*4/(8*16).
     assert rows[1].key_bits == pytest.approx(6.0)
     assert rows[2].key_bits == pytest.approx(6.0 + 1.0 + 1.0)
+    assert rows[-1].key_bits == pytest.approx(6.0 + 16 / 40)  # one exact key, in the deployment dtype, per 40 tokens
     assert {r.value_bits for r in rows[1:]} == {16.0}
     assert len({r.ppl for r in rows}) == len(rows)
     assert all(r.tokens == 2 * 39 for r in rows)

@@ -274,7 +274,7 @@ def test_copied_cache_decodes_like_the_original():
 
 
 @pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("name", sorted(n for n, (config, _) in CASES.items() if not config.sink_keys))  # refused
+@pytest.mark.parametrize("name", sorted(CASES))
 def test_fixed_capacity_kernel_matches_its_torch_path(monkeypatch, name, padded):
     """The custom op over a fixed-capacity cache (splits over the capacity, lengths read from the
     device, empty splits past them) computes what the fixed layer's torch path computes."""
@@ -307,4 +307,30 @@ def test_fixed_capacity_kernel_matches_its_torch_path(monkeypatch, name, padded)
     monkeypatch.setenv("HEADQ_KERNELS", "0")
     reference = static_decode_attention(states_out, query, mask, 0.25, 5.0)
     assert fused.shape == reference.shape == (3, 1, 4, head_dim)
+    torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)
+
+
+def test_fixed_capacity_kernel_reads_sink_rows_only_once_block_0_is_stored(monkeypatch):
+    """After a reset the sink rows still hold the old sequence's keys and no block is quantized: the kernel
+    must take its sink count from the device (as the torch path masks by it), not from the rows it finds."""
+    from transformers_headq import kernels
+    from transformers_headq.static_attention import static_decode_attention
+
+    config, head_dim = CASES["k2-r4s4-block-v2-sinks"]
+    cache = HeadQCache(basis_from_tensors_for(config.rank, 3, head_dim), config, num_layers=1, max_cache_len=64)
+    gen = torch.Generator().manual_seed(5)
+    states = torch.randn(2, 3, 2, 40, head_dim, generator=gen).to(DEVICE)
+    cache.update(states[0, :, :, :40], states[1, :, :, :40], 0)
+    layer = cache.layers[0]
+    assert layer.sink_keys is not None
+    cache.reset()
+    cache.update(states[0, :, :, :5], states[1, :, :, :5], 0)  # the window only: no quantized block
+    states_out, _ = cache.update(states[0, :, :, 5:6], states[1, :, :, 5:6], 0)
+    assert layer.quantized_length == 0 and layer.sink_keys is None
+    assert layer._sink_rows.abs().sum() > 0  # stale rows that a wrong kernel would read
+    assert kernels.kernels_enabled(DEVICE) and kernel_covers(layer)  # the op, not the torch path
+    query = torch.randn(3, 4, 1, head_dim, generator=gen).to(DEVICE)
+    fused = static_decode_attention(states_out, query, None, 0.25, None)
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference = static_decode_attention(states_out, query, None, 0.25, None)
     torch.testing.assert_close(fused, reference, rtol=FLOAT32_TOLERANCE, atol=FLOAT32_TOLERANCE)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from transformers_headq import HeadQCache, HeadQConfig, enable_headq_attention
-from transformers_headq.errors import CacheInputError
 
 from .helpers import random_basis, tiny_model
 
@@ -79,8 +78,35 @@ def test_crop_into_the_first_block_and_regrow_keeps_sinks_exact():
 def test_sink_settings_are_checked():
     with pytest.raises(ValueError, match="sink_keys must be between 0 and block_size"):
         HeadQConfig(block_size=4, sink_keys=5)
-    with pytest.raises(ValueError, match="sink_keys needs quantized keys"):
-        HeadQConfig(key_bits=None, sink_keys=1)
-    model = tiny_model()
-    with pytest.raises(CacheInputError, match="sink_keys"):
-        HeadQCache(random_basis(model, 4), CONFIG, max_cache_len=16, model_config=model.config)
+    assert HeadQConfig().sink_keys == 1  # the default
+    assert HeadQConfig(key_bits=None, sink_keys=4).sink_keys == 0  # dense keys are exact: nothing held twice
+
+
+@pytest.mark.parametrize("prefill", [2, 9])  # block 0 committed by a decode step, or stored by the prefill
+def test_fixed_capacity_cache_holds_the_same_sink_keys(prefill):
+    """The fixed-capacity layer copies block 0's first keys into its sink rows on the device (a predicated
+    write in the decode step) or in the prefill, reads them exact, and drops them with block 0 on a crop.
+    One layer, so that both caches get the same states (see test_static's logits test)."""
+    model = tiny_model(layers=1)
+    enable_headq_attention(model)
+    ids = torch.randint(1, 97, (2, 14), generator=torch.Generator().manual_seed(3))
+    basis = random_basis(model, 4)
+    caches = [HeadQCache(basis, CONFIG), HeadQCache(basis, CONFIG, max_cache_len=32, model_config=model.config)]
+    logits = []
+    with torch.no_grad():
+        for cache in caches:
+            steps = [model(input_ids=ids[:, :prefill], past_key_values=cache).logits[:, -1:]]
+            for t in range(prefill, ids.shape[1]):
+                position = torch.full((2, 1), t)
+                steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=position).logits)
+            logits.append(torch.cat(steps, dim=1))
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
+    growing, fixed = caches[0].layers[0], caches[1].layers[0]
+    assert fixed.sink_keys is not None and growing.sink_keys is not None
+    # The growing cache's sinks are the states it was given (test above); a decode step computes them in
+    # another batch shape than one forward over all the ids would, so they are compared with those.
+    torch.testing.assert_close(fixed.sink_keys, growing.sink_keys, atol=0, rtol=0)
+    torch.testing.assert_close(fixed.effective_keys()[:, :, :SINKS], growing.sink_keys, atol=0, rtol=0)
+    assert not torch.equal(fixed.sink_keys, torch.zeros_like(fixed.sink_keys))
+    caches[1].crop(2)  # block 0 back in the window: its sink rows are no longer read
+    assert fixed.sink_keys is None and caches[1].get_seq_length() == 2

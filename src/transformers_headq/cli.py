@@ -132,7 +132,9 @@ def calibrate(
     use_rank: Annotated[int, typer.Option(help="side-code rank a cache uses by default (0: head dim / 4)")] = 0,
     side_bits: Annotated[int, typer.Option(help="side-code bits a cache uses by default")] = 3,
     side_scale: Annotated[str, typer.Option(help="side-code scales by default: 'block' or 'token'")] = "block",
-    sink_keys: Annotated[int, typer.Option(help="first keys a cache holds exact by default (attention sinks)")] = 0,
+    sink_keys: Annotated[
+        int, typer.Option(help="first keys a cache holds exact by default (attention sinks)")
+    ] = HeadQConfig.sink_keys,
     device: Annotated[str, typer.Option(help="cpu, cuda, ... (under accelerate launch: each process' own)")] = "cpu",
     dtype: Annotated[str, typer.Option(help="model weights: float32, bfloat16 or float16")] = "float32",
     push_to_hub: Annotated[str | None, typer.Option(help="also push the basis to this Hub repo")] = None,
@@ -199,8 +201,8 @@ def evaluate(
     ] = "quick",
     batch_size: Annotated[int, typer.Option(help="windows per forward")] = 4,
     sink_keys: Annotated[
-        int, typer.Option(help="every quantized row (plain and HeadQ) also keeps its first N keys exact, paid for")
-    ] = 0,
+        int, typer.Option(help="every quantized row (plain and HeadQ) keeps its first N keys exact, paid for")
+    ] = HeadQConfig.sink_keys,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     plot: Annotated[Path, typer.Option(help="PNG of PPL against bits per element")] = Path("headq-eval.png"),
     markdown: Annotated[Path | None, typer.Option(help="write the markdown table here too")] = None,

@@ -44,7 +44,9 @@ class HeadQConfig:
         sink_keys: the first ``sink_keys`` keys of each sequence are also held in the model dtype, and
             attention reads them exact (no side code): the attention sink that most heads put their
             mass on. Its 2-bit error moves every query's softmax normaliser, the more so the longer the
-            context (README, "Attention-sink keys"). Must lie in the first block.
+            context (README, "Attention-sink keys"). Must lie in the first block. One by default: on the
+            default model one exact key is as good as four, and costs ``16 / T`` bits per key element over
+            ``T`` tokens. With dense keys (``key_bits=None``) it is 0: those keys are exact already.
         track_attention: accumulate ``Σ p²`` per cached token for every token (a diagnostic).
         chunk_size: cached tokens processed at once by the reference attention path.
     """
@@ -61,7 +63,7 @@ class HeadQConfig:
     meta_dtype: str = "float16"
     value_keep: int = 0
     value_policy: ValuePolicy = "a2"
-    sink_keys: int = 0
+    sink_keys: int = 1
     track_attention: bool = False
     chunk_size: int = 4096
 
@@ -90,8 +92,8 @@ class HeadQConfig:
             raise ValueError("value_keep needs quantized values (value_bits); dense values are already exact")
         if not 0 <= self.sink_keys <= self.block_size:
             raise ValueError(f"sink_keys must be between 0 and block_size={self.block_size}, got {self.sink_keys}")
-        if self.sink_keys and self.key_bits is None:
-            raise ValueError("sink_keys needs quantized keys (key_bits); dense keys are already exact")
+        if self.key_bits is None:  # dense keys are exact: no copy of the first ones (nor its bytes)
+            object.__setattr__(self, "sink_keys", 0)
         if self.rank is not None and self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
 

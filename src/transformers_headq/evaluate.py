@@ -37,6 +37,8 @@ POSITION_BUCKETS = 8
 # side-code width of the rows that fill each plain row's budget.
 FRONT_BITS = (2.5, 3.5)
 BUDGET_SIDE_BITS = 3
+# Exact first keys of every quantized row unless told otherwise: the cache's default (HeadQConfig.sink_keys).
+DEFAULT_SINK_KEYS = HeadQConfig().sink_keys
 # The full-KV budget (bits per key and per value element) and block of full_kv_budget_method.
 FULL_KV_BITS = 3.1
 FULL_KV_BLOCK = 128
@@ -131,9 +133,10 @@ def _headq(rank: int, side_bits: int, block: int = 64, **changes: Any) -> HeadQC
 
 
 def with_sink_keys(method: Method, sink_keys: int) -> Method:
-    """``method`` holding its first ``sink_keys`` keys exact, where it quantizes keys (otherwise as it is)."""
+    """``method`` holding its first ``sink_keys`` keys exact (0: none), where it quantizes keys (otherwise as
+    it is)."""
     config = method.config
-    if not sink_keys or config is None or config.key_bits is None:
+    if config is None or config.key_bits is None:
         return method
     return dataclasses.replace(method, config=config.replace(sink_keys=sink_keys))
 
@@ -156,18 +159,20 @@ def budget_rank(config: HeadQConfig, budget: float, head_dim: int, seq_len: int)
     )
 
 
-def front_bits(seq_len: int, sink_keys: int = 0) -> tuple[float, float]:
+def front_bits(seq_len: int, sink_keys: int = DEFAULT_SINK_KEYS) -> tuple[float, float]:
     """The key bits of the fair-budget comparison, ``FRONT_BITS`` moved up by what exact sink keys cost a key
     element over windows of ``seq_len`` tokens (every quantized row pays it), so that sinks move no plain row
     out of the comparison (plain 3-bit keys with a sink cost 3.5 + 16 / seq_len bits). The cost is the budget's
     own accounting (:func:`bits_per_element`) with and without the sinks, so the two cannot disagree."""
-    plain = HeadQConfig(rank=0)  # blocks of 64, the grid's smallest in quick and long
+    plain = HeadQConfig(rank=0, sink_keys=0)  # blocks of 64, the grid's smallest in quick and long
     cost = [bits_per_element(plain.replace(sink_keys=n), 1, 0, seq_len, DEPLOY_DTYPE).key for n in (0, sink_keys)]
     sinks = cost[1] - cost[0]
     return FRONT_BITS[0] + sinks, FRONT_BITS[1] + sinks
 
 
-def budget_methods(methods: list[Method], head_dim: int, seq_len: int, sink_keys: int = 0) -> list[Method]:
+def budget_methods(
+    methods: list[Method], head_dim: int, seq_len: int, sink_keys: int = DEFAULT_SINK_KEYS
+) -> list[Method]:
     """One oblique row per plain K-only budget in :func:`front_bits`: 2-bit keys on blocks of 64 with a side code
     of 3-bit entries of the largest rank that budget pays for, so that at every plain row's budget HeadQ has
     a row of no more bits (the fair-budget comparison), whatever the head dimension."""
@@ -190,7 +195,9 @@ def budget_methods(methods: list[Method], head_dim: int, seq_len: int, sink_keys
     return rows
 
 
-def full_kv_budget_method(head_dim: int, seq_len: int, budget: float = FULL_KV_BITS, sink_keys: int = 0) -> Method:
+def full_kv_budget_method(
+    head_dim: int, seq_len: int, budget: float = FULL_KV_BITS, sink_keys: int = DEFAULT_SINK_KEYS
+) -> Method:
     """Full-KV HeadQ at no more than ``budget`` bits per key and per value element: 2-bit keys and values on
     blocks of ``FULL_KV_BLOCK`` tokens, the oblique side code (3-bit entries) of the largest rank the key
     budget pays for, and the A² policy keeping as many values per block as the value budget pays for.
@@ -209,7 +216,7 @@ def full_kv_budget_method(head_dim: int, seq_len: int, budget: float = FULL_KV_B
 
 
 def standard_methods(
-    profile: Profile = "quick", head_dim: int = 64, seq_len: int = 512, sink_keys: int = 0
+    profile: Profile = "quick", head_dim: int = 64, seq_len: int = 512, sink_keys: int = DEFAULT_SINK_KEYS
 ) -> list[Method]:
     """The rows ``headq eval`` runs: ``quick`` is the README's main job, ``full`` adds every rank,
     side-code width and block, ``core`` is the handful a transfer check needs, ``long`` is the set

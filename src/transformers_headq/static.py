@@ -13,8 +13,9 @@ static addresses). Its lengths live on the device:
 
 A decode step (one new token) writes the token into the window at ``fill``, quantizes the window
 every step, and commits it as the next block only where the window is full: a predicated write,
-so there is no host branch, no ``.item()`` and no allocation that depends on data. Attention then
-reads the whole capacity and masks what is not yet written (:mod:`.static_attention`).
+so there is no host branch, no ``.item()`` and no allocation that depends on data (block 0's first
+``sink_keys`` keys go to their exact rows the same way). Attention then reads the whole capacity and
+masks what is not yet written (:mod:`.static_attention`).
 
 A prefill (several tokens) runs eagerly through the same stores and the reference attention,
 exactly as the growing :class:`~transformers_headq.layer.HeadQLayer` does, so both store the same
@@ -46,10 +47,10 @@ def _compiling() -> bool:
 
 def check_fixed_capacity_config(config: HeadQConfig) -> None:
     """Refuse settings a fixed-capacity cache cannot hold, saying what to do instead."""
-    if config.value_keep or config.track_attention or config.sink_keys:
+    if config.value_keep or config.track_attention:
         raise CacheInputError(
-            "max_cache_len (fixed capacity) does not support value_keep (A² kept values), sink_keys or "
-            "track_attention: set them to 0, or make the cache without max_cache_len"
+            "max_cache_len (fixed capacity) does not support value_keep (A² kept values) or track_attention: "
+            "set them to 0, or make the cache without max_cache_len"
         )
 
 
@@ -70,6 +71,7 @@ class FixedPlan:
     key_dim: int
     value_dim: int
     rank: int
+    sink_keys: int
     key_spec: tuple[int, ...]
     side_spec: tuple[int, ...]
     value_spec: tuple[int, ...]
@@ -82,8 +84,10 @@ class StaticHeadQLayer(HeadQLayer):
     """One attention layer's HeadQ storage with a fixed capacity (see the module docstring).
 
     Three tensors hold it: ``arena`` (the stores over the whole capacity and the basis, one
-    allocation), ``window`` (``[B, H, block, D_k + D_v]``: a block of exact keys and values) and
-    ``state`` (``[3]`` int64: quantized tokens, window tokens, overflow flag)."""
+    allocation), ``window`` (``[B, H, block + S, D_k + D_v]``: a block of exact keys and values, then
+    the ``S = sink_keys`` exact sink keys in the key half of their rows, the value half unused) and
+    ``state`` (``[3]`` int64: quantized tokens, window tokens, overflow flag). Sink rows are read only
+    once block 0 is quantized (its device count says so), so they need no flag of their own."""
 
     is_compileable = True
 
@@ -108,11 +112,13 @@ class StaticHeadQLayer(HeadQLayer):
             self.side_store = self._fixed_store(cfg.side_quantizer(self.rank), self.rank, key_template)
         self.value_store = self._fixed_store(cfg.value_quantizer(head_dim), value_states.shape[-1], value_template)
         layout = self._place_in_arena()
-        self.window = key_states.new_zeros(batch, heads, cfg.block_size, head_dim + value_states.shape[-1])
+        rows = cfg.block_size + cfg.sink_keys
+        self.window = key_states.new_zeros(batch, heads, rows, head_dim + value_states.shape[-1])
         self.state = torch.zeros(3, dtype=torch.long, device=self.device)
         key_q, side_q, value_q = self._quantizers()
         self.plan = FixedPlan(
-            cfg.block_size, self.capacity, head_dim, value_states.shape[-1], self.rank, tuple(quantizer_spec(key_q)),
+            cfg.block_size, self.capacity, head_dim, value_states.shape[-1], self.rank, cfg.sink_keys,
+            tuple(quantizer_spec(key_q)),
             tuple(quantizer_spec(side_q)), tuple(quantizer_spec(value_q)), cfg.meta_torch_dtype, layout,
             decode_supports((key_q, side_q, value_q), self.rank, cfg.block_size, head_dim),
         )  # fmt: skip
@@ -166,11 +172,30 @@ class StaticHeadQLayer(HeadQLayer):
 
     @property
     def _window_k(self) -> torch.Tensor:
-        return self.window[..., : self.plan.key_dim]
+        return self.window[:, :, : self.plan.block_size, : self.plan.key_dim]
 
     @property
     def _window_v(self) -> torch.Tensor:
-        return self.window[..., self.plan.key_dim :]
+        return self.window[:, :, : self.plan.block_size, self.plan.key_dim :]
+
+    @property
+    def _sink_rows(self) -> torch.Tensor:
+        """``[B, H, S, D]`` exact keys of the first ``S`` slots (valid once block 0 is quantized)."""
+        return self.window[:, :, self.plan.block_size :, : self.plan.key_dim]
+
+    @property
+    def sink_keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        """The exact sink keys while block 0 is quantized, else ``None`` (eager only: reads the device count)."""
+        if not (self.is_initialized and self.config.sink_keys and self._lengths()[0]):
+            return None
+        return self._sink_rows
+
+    @sink_keys.setter
+    def sink_keys(self, value: torch.Tensor | None) -> None:
+        """Block 0's flush copies its first keys into the sink rows; ``None`` (block 0 gone) needs no write:
+        the quantized count says whether the rows are read."""
+        if value is not None:
+            self._sink_rows.copy_(value)
 
     # ---------------------------------------------------- host-side lengths
     # Eager code (prefill, crop, reporting) reads the device lengths; a compiled step never does.
@@ -235,6 +260,10 @@ class StaticHeadQLayer(HeadQLayer):
         full = filled == block
         commit = full & (quantized < plan.capacity)
         target = (quantized // block).clamp(max=plan.capacity // block - 1)
+        if plan.sink_keys:  # block 0's first keys, exact, where it is being committed
+            sinks = self._sink_rows
+            first_block = commit & (quantized == 0)
+            sinks.copy_(torch.where(first_block, self._window_k[:, :, : plan.sink_keys], sinks))
         commit_block(
             self._window_k, self._window_v, self.arena, plan.layout,
             list(plan.key_spec), list(plan.side_spec), list(plan.value_spec), plan.rank, plan.meta_dtype,

@@ -1,10 +1,11 @@
 """Decode attention over a fixed-capacity HeadQ layer with no host-side lengths (compileable).
 
 Logits of quantized slot ``j`` are ``(q·k̂_j + (qW)·ĉ_j) · scaling`` and of window slot ``w`` the exact
-``q·k_w · scaling``, as in the reference path. Every slot of the capacity is scored; slots past the
-device-side ``quantized`` count and window slots past ``fill`` are masked out, so the graph has one
-shape for every step. Slot ``j`` of the quantized part is position ``j``; window slot ``w`` is
-position ``quantized + w`` (the mask transformers builds for a static layer spans the capacity).
+``q·k_w · scaling``, as in the reference path; the first ``sink_keys`` slots read their exact keys.
+Every slot of the capacity is scored; slots past the device-side ``quantized`` count and window slots
+past ``fill`` are masked out, so the graph has one shape for every step. Slot ``j`` of the quantized part
+is position ``j``; window slot ``w`` is position ``quantized + w`` (the mask transformers builds for a
+static layer spans the capacity).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def static_decode_attention(
     if side is not None:
         assert decoder is not None
         logits = logits + torch.einsum("bhgd,hdr->bhgr", qg, decoder) @ side.transpose(-1, -2)
+    if plan.sink_keys:  # exact keys, no side code (masked with the quantized slots until block 0 is)
+        sink_logits = qg @ layer._sink_rows.float().transpose(-1, -2)
+        logits = torch.cat([sink_logits, logits[..., plan.sink_keys :]], dim=-1)
     scores = torch.cat([logits, qg @ layer._window_k.float().transpose(-1, -2)], dim=-1) * scaling
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
@@ -112,5 +116,5 @@ def _fused(
     value_bits = plan.value_spec[0] if plan.value_spec else 0
     return fixed_decode_attention(
         query, layer.arena, plan.layout, layer.window, validity, layer.lengths,
-        scaling, softcap or 0.0, key_bits, side_bits, side_per_token, value_bits, plan.rank,
+        scaling, softcap or 0.0, key_bits, side_bits, side_per_token, value_bits, plan.rank, plan.sink_keys,
     )  # fmt: skip

@@ -266,7 +266,7 @@ def headq_decode_kernel(
             sk_base = sk_ptr + b * s_sk_b + h * s_sk_h
             for first in range(0, n_sinks, SINK_TILE):
                 rows = first + tl.arange(0, SINK_TILE)
-                row_mask = rows < n_sinks
+                row_mask = (rows < n_sinks) & (rows < n_tokens)  # a fixed-capacity cache: once block 0 is stored
                 k_exact = tl.load(sk_base + rows[:, None] * s_sk_t + d[None, :], mask=row_mask[:, None], other=0.0)
                 s_t = _dot(k_exact.to(OP_DTYPE), q, tl.zeros([SINK_TILE, BLOCK_G], tl.float32), FP32)
                 p, alpha, m_i, l_i = _softmax_step(

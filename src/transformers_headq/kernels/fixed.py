@@ -33,13 +33,15 @@ def fixed_decode_attention(
     side_per_token: bool,
     value_bits: int,
     rank: int,
+    sink_keys: int,
 ) -> torch.Tensor:
     """Attention output ``[B, 1, Hq, D]`` in the query's dtype (see the module docstring).
 
     ``arena`` holds, as ``layout`` cuts it (:mod:`..arena`), the key codes, scales and zeros, then the
     side code's if ``rank``, then the values' (``value_bits=0``: dense values, one tensor), then the
-    encoder and decoder if ``rank``. ``window``: ``[B, H, block, D + D_v]``, keys then values.
-    ``rank=0``: no side code; ``softcap=0``: none.
+    encoder and decoder if ``rank``. ``window``: ``[B, H, block + sink_keys, D + D_v]``, keys then values,
+    the last ``sink_keys`` rows holding the exact keys of the first stored slots (read once a block is
+    quantized: the kernel checks the device count). ``rank=0``: no side code; ``softcap=0``: none.
     """
     import triton
     import triton.language as tl
@@ -51,10 +53,12 @@ def fixed_decode_attention(
     side_codes, side_scale, side_zero = stored.side or stored.keys  # not read without a side code
     value_codes, value_scale, value_zero = stored.values if value_bits else stored.values * 3
     decoder = stored.decoder if stored.decoder is not None else query
-    window_keys, window_values = window[..., : query.shape[-1]], window[..., query.shape[-1] :]
+    block = window.shape[2] - sink_keys
+    window_keys, window_values = window[:, :, :block, : query.shape[-1]], window[:, :, :block, query.shape[-1] :]
+    sinks = window[:, :, block:, : query.shape[-1]]
 
     batch, q_heads, _, head_dim = query.shape
-    kv_heads, capacity, block = key_codes.shape[1], key_codes.shape[2], window_keys.shape[2]
+    kv_heads, capacity = key_codes.shape[1], key_codes.shape[2]
     groups = q_heads // kv_heads
     block_g = max(LAUNCH["min_rows"], _smallest_dot_rows(), triton.next_power_of_2(groups))
     side_bytes = packed_row_bytes(rank, side_bits)
@@ -70,7 +74,7 @@ def fixed_decode_attention(
             side_codes, side_scale, side_zero,
             value_codes, value_scale, value_zero,
             window_keys, window_values,
-            query,  # sink keys: not read (HAS_SINKS=False)
+            sinks,
             valid, lengths,
             m, norm, acc,
             0, 0, per_split, scaling, softcap,
@@ -80,13 +84,14 @@ def fixed_decode_attention(
             *_bht(value_codes), *_bht(value_scale),
             *_bht(window_keys), *_bht(window_values),
             valid.stride(0) if validity is not None else 0,
-            0, 0, 0, 0,  # no sink keys in a fixed-capacity cache
+            sink_keys, *_bht(sinks),
             H_KV=kv_heads, G=groups, BLOCK_G=block_g, D=head_dim, R=rank,
             SIDE_BYTES=side_bytes, SIDE_NB=max(16, triton.next_power_of_2(side_bytes)),
             KEY_BITS=key_bits, SIDE_BITS=side_bits, SIDE_PER_TOKEN=side_per_token, VALUE_BITS=value_bits,
             BLOCK_N=block, TILE=min(LAUNCH["tile"], block), HAS_MASK=validity is not None, SOFTCAP=softcap != 0.0,
             OP_DTYPE=getattr(tl, _OPERAND_DTYPES[query.dtype]), ASM=bool(LAUNCH["asm"]) and query.is_cuda,
-            DEVICE_LENGTHS=True, HAS_SINKS=False, num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
+            DEVICE_LENGTHS=True, HAS_SINKS=sink_keys > 0,
+            num_warps=LAUNCH["num_warps"], num_stages=LAUNCH["num_stages"],
         )  # fmt: skip
         out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
         splits_pad = max(2, 1 << (n_splits - 1).bit_length())
