@@ -33,7 +33,7 @@ from transformers_headq.kernels.decode import headq_decode_kernel
 POINTERS = {
     "q_ptr": "*bf16", "w_ptr": "*fp32", "kc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "cc_ptr": "*u8",
     "cs_ptr": "*fp16", "cz_ptr": "*fp16", "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
-    "wk_ptr": "*bf16", "wv_ptr": "*bf16", "valid_ptr": "*fp32", "lengths_ptr": "*i64", "m_ptr": "*fp32",
+    "wk_ptr": "*bf16", "wv_ptr": "*bf16", "sk_ptr": "*bf16", "valid_ptr": "*fp32", "lengths_ptr": "*i64", "m_ptr": "*fp32",
     "l_ptr": "*fp32",
     "acc_ptr": "*fp32",
 }  # fmt: skip
@@ -50,12 +50,12 @@ INTS = {
     "s_cc_b": 8 * _TOKENS * 8, "s_cc_h": _TOKENS * 8, "s_cs_b": 8 * _TOKENS // 4, "s_cs_h": _TOKENS // 4, "s_cs_t": 16,
     "s_vc_b": 8 * _TOKENS * 32, "s_vc_h": _TOKENS * 32, "s_vc_t": 32, "s_vs_b": 8 * _TOKENS, "s_vs_h": _TOKENS,
     "s_vs_t": 1, "s_wk_b": 8 * 64 * 128, "s_wk_h": 64 * 128, "s_wk_t": 128, "s_wv_b": 8 * 64 * 128,
-    "s_wv_h": 64 * 128, "s_wv_t": 128, "s_valid_b": 0,
+    "s_wv_h": 64 * 128, "s_wv_t": 128, "s_valid_b": 0, "n_sinks": 1, "s_sk_b": 8 * 128, "s_sk_h": 128, "s_sk_t": 128,
 }  # fmt: skip
 CONSTEXPRS = {
     "H_KV": 8, "G": 4, "D": 128, "R": 16, "SIDE_BYTES": 8, "SIDE_NB": 16, "KEY_BITS": 2,
     "SIDE_BITS": 4, "SIDE_PER_TOKEN": False, "VALUE_BITS": 2, "BLOCK_N": 64, "HAS_MASK": False, "SOFTCAP": False,
-    "DEVICE_LENGTHS": False, "OP_DTYPE": tl.bfloat16,
+    "DEVICE_LENGTHS": False, "OP_DTYPE": tl.bfloat16, "HAS_SINKS": True,  # one sink key: the library's default
 }  # fmt: skip
 
 
