@@ -33,8 +33,8 @@ from transformers_headq.kernels.decode import headq_decode_kernel
 POINTERS = {
     "q_ptr": "*bf16", "w_ptr": "*fp32", "kc_ptr": "*u8", "ks_ptr": "*fp16", "kz_ptr": "*fp16", "cc_ptr": "*u8",
     "cs_ptr": "*fp16", "cz_ptr": "*fp16", "vc_ptr": "*u8", "vs_ptr": "*fp16", "vz_ptr": "*fp16",
-    "wk_ptr": "*bf16", "wv_ptr": "*bf16", "sk_ptr": "*bf16", "valid_ptr": "*fp32", "lengths_ptr": "*i64", "m_ptr": "*fp32",
-    "l_ptr": "*fp32",
+    "wk_ptr": "*bf16", "wv_ptr": "*bf16", "sk_ptr": "*bf16", "valid_ptr": "*fp32", "lengths_ptr": "*i64",
+    "m_ptr": "*fp32", "l_ptr": "*fp32",
     "acc_ptr": "*fp32",
 }  # fmt: skip
 FLOATS = {"scaling", "softcap"}
