@@ -92,3 +92,14 @@ def save_tiny_model_folder(path, text: str, family: str = "llama") -> None:
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(path)
     tiny_model(family).save_pretrained(path)
+
+
+def prefill_then_decode(model, cache, ids: torch.Tensor, prefill: int, forward=None) -> torch.Tensor:
+    """Logits of the last prefill token and of every decoded token, ``[B, 1 + T - prefill, V]``."""
+    forward = forward or model
+    with torch.no_grad():
+        logits = [model(input_ids=ids[:, :prefill], past_key_values=cache).logits[:, -1:]]
+        for t in range(prefill, ids.shape[1]):
+            position = torch.full((ids.shape[0], 1), t)
+            logits.append(forward(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=position).logits)
+    return torch.cat(logits, dim=1)

@@ -7,7 +7,7 @@ import torch
 
 from transformers_headq import HeadQCache, HeadQConfig, enable_headq_attention
 
-from .helpers import random_basis, tiny_model
+from .helpers import prefill_then_decode, random_basis, tiny_model
 
 pytestmark = pytest.mark.core
 
@@ -92,14 +92,7 @@ def test_fixed_capacity_cache_holds_the_same_sink_keys(prefill):
     ids = torch.randint(1, 97, (2, 14), generator=torch.Generator().manual_seed(3))
     basis = random_basis(model, 4)
     caches = [HeadQCache(basis, CONFIG), HeadQCache(basis, CONFIG, max_cache_len=32, model_config=model.config)]
-    logits = []
-    with torch.no_grad():
-        for cache in caches:
-            steps = [model(input_ids=ids[:, :prefill], past_key_values=cache).logits[:, -1:]]
-            for t in range(prefill, ids.shape[1]):
-                position = torch.full((2, 1), t)
-                steps.append(model(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=position).logits)
-            logits.append(torch.cat(steps, dim=1))
+    logits = [prefill_then_decode(model, cache, ids, prefill) for cache in caches]
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=0)
     growing, fixed = caches[0].layers[0], caches[1].layers[0]
     assert fixed.sink_keys is not None and growing.sink_keys is not None

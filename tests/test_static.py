@@ -11,7 +11,7 @@ from transformers_headq.config import cache_bytes_per_head
 from transformers_headq.static import StaticHeadQLayer
 from transformers_headq.store import CacheCapacityError
 
-from .helpers import random_basis, tiny_model
+from .helpers import prefill_then_decode, random_basis, tiny_model
 
 CONFIGS = {
     "k-only side code": HeadQConfig(key_bits=2, block_size=4, side_bits=3, side_scale="block", meta_dtype="float32"),
@@ -29,17 +29,6 @@ def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 def _cache(model, config: HeadQConfig, max_cache_len: int | None) -> HeadQCache:
     basis = None if config.rank == 0 else random_basis(model, rank=4)
     return HeadQCache(basis, config, model_config=model.config, max_cache_len=max_cache_len)
-
-
-def _prefill_then_decode(model, cache: HeadQCache, ids: torch.Tensor, prefill: int, forward=None) -> torch.Tensor:
-    """Logits of the last prefill token and of every decoded token, ``[B, 1 + T - prefill, V]``."""
-    forward = forward or model
-    with torch.no_grad():
-        logits = [model(input_ids=ids[:, :prefill], past_key_values=cache).logits[:, -1:]]
-        for t in range(prefill, ids.shape[1]):
-            position = torch.full((ids.shape[0], 1), t)
-            logits.append(forward(input_ids=ids[:, t : t + 1], past_key_values=cache, position_ids=position).logits)
-    return torch.cat(logits, dim=1)
 
 
 def _stored(cache: HeadQCache) -> list[torch.Tensor]:
@@ -91,8 +80,8 @@ def test_fixed_capacity_gives_the_same_logits(name):
     enable_headq_attention(model)
     ids = _ids(2, 23)
     growing, fixed = _cache(model, CONFIGS[name], None), _cache(model, CONFIGS[name], 40)
-    expected = _prefill_then_decode(model, growing, ids, prefill=7)
-    got = _prefill_then_decode(model, fixed, ids, prefill=7)
+    expected = prefill_then_decode(model, growing, ids, prefill=7)
+    got = prefill_then_decode(model, fixed, ids, prefill=7)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert fixed.get_seq_length() == growing.get_seq_length() == 23
     assert all(isinstance(layer, StaticHeadQLayer) for layer in fixed.layers) and fixed.is_compileable
@@ -199,9 +188,9 @@ def test_compiled_decode_step_matches_eager(name):
     config = CONFIGS[name]
     ids = _ids(2, 17)
     eager_cache, compiled_cache = _cache(model, config, 24), _cache(model, config, 24)
-    eager = _prefill_then_decode(model, eager_cache, ids, prefill=3)  # block 0 is stored by a decode step
+    eager = prefill_then_decode(model, eager_cache, ids, prefill=3)  # block 0 is stored by a decode step
     compiled_forward = torch.compile(model.forward, fullgraph=True)
-    compiled = _prefill_then_decode(model, compiled_cache, ids, prefill=3, forward=compiled_forward)
+    compiled = prefill_then_decode(model, compiled_cache, ids, prefill=3, forward=compiled_forward)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=0)
     assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
 
