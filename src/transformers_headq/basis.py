@@ -36,12 +36,16 @@ OBLIQUE = "oblique"  # a basis whose U is the score-optimal encoder (not orthono
 
 @dataclass
 class LayerBasis:
-    """One layer's tensors; ``decoder`` is ``None`` when it equals ``U``."""
+    """One layer's tensors; ``decoder`` is ``None`` when it equals ``U``. ``key_channel_weight`` ``[H, D]``:
+    what a unit of key quantization step costs in each channel's logit error, ``E[q_c²] E[r_c²]`` (``r``: the
+    channel's range over a block), from which per-channel key widths are allocated (:mod:`.mixed_keys`);
+    ``None`` in bases calibrated before it existed."""
 
     U: torch.Tensor
     eigenvalues: torch.Tensor
     query_mean: torch.Tensor
     decoder: torch.Tensor | None = None
+    key_channel_weight: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
@@ -104,6 +108,7 @@ class QueryBasis:
                 "eigenvalues": (heads, head_dim),
                 "query_mean": (heads, head_dim),
                 "decoder": (heads, head_dim, layer.rank),
+                "key_channel_weight": (heads, head_dim),
             }
             for name, shape in expected.items():
                 t = getattr(layer, name)
@@ -152,7 +157,8 @@ class QueryBasis:
 
         def cut(layer: LayerBasis) -> LayerBasis:
             dec = None if layer.decoder is None else layer.decoder[heads]
-            return LayerBasis(layer.U[heads], layer.eigenvalues[heads], layer.query_mean[heads], dec)
+            weight = None if layer.key_channel_weight is None else layer.key_channel_weight[heads]
+            return LayerBasis(layer.U[heads], layer.eigenvalues[heads], layer.query_mean[heads], dec, weight)
 
         return dataclasses.replace(
             self, layers=[cut(layer) for layer in self.layers], kv_heads=(heads.start, heads.stop)
@@ -198,7 +204,7 @@ class QueryBasis:
         path.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {}
         for i, layer in enumerate(self.layers):
-            for name in (*_PER_LAYER, "decoder"):
+            for name in (*_PER_LAYER, "decoder", "key_channel_weight"):
                 t = getattr(layer, name)
                 if t is not None:
                     tensors[f"layers.{i}.{name}"] = t.detach().to("cpu", torch.float32).contiguous()
@@ -311,6 +317,7 @@ class QueryBasis:
                     eigenvalues=tensors[f"layers.{i}.eigenvalues"],
                     query_mean=tensors[f"layers.{i}.query_mean"],
                     decoder=tensors.get(f"layers.{i}.decoder"),
+                    key_channel_weight=tensors.get(f"layers.{i}.key_channel_weight"),
                 )
             )
         return cls(

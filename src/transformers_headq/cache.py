@@ -17,6 +17,7 @@ from .config import BitsPerElement, HeadQConfig
 from .errors import CacheInputError
 from .fingerprint import sliding_windows
 from .layer import HeadQLayer
+from .mixed_keys import allocate_key_widths, stored_code_bits
 from .prepare import prepare_basis
 from .static import StaticHeadQLayer
 
@@ -66,11 +67,16 @@ class HeadQCache(Cache):
             raise CacheInputError("pass a basis, or num_layers for a cache without side codes")
         self.config = config
         self.basis = basis
+        self.key_widths = _key_widths(config, basis, max_cache_len)
         windows = windows or [None] * num_layers
         layers: list[Any]
         if max_cache_len is None:
             layers = [
-                HeadQLayer(config, None if basis is None else basis.layers[i], i, windows[i]) for i in range(num_layers)
+                HeadQLayer(
+                    config, None if basis is None else basis.layers[i], i, windows[i],
+                    None if self.key_widths is None else self.key_widths[i],
+                )  # fmt: skip
+                for i in range(num_layers)
             ]
         else:
             layers = [
@@ -105,6 +111,11 @@ class HeadQCache(Cache):
         return cls(basis, config, model_config=model.config, max_cache_len=max_cache_len)
 
     # ---------------------------------------------------------- reporting
+    def key_code_bits(self) -> float | None:
+        """Mean stored bits per key code with per-channel widths (byte padding included), else None: what
+        :func:`~transformers_headq.config.bits_per_element` takes as ``key_code_bits``."""
+        return None if self.key_widths is None else stored_code_bits(self.key_widths)
+
     def memory_bytes(self) -> int:
         """Bytes the cache's tensors hold for keys and values (used parts, everything counted)."""
         return sum(layer.key_nbytes() + layer.value_nbytes() for layer in self.layers)  # type: ignore[union-attr]
@@ -134,3 +145,21 @@ class HeadQCache(Cache):
         if layer.attention_mass is None:
             raise ValueError("attention mass is tracked only with HeadQConfig(track_attention=True)")
         return layer.attention_mass.data
+
+
+def _key_widths(config: HeadQConfig, basis: QueryBasis | None, max_cache_len: int | None) -> list[torch.Tensor] | None:
+    """Per-layer key widths for ``config.mixed_key_bits`` from the basis' channel weights, or None."""
+    if config.mixed_key_bits is None:
+        return None
+    if max_cache_len is not None:
+        raise CacheInputError(
+            "mixed_key_bits is not supported by the fixed-capacity cache (max_cache_len) yet: use a growing cache "
+            "(max_cache_len=None) or uniform key_bits"
+        )
+    weights = None if basis is None else [layer.key_channel_weight for layer in basis.layers]
+    if weights is None or any(w is None for w in weights):
+        raise CacheInputError(
+            "mixed_key_bits needs a basis with key channel weights (key_channel_weight); this basis has none. "
+            "Calibrate one with `headq calibrate`, which writes them."
+        )
+    return allocate_key_widths([w for w in weights if w is not None], config.mixed_key_bits)

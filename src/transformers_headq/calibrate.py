@@ -14,6 +14,7 @@ through transformers' ``AttentionInterface``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
@@ -94,6 +95,50 @@ class QueryMoments:
         return LayerBasis(U=encoder, eigenvalues=eigenvalues, query_mean=self.mean().float().cpu(), decoder=decoder)
 
 
+class ChannelRanges:
+    """Running ``Σ r²`` of each key channel's range ``r`` over whole blocks of ``block`` tokens, per KV head
+    (float64; summed over processes like :class:`QueryMoments`)."""
+
+    def __init__(self, kv_heads: int, head_dim: int, block: int, device: torch.device | str = "cpu") -> None:
+        self.block = block
+        self.sum_square = torch.zeros(kv_heads, head_dim, dtype=torch.float64, device=device)
+        self.count = torch.zeros(kv_heads, dtype=torch.float64, device=device)
+
+    def add(self, keys: torch.Tensor, heads: slice | None = None) -> None:
+        """Add the whole blocks of keys ``[batch, kv_heads, tokens, head_dim]`` of KV heads ``heads``."""
+        heads = slice(None) if heads is None else heads
+        batch, kv_heads, tokens, head_dim = keys.shape
+        whole = tokens - tokens % self.block
+        if not whole:
+            return
+        k = keys[:, :, :whole].detach().to(self.sum_square.device, torch.float64)
+        k = k.reshape(batch, kv_heads, whole // self.block, self.block, head_dim)
+        ranges = k.amax(3) - k.amin(3)  # [batch, heads, blocks, head_dim]
+        self.sum_square[heads] += (ranges**2).sum((0, 2))
+        self.count[heads] += batch * (whole // self.block)
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        for tensor in (self.sum_square, self.count):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def mean_square(self) -> torch.Tensor | None:
+        """``E[r²]`` per KV head and channel, ``[H, D]``, or None if no whole block was seen."""
+        if (self.count == 0).any():
+            return None
+        return self.sum_square / self.count[:, None]
+
+
+def key_channel_weight(queries: QueryMoments, ranges: ChannelRanges) -> torch.Tensor | None:
+    """``E[q_c²] E[r_c²]`` per KV head and channel (float32, CPU): see :mod:`.mixed_keys`."""
+    mean_square = ranges.mean_square()
+    if mean_square is None:
+        return None
+    query_power = torch.diagonal(queries.second_moment(), dim1=-2, dim2=-1)
+    return (query_power * mean_square).float().cpu()
+
+
 def _capture_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -134,11 +179,13 @@ def _distributed() -> bool:
 
 def accumulate_moments(
     model: Any, batches: Iterable[torch.Tensor], progress: bool = False, key_quantizer: GroupQuantizer | None = None
-) -> tuple[list[QueryMoments], list[QueryMoments], list[QueryMoments]]:
-    """Per-layer query, key and key-error moments over ``batches`` of token ids (``[B, T]``, no padding).
+) -> tuple[list[QueryMoments], list[QueryMoments], list[QueryMoments], list[ChannelRanges]]:
+    """Per-layer query, key and key-error moments and key channel ranges over ``batches`` of token ids
+    (``[B, T]``, no padding).
 
     Key errors ``k − Q(k)`` are those of ``key_quantizer`` over the whole blocks of each sequence (none
-    without one): the oblique code (:func:`~transformers_headq.basis.oblique_code`) weighs them.
+    without one): the oblique code (:func:`~transformers_headq.basis.oblique_code`) weighs them. Channel
+    ranges are taken over its blocks (blocks of 64 tokens without one).
 
     Under ``torch.distributed`` each process passes its own share of batches; sums are all-reduced.
     On a tensor-parallel model the ranks of one model replica pass the same batches, each adds the
@@ -151,12 +198,15 @@ def accumulate_moments(
     queries = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
     keys = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
     errors = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)] if key_quantizer else []
+    block = key_quantizer.group if key_quantizer is not None and key_quantizer.grouping == "channel" else 64
+    ranges = [ChannelRanges(*shape, block, device=device) for _ in range(config.num_hidden_layers)]
 
     heads = tensor_parallel_kv_heads(model)
 
     def observe(layer_idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
         queries[layer_idx].add(query, heads)
         keys[layer_idx].add(key, heads)
+        ranges[layer_idx].add(key, heads)
         if key_quantizer is not None:
             errors[layer_idx].add(_key_error(key_quantizer, key), heads)
 
@@ -169,9 +219,9 @@ def accumulate_moments(
         for ids in items:
             model(input_ids=ids.to(device), use_cache=False)
     if _distributed():
-        for moments in (*queries, *keys, *errors):
+        for moments in (*queries, *keys, *errors, *ranges):
             moments.all_reduce()
-    return queries, keys, errors
+    return queries, keys, errors, ranges
 
 
 def _key_error(quantizer: GroupQuantizer, keys: torch.Tensor) -> torch.Tensor:
@@ -200,7 +250,7 @@ def calibrate(
     fp = model_fingerprint(model.config)
     rank = fp["head_dim"] if rank is None else rank
     started = time.perf_counter()
-    queries, keys, errors = accumulate_moments(model, batches, progress, key_quantizer)
+    queries, keys, errors, ranges = accumulate_moments(model, batches, progress, key_quantizer)
     if queries[0].sum.is_cuda:
         torch.cuda.synchronize()
     meta = dict(metadata or {})
@@ -208,11 +258,18 @@ def calibrate(
     meta["calibration_tokens"] = int(
         queries[0].count[0].item() // (fp["num_attention_heads"] // fp["num_key_value_heads"])
     )
+    weights = [key_channel_weight(q, r) for q, r in zip(queries, ranges, strict=True)]
+    query_layers = [
+        dataclasses.replace(m.to_layer_basis(rank), key_channel_weight=w) for m, w in zip(queries, weights, strict=True)
+    ]
     bases = {
-        "query": QueryBasis([m.to_layer_basis(rank) for m in queries], fp, meta, kind="query"),
+        "query": QueryBasis(query_layers, fp, meta, kind="query"),
         "key-pca": QueryBasis([m.to_layer_basis(rank, centered=True) for m in keys], fp, meta, kind="key-pca"),
     }
     if errors and all(bool((e.count > 0).all()) for e in errors):  # windows shorter than a block have no errors
-        layers = [q.to_oblique_basis(e, rank) for q, e in zip(queries, errors, strict=True)]
+        layers = [
+            dataclasses.replace(q.to_oblique_basis(e, rank), key_channel_weight=w)
+            for q, e, w in zip(queries, errors, weights, strict=True)
+        ]
         bases[OBLIQUE] = QueryBasis(layers, fp, meta, kind=OBLIQUE)
     return bases

@@ -47,6 +47,10 @@ class HeadQConfig:
             context (README, "Attention-sink keys"). Must lie in the first block. One by default: on the
             default model one exact key is as good as four, and costs ``16 / T`` bits per key element over
             ``T`` tokens. With dense keys (``key_bits=None``) it is 0: those keys are exact already.
+        mixed_key_bits: mean bits per key code with query-aware per-channel widths (1 to 4 bits, from
+            the basis' ``key_channel_weight``, allocated over all layers; see :mod:`.mixed_keys`), or
+            ``None``: every channel gets ``key_bits``. Needs channel-grouped keys and a basis calibrated
+            with key weights; read by the reference attention path (no fused kernel, no fixed-capacity cache).
         track_attention: accumulate ``Σ p²`` per cached token for every token (a diagnostic).
         chunk_size: cached tokens processed at once by the reference attention path.
     """
@@ -64,6 +68,7 @@ class HeadQConfig:
     value_keep: int = 0
     value_policy: ValuePolicy = "a2"
     sink_keys: int = 1
+    mixed_key_bits: float | None = None
     track_attention: bool = False
     chunk_size: int = 4096
 
@@ -94,6 +99,11 @@ class HeadQConfig:
             raise ValueError(f"sink_keys must be between 0 and block_size={self.block_size}, got {self.sink_keys}")
         if self.key_bits is None:  # dense keys are exact: no copy of the first ones (nor its bytes)
             object.__setattr__(self, "sink_keys", 0)
+        if self.mixed_key_bits is not None:
+            if self.key_bits is None or self.key_grouping != "channel":
+                raise ValueError("mixed_key_bits needs quantized, channel-grouped keys (key_grouping='channel')")
+            if not 1 <= self.mixed_key_bits <= 4:
+                raise ValueError(f"mixed_key_bits must be between 1 and 4, got {self.mixed_key_bits}")
         if self.rank is not None and self.rank < 0:
             raise ValueError(f"rank must be >= 0, got {self.rank}")
 
@@ -149,11 +159,17 @@ class BitsPerElement:
         return (self.key + self.value) / 2
 
 
-def _stream_bytes(quantizer: GroupQuantizer | None, tokens: int, channels: int, dense_bytes: int) -> int:
-    """Bytes one head spends on ``tokens`` rows of ``channels`` channels."""
+def _stream_bytes(
+    quantizer: GroupQuantizer | None, tokens: int, channels: int, dense_bytes: int, code_bits: float | None = None
+) -> float:
+    """Bytes one head spends on ``tokens`` rows of ``channels`` channels (codes of ``code_bits`` bits on
+    average where given: per-channel widths, whose rows span all heads of a layer)."""
     if quantizer is None:
         return tokens * channels * dense_bytes
-    codes = tokens * packed_row_bytes(channels, quantizer.bits)
+    if code_bits is None:
+        codes: float = tokens * packed_row_bytes(channels, quantizer.bits)
+    else:
+        codes = tokens * channels * code_bits / 8
     if quantizer.grouping == "token":
         groups = tokens * channels // quantizer.group
     else:
@@ -162,13 +178,20 @@ def _stream_bytes(quantizer: GroupQuantizer | None, tokens: int, channels: int, 
 
 
 def cache_bytes_per_head(
-    config: HeadQConfig, head_dim: int, rank: int, seq_len: int, dtype: torch.dtype
-) -> tuple[int, int]:
-    """Exact (key bytes, value bytes) one sequence and KV head holds after ``seq_len`` tokens."""
+    config: HeadQConfig, head_dim: int, rank: int, seq_len: int, dtype: torch.dtype, key_code_bits: float | None = None
+) -> tuple[float, float]:
+    """Exact (key bytes, value bytes) one sequence and KV head holds after ``seq_len`` tokens.
+
+    With per-channel key widths the bytes of key codes are shared by a layer's heads: ``key_code_bits``
+    (:func:`~transformers_headq.mixed_keys.stored_code_bits` of the allocation, byte padding included) makes
+    them exact; without it they are counted at ``mixed_key_bits``."""
     dense = torch.empty((), dtype=dtype).element_size()
     quantized = (seq_len // config.block_size) * config.block_size
     window = seq_len - quantized
-    key = _stream_bytes(config.key_quantizer(head_dim), quantized, head_dim, dense) + window * head_dim * dense
+    if config.mixed_key_bits is not None and key_code_bits is None:
+        key_code_bits = config.mixed_key_bits
+    key = _stream_bytes(config.key_quantizer(head_dim), quantized, head_dim, dense, key_code_bits)
+    key += window * head_dim * dense
     key += min(config.sink_keys, quantized) * head_dim * dense  # exact sink keys beside their codes
     if rank:
         key += _stream_bytes(config.side_quantizer(rank), quantized, rank, dense)
@@ -184,15 +207,21 @@ def cache_bytes_per_head(
 
 
 def bits_per_element(
-    config: HeadQConfig, head_dim: int, rank: int, seq_len: int, dtype: torch.dtype = torch.float16
+    config: HeadQConfig,
+    head_dim: int,
+    rank: int,
+    seq_len: int,
+    dtype: torch.dtype = torch.float16,
+    key_code_bits: float | None = None,
 ) -> BitsPerElement:
     """Bits per cached key and value element for one head after ``seq_len`` tokens.
 
     Counts codes, scales, zero points, side codes and their scales, the full-precision window and
-    sink keys (in ``dtype``, the model's), and the attention accumulator when tracked.
+    sink keys (in ``dtype``, the model's), and the attention accumulator when tracked. ``key_code_bits``:
+    see :func:`cache_bytes_per_head`.
     """
     if seq_len < 1:
         raise ValueError("seq_len must be >= 1")
-    key, value = cache_bytes_per_head(config, head_dim, rank, seq_len, dtype)
+    key, value = cache_bytes_per_head(config, head_dim, rank, seq_len, dtype, key_code_bits)
     elements = seq_len * head_dim
     return BitsPerElement(key=8 * key / elements, value=8 * value / elements)

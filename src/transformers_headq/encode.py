@@ -19,8 +19,12 @@ from .arena import carve
 from .kernels import Quantizers, block_encode_supports, kernels_enabled, quantize_pack, split_stored
 from .kernels import commit_block as commit_block_kernel
 from .kernels import encode_blocks as encode_blocks_kernel
+from .mixed_keys import MixedKeyQuantizer
 from .quantize import GroupQuantizer, QuantizedTokens
 from .store import write_block_where
+
+# A layer's quantizers as the torch encoder takes them: keys may also have per-channel widths.
+LayerQuantizers = tuple[GroupQuantizer | MixedKeyQuantizer | None, GroupQuantizer | None, GroupQuantizer | None]
 
 
 def quantizer_spec(quantizer: GroupQuantizer | None) -> list[int]:
@@ -41,11 +45,15 @@ def _quantize(quantizer: GroupQuantizer, x: torch.Tensor) -> QuantizedTokens:
 
 
 def _encode_torch(
-    keys: torch.Tensor, values: torch.Tensor, encoder: torch.Tensor | None, quantizers: Quantizers
+    keys: torch.Tensor, values: torch.Tensor, encoder: torch.Tensor | None, quantizers: LayerQuantizers
 ) -> list[torch.Tensor]:
     key_q, side_q, value_q = quantizers
     out: list[torch.Tensor] = []
-    if key_q is not None:
+    if isinstance(key_q, MixedKeyQuantizer):
+        parts = key_q.quantize(keys)
+        out += [t for q in parts for t in (q.codes, q.scale, q.zero)]
+        key_hat = key_q.dequantize(parts, keys.dtype)
+    elif key_q is not None:
         q = _quantize(key_q, keys)
         out += [q.codes, q.scale, q.zero]
         key_hat = key_q.dequantize(q, keys.shape[-1], keys.dtype)  # as stored, in the model dtype
@@ -67,24 +75,34 @@ def _encode_torch(
     return out
 
 
-def _fused(keys: torch.Tensor, encoder: torch.Tensor | None, quantizers: Quantizers, block: int) -> bool:
+def _kernel_quantizers(quantizers: LayerQuantizers) -> Quantizers | None:
+    """The quantizers as the kernels take them, or None for per-channel key widths (torch only)."""
+    key_q, side_q, value_q = quantizers
+    return None if isinstance(key_q, MixedKeyQuantizer) else (key_q, side_q, value_q)
+
+
+def _fused(keys: torch.Tensor, encoder: torch.Tensor | None, quantizers: LayerQuantizers, block: int) -> bool:
     """Whether the block kernel encodes these blocks (on a GPU only: on a CPU torch is faster than the
     interpreter, and the tests call the kernel there directly)."""
     rank = 0 if encoder is None else encoder.shape[-1]
+    plain = _kernel_quantizers(quantizers)
     return (
-        keys.is_cuda
+        plain is not None
+        and keys.is_cuda
         and kernels_enabled(keys.device)
-        and block_encode_supports(quantizers, rank, block, keys.shape[-1], keys.dtype)
+        and block_encode_supports(plain, rank, block, keys.shape[-1], keys.dtype)
     )
 
 
 def encode_blocks(
-    keys: torch.Tensor, values: torch.Tensor, encoder: torch.Tensor | None, quantizers: Quantizers, block: int
+    keys: torch.Tensor, values: torch.Tensor, encoder: torch.Tensor | None, quantizers: LayerQuantizers, block: int
 ) -> list[torch.Tensor]:
-    """Stored tensors of whole blocks ``[B, H, n·block, D]``: keys' (codes, scale, zero) or dense keys,
-    then the side code's (if ``encoder``), then the values', each stream as its store appends them."""
-    if _fused(keys, encoder, quantizers, block):
-        return encode_blocks_kernel(keys, values, encoder, quantizers, block)
+    """Stored tensors of whole blocks ``[B, H, n·block, D]``: keys' (codes, scale, zero; per width with
+    per-channel widths) or dense keys, then the side code's (if ``encoder``), then the values', each stream
+    as its store appends them."""
+    plain = _kernel_quantizers(quantizers)
+    if plain is not None and _fused(keys, encoder, quantizers, block):
+        return encode_blocks_kernel(keys, values, encoder, plain, block)
     return _encode_torch(keys, values, encoder, quantizers)
 
 

@@ -17,9 +17,10 @@ from transformers.cache_utils import CacheLayerMixin
 
 from .basis import LayerBasis
 from .config import HeadQConfig
-from .encode import Quantizers, encode_blocks
+from .encode import LayerQuantizers, Quantizers, encode_blocks
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates
+from .mixed_keys import MixedKeyQuantizer, MixedKeyStore
 from .store import DenseStore, QuantizedStore, TokenBuffer, TokenStore
 from .values import KeptValues
 
@@ -39,10 +40,18 @@ class HeadQLayer(CacheLayerMixin):
     is_croppable = True
 
     def __init__(
-        self, config: HeadQConfig, basis: LayerBasis | None, layer_idx: int, sliding_window: int | None = None
+        self,
+        config: HeadQConfig,
+        basis: LayerBasis | None,
+        layer_idx: int,
+        sliding_window: int | None = None,
+        key_widths: torch.Tensor | None = None,
     ) -> None:
+        """``key_widths`` ``[H, D]``: per-channel key bit widths (``config.mixed_key_bits``; the cache
+        allocates them over all layers), or None for ``key_bits`` everywhere."""
         super().__init__()
         self.config = config
+        self.key_widths = key_widths
         self.basis = basis
         self.layer_idx = layer_idx
         self.rank = 0 if basis is None else basis.rank
@@ -64,7 +73,9 @@ class HeadQLayer(CacheLayerMixin):
             assert self.basis is not None
             self.encoder = self.basis.U.to(self.device, torch.float32).contiguous()  # as a fixed layer holds it
             self.decoder = self.basis.decoder_or_u.to(self.device, torch.float32).contiguous()  # kernels read it
-        self.key_store = _store(cfg.key_quantizer(head_dim), head_dim)
+        self.key_store: TokenStore | MixedKeyStore = _store(cfg.key_quantizer(head_dim), head_dim)
+        if self.key_widths is not None:
+            self.key_store = MixedKeyStore(MixedKeyQuantizer(self.key_widths, cfg.block_size, cfg.meta_torch_dtype))
         self.side_store = _store(cfg.side_quantizer(self.rank), self.rank) if self.rank else None
         self.value_store = _store(cfg.value_quantizer(head_dim), head_dim)
         self.window_keys = key_states[:, :, :0]
@@ -89,6 +100,12 @@ class HeadQLayer(CacheLayerMixin):
             raise CacheInputError(
                 f"{where}: keys/values must share one of float32, float16, bfloat16; got "
                 f"{key_states.dtype} and {value_states.dtype}. Load the model in one of those dtypes."
+            )
+        if self.key_widths is not None and tuple(self.key_widths.shape) != (key_states.shape[1], key_states.shape[3]):
+            heads, head_dim = self.key_widths.shape
+            raise CacheInputError(
+                f"{where}: the key widths are for {heads} KV heads of dim {head_dim}, but the model gives "
+                f"{key_states.shape[1]} heads of dim {key_states.shape[3]}: wrong basis for this model."
             )
         if self.basis is not None and self.rank:
             heads, head_dim = self.basis.U.shape[:2]
@@ -152,16 +169,24 @@ class HeadQLayer(CacheLayerMixin):
         )
 
     def _quantizers(self) -> Quantizers:
-        """The key, side-code and value quantizers (``None``: that stream is kept dense)."""
+        """The key, side-code and value quantizers (``None``: that stream is kept dense), as the kernels
+        take them (layers with per-channel key widths are not theirs: see :meth:`_layer_quantizers`)."""
         head_dim, cfg = self.shape[2], self.config
         side = cfg.side_quantizer(self.rank) if self.rank else None
         return cfg.key_quantizer(head_dim), side, cfg.value_quantizer(head_dim)
+
+    def _layer_quantizers(self) -> LayerQuantizers:
+        """What the stores are encoded with: per-channel key widths where the layer has them."""
+        key, side, value = self._quantizers()
+        if isinstance(self.key_store, MixedKeyStore):
+            return self.key_store.quantizer, side, value
+        return key, side, value
 
     def _flush(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize whole blocks into the stores; the side code encodes the key error on ``U``."""
         if self.config.sink_keys and self.key_store.length == 0 and self.evicted == 0:  # block 0
             self.sink_keys = keys[:, :, : self.config.sink_keys].clone()
-        encoded = encode_blocks(keys, values, self.encoder, self._quantizers(), self.config.block_size)
+        encoded = encode_blocks(keys, values, self.encoder, self._layer_quantizers(), self.config.block_size)
         for store in (self.key_store, self.side_store, self.value_store):
             if store is not None:
                 store.append_encoded(encoded[: store.n_parts])
