@@ -42,6 +42,7 @@ DEFAULT_SINK_KEYS = HeadQConfig().sink_keys
 # The full-KV budget (bits per key and per value element) and block of full_kv_budget_method.
 FULL_KV_BITS = 3.1
 FULL_KV_BLOCK = 128
+MIXED_BLOCK = 128  # per-channel key widths: blocks of 128 halve the scale bytes every channel pays
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,7 @@ class Method:
         if self.config is None:
             return "-" if self.quanto_bits is None else f"nbits={self.quanto_bits} group={QUANTO_GROUP}"
         c = self.config
-        parts = [f"K{c.key_bits}/{c.key_grouping}"]
+        parts = [f"K{c.key_bits}/{c.key_grouping}" if c.mixed_key_bits is None else f"K{c.mixed_key_bits:g}/mixed"]
         if c.block_size != 64:
             parts.append(f"b{c.block_size}")
         if c.sink_keys:
@@ -85,7 +86,8 @@ class Method:
         """The setting of the plain quantizer this row adds to (no side code, no kept values)."""
         if self.config is None:
             return self.setting
-        return dataclasses.replace(self, config=self.config.replace(rank=0, value_keep=0)).setting
+        plain = self.config.replace(rank=0, value_keep=0, mixed_key_bits=None)
+        return dataclasses.replace(self, config=plain).setting
 
 
 @dataclass
@@ -195,6 +197,40 @@ def budget_methods(
     return rows
 
 
+def mixed_key_methods(
+    methods: list[Method], head_dim: int, seq_len: int, sink_keys: int = DEFAULT_SINK_KEYS
+) -> list[Method]:
+    """K-only rows with query-aware per-channel key widths (:mod:`.mixed_keys`) on blocks of
+    ``MIXED_BLOCK`` tokens: one of 2 bits a code on average (beside plain 2-bit keys, its base), and one per
+    plain K-only budget in :func:`front_bits`, of the largest mean width (in sixteenths of a bit) whose
+    nominal cost fits that budget. The table reports the bits the allocation stores (never more than the
+    nominal ones but for byte padding of 1-bit rows, which is counted)."""
+
+    def config(mean: float) -> HeadQConfig:
+        return HeadQConfig(
+            key_bits=int(mean), block_size=MIXED_BLOCK, rank=0, mixed_key_bits=mean, sink_keys=sink_keys
+        )
+
+    def cost(mean: float) -> float:
+        return bits_per_element(config(mean), head_dim, 0, seq_len, DEPLOY_DTYPE).key
+
+    low, high = front_bits(seq_len, sink_keys)
+    budgets = sorted(
+        {
+            bits_per_element(m.config, head_dim, 0, seq_len, DEPLOY_DTYPE).key
+            for m in methods
+            if m.mode == "k-only" and m.method == "plain" and m.config is not None
+        }
+    )
+    means = [2.0]
+    for budget in budgets:
+        if low - 1e-9 <= budget <= high + 1e-9:
+            fits = [n / 16 for n in range(16, 65) if cost(n / 16) <= budget + 1e-9]
+            if fits and fits[-1] not in means:
+                means.append(fits[-1])
+    return [Method("k-only", "headq", "channel", config(mean), "query") for mean in means]
+
+
 def full_kv_budget_method(
     head_dim: int, seq_len: int, budget: float = FULL_KV_BITS, sink_keys: int = DEFAULT_SINK_KEYS
 ) -> Method:
@@ -277,6 +313,7 @@ def standard_methods(
             add(Method("k-only", "headq", "channel", _headq(rank, side_bits), OBLIQUE))
         add(Method("k-only", "headq", "channel", _headq(r[6], 3), "query"))
         methods += [m for m in budget_methods(methods, head_dim, seq_len, sink_keys) if m not in methods]
+        methods += mixed_key_methods(methods, head_dim, seq_len, sink_keys)
     if profile != "long":
         add(Method("k-only", "headq", "token", _headq(r[2], 4, key_grouping="token"), "query"))
         for kind in ("random", "key-pca", "wrong-sign"):
@@ -475,6 +512,10 @@ def skip_reason(setup: EvalSetup, method: Method) -> str | None:
             f"rank {method.rank} needs {method.rank} calibrated directions, the basis holds {setup.basis.rank} "
             "(calibrate with --rank 0 to keep all of them)"
         )
+    config = method.config
+    if config is not None and config.mixed_key_bits is not None:
+        if any(layer.key_channel_weight is None for layer in setup.basis.layers):
+            return "the basis has no key channel weights for per-channel key widths (recalibrate with headq calibrate)"
     return None
 
 
@@ -505,11 +546,15 @@ def evaluate_method(setup: EvalSetup, method: Method, on_batch: Callable[[int], 
         # Plain rows too need the headq attention: it is what makes a one-forward prefill decode-exact.
         enable_headq_attention(model)
 
+        caches: list[HeadQCache] = []
+
         def make_cache() -> HeadQCache:
-            return HeadQCache(basis, config, num_layers=fp["num_hidden_layers"])
+            caches.append(HeadQCache(basis, config, num_layers=fp["num_hidden_layers"]))
+            return caches[-1]
 
         losses = token_losses(model, windows, make_cache, batch_size=setup.batch_size, on_batch=on_batch)
-        cost = bits_per_element(config, head_dim, method.rank, seq_len, DEPLOY_DTYPE)
+        code_bits = caches[0].key_code_bits()  # per-channel widths: what their allocation stores
+        cost = bits_per_element(config, head_dim, method.rank, seq_len, DEPLOY_DTYPE, code_bits)
         key_bits, value_bits = cost.key, cost.value
     sums, counts = block_sums(losses)
     low, high = perplexity_interval(sums, counts, draws(len(sums)))

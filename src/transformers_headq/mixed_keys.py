@@ -119,7 +119,7 @@ class MixedKeyQuantizer:
         rows = torch.empty(b, t, self.heads * self.head_dim, dtype=dtype, device=first.device)
         for (q, index), part in zip(self.groups, parts, strict=True):
             rows[..., index.to(first.device)] = q.dequantize(part, len(index), dtype)[:, 0]
-        return rows.view(b, t, self.heads, self.head_dim).permute(0, 2, 1, 3)
+        return rows.view(b, t, self.heads, self.head_dim).permute(0, 2, 1, 3).contiguous()
 
 
 class MixedKeyStore:
