@@ -73,7 +73,10 @@ class HeadQCache(Cache):
         if max_cache_len is None:
             layers = [
                 HeadQLayer(
-                    config, None if basis is None else basis.layers[i], i, windows[i],
+                    config,
+                    None if basis is None else basis.layers[i],
+                    i,
+                    windows[i],
                     None if self.key_widths is None else self.key_widths[i],
                 )  # fmt: skip
                 for i in range(num_layers)

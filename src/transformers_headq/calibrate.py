@@ -219,8 +219,10 @@ def accumulate_moments(
         for ids in items:
             model(input_ids=ids.to(device), use_cache=False)
     if _distributed():
-        for moments in (*queries, *keys, *errors, *ranges):
+        for moments in (*queries, *keys, *errors):
             moments.all_reduce()
+        for channel_ranges in ranges:
+            channel_ranges.all_reduce()
     return queries, keys, errors, ranges
 
 

@@ -207,9 +207,7 @@ def mixed_key_methods(
     nominal ones but for byte padding of 1-bit rows, which is counted)."""
 
     def config(mean: float) -> HeadQConfig:
-        return HeadQConfig(
-            key_bits=int(mean), block_size=MIXED_BLOCK, rank=0, mixed_key_bits=mean, sink_keys=sink_keys
-        )
+        return HeadQConfig(key_bits=int(mean), block_size=MIXED_BLOCK, rank=0, mixed_key_bits=mean, sink_keys=sink_keys)
 
     def cost(mean: float) -> float:
         return bits_per_element(config(mean), head_dim, 0, seq_len, DEPLOY_DTYPE).key
@@ -512,10 +510,9 @@ def skip_reason(setup: EvalSetup, method: Method) -> str | None:
             f"rank {method.rank} needs {method.rank} calibrated directions, the basis holds {setup.basis.rank} "
             "(calibrate with --rank 0 to keep all of them)"
         )
-    config = method.config
-    if config is not None and config.mixed_key_bits is not None:
-        if any(layer.key_channel_weight is None for layer in setup.basis.layers):
-            return "the basis has no key channel weights for per-channel key widths (recalibrate with headq calibrate)"
+    mixed = method.config is not None and method.config.mixed_key_bits is not None
+    if mixed and any(layer.key_channel_weight is None for layer in setup.basis.layers):
+        return "the basis has no key channel weights for per-channel key widths (recalibrate with headq calibrate)"
     return None
 
 
