@@ -11,6 +11,7 @@ import torch
 from transformers_headq import HeadQCache, HeadQConfig, enable_headq_attention
 from transformers_headq.config import bits_per_element
 from transformers_headq.evaluate import (
+    DEPLOY_DTYPE,
     FULL_KV_BITS,
     EvalSetup,
     Method,
@@ -24,6 +25,7 @@ from transformers_headq.evaluate import (
     full_kv_budget_method,
     headline,
     markdown_table,
+    mixed_key_methods,
     pareto_front,
     perplexity,
     plot_results,
@@ -259,8 +261,12 @@ def test_side_code_ranks_follow_the_head_dimension(profile):
     every model gets rows over the same budgets (up to the byte padding of a packed row)."""
     small, large = standard_methods(profile, head_dim=64), standard_methods(profile, head_dim=256)
     # budget rows (below) fill each plain row's budget instead: padding makes their ranks no exact multiple
-    small_budget = [*budget_methods(small, 64, 512), full_kv_budget_method(64, 512)]
-    large_budget = [*budget_methods(large, 256, 512), full_kv_budget_method(256, 512)]
+    small_budget = [*budget_methods(small, 64, 512), full_kv_budget_method(64, 512), *mixed_key_methods(small, 64, 512)]
+    large_budget = [
+        *budget_methods(large, 256, 512),
+        full_kv_budget_method(256, 512),
+        *mixed_key_methods(large, 256, 512),
+    ]
     fixed_small = [m for m in small if m not in small_budget]
     fixed_large = [m for m in large if m not in large_budget]
     assert [(m.method, m.mode) for m in fixed_small] == [(m.method, m.mode) for m in fixed_large]
@@ -269,6 +275,27 @@ def test_side_code_ranks_follow_the_head_dimension(profile):
         assert sorted({m.rank for m in fixed_small if m.method == "headq"}) == [4, 8, 12, 16, 24]
     if profile == "long":
         assert not any(m.quanto_bits for m in small)  # no token-by-token decode loop at long windows
+
+
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("profile", ["quick", "long"])
+def test_mixed_width_rows_fill_each_plain_budget(profile, head_dim):
+    """Per-channel key width rows: one of 2 bits a code, and for each plain K-only budget in the fair-budget range
+    the largest mean width (in sixteenths) whose nominal cost fits it."""
+    seq_len = 4096 if profile == "long" else 512
+    methods = standard_methods(profile, head_dim=head_dim, seq_len=seq_len)
+    mixed = [m for m in methods if m.config is not None and m.config.mixed_key_bits is not None]
+    assert mixed and mixed[0].config.mixed_key_bits == 2.0 and mixed[0].base_setting.startswith("K2/channel b128")
+
+    def cost(config):
+        return bits_per_element(config, head_dim, 0, seq_len, DEPLOY_DTYPE).key
+
+    low, high = front_bits(seq_len)
+    plain = {cost(m.config) for m in methods if m.method == "plain" and m.mode == "k-only"}
+    for budget in (b for b in plain if low - 1e-9 <= b <= high + 1e-9):
+        fitting = [m for m in mixed if cost(m.config) <= budget + 1e-9]
+        best = max(fitting, key=lambda m: m.config.mixed_key_bits)
+        assert cost(best.config.replace(mixed_key_bits=best.config.mixed_key_bits + 1 / 16)) > budget
 
 
 @pytest.mark.parametrize("sinks", [0, 1])

@@ -685,9 +685,13 @@ def markdown_table(rows: list[Row]) -> str:
 
 def position_table(rows: list[Row], seq_len: int) -> str:
     """Does a side code help as much late in a window as early? Per span of the window, the excess
-    perplexity of the best K-only HeadQ row's plain base and the share of it the row removes."""
+    perplexity of the plain base of the best K-only HeadQ row on 2-bit keys and the share of it the row removes."""
     fp = next((r for r in rows if r.ok and r.method == "full-precision" and r.position_nll), None)
-    candidates = [r for r in rows if r.method == "headq" and r.mode == "k-only" and r.removed is not None]
+    candidates = [
+        r
+        for r in rows
+        if r.method == "headq" and r.mode == "k-only" and r.removed is not None and r.base_setting.startswith("K2/")
+    ]
     best = max(candidates, key=lambda r: r.removed or 0.0, default=None)
     base = None if best is None else _base_of(rows, best)
     if fp is None or best is None or base is None:
