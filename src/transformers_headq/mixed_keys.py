@@ -139,16 +139,7 @@ class MixedKeyStore:
             store.append_encoded(parts[3 * i : 3 * i + 3])
 
     def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-        parts = []
-        for store in self.stores:
-            store._check_aligned(start, end)
-            packed = store.packed()
-            per = store.quantizer.group
-            s0, s1 = start // per, -(-end // per)
-            parts.append(
-                QuantizedTokens(packed.codes[:, :, start:end], packed.scale[:, :, s0:s1], packed.zero[:, :, s0:s1])
-            )
-        return self.quantizer.dequantize(parts, dtype)
+        return self.quantizer.dequantize([store.tokens(start, end) for store in self.stores], dtype)
 
     def read_capacity(self, dtype: torch.dtype) -> torch.Tensor:
         return self.read(0, self.length, dtype)

@@ -284,17 +284,20 @@ class QuantizedStore:
             if p % per and p != self.length:
                 raise ValueError(f"position {p} is not aligned to the {per}-token quantization blocks")
 
-    def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    def tokens(self, start: int, end: int) -> QuantizedTokens:
+        """Codes, scales and zeros of slots ``[start, end)`` (block-aligned views, no copy)."""
         assert self._codes is not None and self._scale is not None and self._zero is not None
         self._check_aligned(start, end)
         per = self._tokens_per_scale_row
         s0, s1 = start // per, -(-end // per)
-        q = QuantizedTokens(
+        return QuantizedTokens(
             codes=self._codes.data[:, :, start:end],
             scale=self._scale.data[:, :, s0:s1],
             zero=self._zero.data[:, :, s0:s1],
         )
-        return self.quantizer.dequantize(q, self.n_channels, dtype)
+
+    def read(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.quantizer.dequantize(self.tokens(start, end), self.n_channels, dtype)
 
     def truncate(self, length: int) -> None:
         if self._codes is None:
