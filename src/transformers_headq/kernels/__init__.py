@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 
 from ..quantize import GroupQuantizer, QuantizedTokens, packed_row_bytes
+from . import cuda_decode
 from .launch import CachedLauncher, LaunchSite, launch_device
 
 # A layer's key, side-code and value quantizers (``None``: that stream is stored dense).
@@ -245,16 +246,28 @@ def decode_attention(
     recent tokens after them; ``mask``: ``None`` or a boolean key mask ``[B, 1, 1, T + window]``;
     ``sink_keys``: ``None`` or the exact keys ``[B, H, S, D]`` that the first ``S`` stored slots read
     (no side code there).
-    Two launches: the split kernel (stored tokens, and the window in the last split) and the merge of
-    the splits' partial softmaxes, which writes the output in the layout and dtype the model's attention
-    returns (no transpose or cast after it). The caller checks :func:`decode_supports` first.
+    Settings the CUDA kernel covers (``cuda_decode.covers``: the defaults on head dim 128) take one launch
+    of it. Others take two Triton launches: the split kernel (stored tokens, and the window in the last
+    split) and the merge of the splits' partial softmaxes, which writes the output in the layout and dtype
+    the model's attention returns (no transpose or cast after it). The caller checks
+    :func:`decode_supports` first.
     """
     batch, q_heads, _, head_dim = query.shape
+    n_tokens = keys.codes.shape[2]
+    valid = _key_validity(mask, batch, n_tokens + window_keys.shape[2])
+    if (
+        cuda_decode.covers(settings, query, decoder, keys, side, values, window_keys, window_values, valid, sink_keys)
+        and cuda_decode.extension() is not None
+    ):  # one launch, codes straight into tensor-core operands
+        assert isinstance(values, QuantizedTokens)
+        with launch_device(query.device):
+            return cuda_decode.decode(
+                settings, query, decoder, keys, side, values, window_keys, window_values, valid, scaling, softcap,
+                sink_keys, lambda rows: _partials(query.device, rows, head_dim), _multiprocessors(query.device),
+            )  # fmt: skip
     plan = _PLANS.get((settings, query.device))
     if plan is None or plan.launch != tuple(LAUNCH.values()):
         plan = _PLANS[(settings, query.device)] = _DecodePlan(settings, query.device)
-    n_tokens = keys.codes.shape[2]
-    valid = _key_validity(mask, batch, n_tokens + window_keys.shape[2])
     if side is not None:
         assert decoder is not None
         # the kernel steps side-code rows by their width, a constant, so that it can load them in vectors

@@ -1,0 +1,51 @@
+// Fused decode attention over packed HeadQ codes, hand-written for NVIDIA tensor cores (sm_80 and newer).
+// The launch parameters shared by the kernel (decode.cu) and its torch binding (binding.cpp).
+#pragma once
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace headq {
+
+// Every pointer is a device address; strides are in elements of the tensor they step through.
+struct DecodeParams {
+  const void* query;  // [B, Hq, 1, D] model dtype, unit channel stride
+  int64_t s_qb, s_qh;
+  const float* decoder;  // [Hkv, D, R] float32 contiguous (side code), or null
+  const uint8_t* key_codes;  // [B, Hkv, T, D/4] 2-bit planes
+  int64_t s_kc_b, s_kc_h, s_kc_t;
+  const void* key_scale;  // [B, Hkv, T/block, D] float16 (and key_zero)
+  const void* key_zero;
+  int64_t s_ks_b, s_ks_h, s_ks_t;
+  const uint8_t* side_codes;  // [B, Hkv, T, 8] 4-bit planes of 16 directions
+  int64_t s_cc_b, s_cc_h, s_cc_t;
+  const void* side_scale;  // [B, Hkv, T/block, 16] float16 (and side_zero)
+  const void* side_zero;
+  int64_t s_cs_b, s_cs_h, s_cs_t;
+  const uint8_t* value_codes;  // [B, Hkv, T, D/4] 2-bit planes
+  int64_t s_vc_b, s_vc_h, s_vc_t;
+  const void* value_scale;  // [B, Hkv, T, 1] float16 (and value_zero)
+  const void* value_zero;
+  int64_t s_vs_b, s_vs_h, s_vs_t;
+  const void* window_keys;  // [B, Hkv, W, D] model dtype
+  int64_t s_wk_b, s_wk_h, s_wk_t;
+  const void* window_values;
+  int64_t s_wv_b, s_wv_h, s_wv_t;
+  const void* sink_keys;  // [B, Hkv, S, D] model dtype, or null
+  int64_t s_sk_b, s_sk_h, s_sk_t;
+  const uint8_t* valid;  // [B, T + W] key validity, or null
+  int64_t s_valid_b;
+  const int64_t* lengths;  // [2] stored and window tokens on the device (a fixed-capacity cache), or null
+  float* part_m;  // [B*Hkv*splits, 8] running max (log2 units)
+  float* part_l;  // [B*Hkv*splits, 8] normaliser
+  float* part_acc;  // [B*Hkv*splits, 8, D] unnormalised output
+  int* counters;  // [B*Hkv] splits finished (zero between launches)
+  void* out;  // [B, 1, Hq, D] model dtype, contiguous
+  int batch, kv_heads, groups, block, n_sinks;
+  int n_tokens, n_window, tokens_per_split, n_splits;
+  float scaling, softcap;  // softcap <= 0: none
+};
+
+// Launches the split kernel (which also merges the splits) on ``stream``; ``bf16``: the model dtype.
+void launch_decode(const DecodeParams& params, bool bf16, bool side_code, int warps_per_block, cudaStream_t stream);
+
+}  // namespace headq

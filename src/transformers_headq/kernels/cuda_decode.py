@@ -1,0 +1,184 @@
+"""The hand-written CUDA decode kernel (``cuda/decode.cu``): when it applies, how it is built, how it launches.
+
+Why a second kernel beside the Triton one: decode over 2-bit codes must turn about one code an instruction
+into tensor-core operands to keep up with HBM. Triton places the unpacked codes in its own register layout
+and then moves them into the operands' layout, which cost about ten times that (see the kernel records).
+The CUDA kernel reads the packed bytes straight into operand registers (its header says how), folds the
+per-block scales into the query, and merges its splits in the same launch. It covers the default HeadQ
+settings on head dim 128; :func:`covers` says exactly what, and everything else keeps the Triton kernel.
+
+It is compiled on first use on the user's machine by ``torch.utils.cpp_extension`` (``nvcc`` and
+``ninja`` needed; the build is cached by torch). Where that fails, a warning says why, once, and decode
+falls back to the Triton kernel. ``HEADQ_CUDA_DECODE=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..quantize import QuantizedTokens
+
+SOURCES = Path(__file__).parent / "cuda"
+HEAD_DIM = 128
+TILE = 64  # tokens a loop step of the kernel
+ROWS = 8  # query heads a product holds: the most query heads a KV head may have here
+SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
+# warps_per_block: warps a thread block holds (each is one split); warps_per_sm: splits to aim for per SM;
+# min_split_tokens: the fewest tokens a split gets (each split loads the query and writes partials);
+# min_blocks: blocks an SM must fit (a register cap for the compiler: 1 leaves it 255 registers).
+LAUNCH = {"warps_per_block": 4, "warps_per_sm": 8, "min_split_tokens": 256, "min_blocks": 1}
+_MODEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def enabled() -> bool:
+    return os.environ.get("HEADQ_CUDA_DECODE", "1") != "0"
+
+
+@functools.cache
+def extension(min_blocks: int | None = None) -> Any | None:
+    """The compiled extension (built on first use, then loaded from torch's cache), or ``None`` with a warning."""
+    min_blocks = LAUNCH["min_blocks"] if min_blocks is None else min_blocks
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=f"headq_decode_cuda_b{min_blocks}",
+            sources=[str(SOURCES / "binding.cpp"), str(SOURCES / "decode.cu")],
+            extra_include_paths=[str(SOURCES)],
+            extra_cuda_cflags=["-O3", "-std=c++17", f"-DHEADQ_MIN_BLOCKS={min_blocks}"],
+            verbose=False,
+        )
+    except Exception as error:  # noqa: BLE001 (any build failure: fall back, say why)
+        warnings.warn(
+            f"transformers-headq: the CUDA decode kernel could not be built ({type(error).__name__}: {error}); "
+            "decode uses the Triton kernel instead. It needs nvcc and ninja on the PATH (the CUDA toolkit "
+            "matching torch's CUDA, and `pip install ninja`); HEADQ_CUDA_DECODE=0 silences this.",
+            stacklevel=2,
+        )
+        return None
+
+
+def _aligned(t: torch.Tensor, elements: int, address: int) -> bool:
+    """Unit last stride, other strides multiples of ``elements``, address a multiple of ``address`` bytes."""
+    return t.stride(-1) == 1 and all(s % elements == 0 for s in t.stride()[:-1]) and t.data_ptr() % address == 0
+
+
+def covers(
+    settings: Any,
+    query: torch.Tensor,
+    decoder: torch.Tensor | None,
+    keys: QuantizedTokens,
+    side: QuantizedTokens | None,
+    values: QuantizedTokens | torch.Tensor,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    valid: torch.Tensor | None,
+    sink_keys: torch.Tensor | None,
+) -> bool:
+    """Whether the CUDA kernel reads this step's stores (settings, dtypes, strides and alignment)."""
+    key_q, side_q, value_q = settings.quantizers
+    groups = settings.q_heads // settings.kv_heads
+    if not (
+        enabled()
+        and query.device.type == "cuda"
+        and settings.head_dim == HEAD_DIM
+        and settings.dtype in _MODEL_DTYPES
+        and query.dtype == settings.dtype
+        and groups <= ROWS
+        and settings.block % TILE == 0
+        and key_q is not None
+        and (key_q.bits, key_q.grouping, key_q.group, key_q.meta_dtype) == (2, "channel", settings.block, torch.float16)
+        and value_q is not None
+        and (value_q.bits, value_q.grouping, value_q.group, value_q.meta_dtype) == (2, "token", HEAD_DIM, torch.float16)
+        and keys.codes.shape[2] % TILE == 0
+        and isinstance(values, QuantizedTokens)
+    ):
+        return False
+    if settings.rank:
+        if side is None or decoder is None or side_q is None or settings.rank != SIDE_RANK:
+            return False
+        side_kind = (side_q.bits, side_q.grouping, side_q.group, side_q.meta_dtype)
+        if side_kind != (4, "channel", settings.block, torch.float16):
+            return False
+        if not (_aligned(side.codes, 4, 4) and _aligned(side.scale, 4, 8) and _aligned(side.zero, 4, 8)):
+            return False
+        if not (decoder.dtype == torch.float32 and decoder.is_contiguous() and decoder.data_ptr() % 16 == 0):
+            return False
+    return (
+        _aligned(query, 2, 4)
+        and _aligned(keys.codes, 8, 16)
+        and _aligned(keys.scale, 8, 16)
+        and _aligned(keys.zero, 8, 16)
+        and _aligned(values.codes, 4, 4)
+        and values.scale.stride(-1) == 1
+        and _aligned(window_keys, 4, 8)
+        and _aligned(window_values, 4, 8)
+        and window_keys.dtype == window_values.dtype == settings.dtype
+        and (sink_keys is None or (sink_keys.dtype == settings.dtype and sink_keys.stride(-1) == 1))
+        and (valid is None or valid.stride(-1) == 1)
+    )
+
+
+def splits(batch_heads: int, n_tokens: int, multiprocessors: int) -> tuple[int, int]:
+    """``(splits, tokens per split)``: about ``warps_per_sm`` warps an SM, each split a multiple of a tile."""
+    tiles = max(1, -(-n_tokens // TILE))
+    wanted = max(1, min(tiles, -(-LAUNCH["warps_per_sm"] * multiprocessors // batch_heads)))
+    per_split = max(-(-tiles // wanted), -(-LAUNCH["min_split_tokens"] // TILE)) * TILE
+    return max(1, -(-n_tokens // per_split)), per_split
+
+
+_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per (sequence, KV head) counts of finished splits: zero between launches (the merging split resets its
+    own), kept per device and stream like the partials, so that CUDA graphs replay the same buffer."""
+    stream = torch.cuda.current_stream(device).cuda_stream
+    buf = _COUNTERS.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[(device, stream)] = torch.zeros(max(n, 64), device=device, dtype=torch.int32)
+    return buf
+
+
+def decode(
+    settings: Any,
+    query: torch.Tensor,
+    decoder: torch.Tensor | None,
+    keys: QuantizedTokens,
+    side: QuantizedTokens | None,
+    values: QuantizedTokens,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+    softcap: float | None,
+    sink_keys: torch.Tensor | None,
+    partials: Any,
+    multiprocessors: int,
+) -> torch.Tensor:
+    """One launch: attention output ``[B, 1, Hq, D]`` in the query's dtype (the caller checked :func:`covers`).
+
+    ``partials(rows)`` gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows."""
+    ext = extension()
+    assert ext is not None
+    batch, q_heads, _, head_dim = query.shape
+    n_tokens = keys.codes.shape[2]
+    n_splits, per_split = splits(batch * settings.kv_heads, n_tokens, multiprocessors)
+    m, norm, acc = partials(batch * settings.kv_heads * n_splits * ROWS)
+    out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
+    ext.decode(
+        query, decoder, keys.codes, keys.scale, keys.zero,
+        side.codes if side is not None else None, side.scale if side is not None else None,
+        side.zero if side is not None else None,
+        values.codes, values.scale, values.zero, window_keys, window_values, sink_keys, valid, None,
+        m, norm, acc, _counters(query.device, batch * settings.kv_heads), out,
+        q_heads // settings.kv_heads, settings.block, n_tokens, per_split, n_splits, scaling, softcap or 0.0,
+        LAUNCH["warps_per_block"],
+    )  # fmt: skip
+    return out
