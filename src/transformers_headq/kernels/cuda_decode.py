@@ -29,10 +29,10 @@ HEAD_DIM = 128
 TILE = 64  # tokens a loop step of the kernel
 ROWS = 8  # query heads a product holds: the most query heads a KV head may have here
 SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
-# warps_per_block: warps a thread block holds (each is one split); warps_per_sm: splits to aim for per SM;
-# min_split_tokens: the fewest tokens a split gets (each split loads the query and writes partials);
-# min_blocks: blocks an SM must fit (a register cap for the compiler: 1 leaves it 255 registers).
-LAUNCH = {"warps_per_block": 4, "warps_per_sm": 8, "min_split_tokens": 256, "min_blocks": 1}
+# blocks_per_sm: thread blocks (splits) an SM holds at once (4 warps of up to 255 registers: 2), so that the
+# splits fill one wave; min_split_tokens: the fewest tokens a split gets (each split loads the query and
+# writes partials that the merge reads).
+LAUNCH = {"blocks_per_sm": 2, "min_split_tokens": 256}
 _MODEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -41,17 +41,16 @@ def enabled() -> bool:
 
 
 @functools.cache
-def extension(min_blocks: int | None = None) -> Any | None:
+def extension() -> Any | None:
     """The compiled extension (built on first use, then loaded from torch's cache), or ``None`` with a warning."""
-    min_blocks = LAUNCH["min_blocks"] if min_blocks is None else min_blocks
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"headq_decode_cuda_b{min_blocks}",
+            name="headq_decode_cuda",
             sources=[str(SOURCES / "binding.cpp"), str(SOURCES / "decode.cu")],
             extra_include_paths=[str(SOURCES)],
-            extra_cuda_cflags=["-O3", "-std=c++17", f"-DHEADQ_MIN_BLOCKS={min_blocks}"],
+            extra_cuda_cflags=["-O3", "-std=c++17"],
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 (any build failure: fall back, say why)
@@ -67,6 +66,12 @@ def extension(min_blocks: int | None = None) -> Any | None:
 def _aligned(t: torch.Tensor, elements: int, address: int) -> bool:
     """Unit last stride, other strides multiples of ``elements``, address a multiple of ``address`` bytes."""
     return t.stride(-1) == 1 and all(s % elements == 0 for s in t.stride()[:-1]) and t.data_ptr() % address == 0
+
+
+def _rows(t: torch.Tensor, row: int, address: int) -> bool:
+    """Rows of ``row`` elements back to back within a (sequence, head), strides between those multiples of 8
+    elements, the address a multiple of ``address`` bytes (the kernel steps rows by a constant, loads in vectors)."""
+    return t.stride(-1) == 1 and t.stride(-2) == row and _aligned(t, min(row, 8), address)
 
 
 def covers(
@@ -106,17 +111,19 @@ def covers(
         side_kind = (side_q.bits, side_q.grouping, side_q.group, side_q.meta_dtype)
         if side_kind != (4, "channel", settings.block, torch.float16):
             return False
-        if not (_aligned(side.codes, 4, 4) and _aligned(side.scale, 4, 8) and _aligned(side.zero, 4, 8)):
+        side_rows = _rows(side.codes, SIDE_RANK // 2, 4) and _rows(side.scale, SIDE_RANK, 8)
+        if not (side_rows and _rows(side.zero, SIDE_RANK, 8)):
             return False
         if not (decoder.dtype == torch.float32 and decoder.is_contiguous() and decoder.data_ptr() % 16 == 0):
             return False
     return (
         _aligned(query, 2, 4)
-        and _aligned(keys.codes, 8, 16)
-        and _aligned(keys.scale, 8, 16)
-        and _aligned(keys.zero, 8, 16)
-        and _aligned(values.codes, 4, 4)
-        and values.scale.stride(-1) == 1
+        and _rows(keys.codes, HEAD_DIM // 4, 16)
+        and _rows(keys.scale, HEAD_DIM, 16)
+        and _rows(keys.zero, HEAD_DIM, 16)
+        and _rows(values.codes, HEAD_DIM // 4, 4)
+        and _rows(values.scale, 1, 2)
+        and _rows(values.zero, 1, 2)
         and _aligned(window_keys, 4, 8)
         and _aligned(window_values, 4, 8)
         and window_keys.dtype == window_values.dtype == settings.dtype
@@ -126,11 +133,12 @@ def covers(
 
 
 def splits(batch_heads: int, n_tokens: int, multiprocessors: int) -> tuple[int, int]:
-    """``(splits, tokens per split)``: about ``warps_per_sm`` warps an SM, each split a multiple of a tile."""
+    """``(splits, tokens per split)``: as many splits as fill one wave of thread blocks, each a whole number of
+    tiles and at least ``min_split_tokens``."""
     tiles = max(1, -(-n_tokens // TILE))
-    wanted = max(1, min(tiles, -(-LAUNCH["warps_per_sm"] * multiprocessors // batch_heads)))
-    per_split = max(-(-tiles // wanted), -(-LAUNCH["min_split_tokens"] // TILE)) * TILE
-    return max(1, -(-n_tokens // per_split)), per_split
+    fit = max(1, LAUNCH["blocks_per_sm"] * multiprocessors // batch_heads)
+    per_split = max(-(-tiles // fit), -(-LAUNCH["min_split_tokens"] // TILE))
+    return -(-tiles // per_split), per_split * TILE
 
 
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
@@ -179,6 +187,5 @@ def decode(
         values.codes, values.scale, values.zero, window_keys, window_values, sink_keys, valid, None,
         m, norm, acc, _counters(query.device, batch * settings.kv_heads), out,
         q_heads // settings.kv_heads, settings.block, n_tokens, per_split, n_splits, scaling, softcap or 0.0,
-        LAUNCH["warps_per_block"],
     )  # fmt: skip
     return out

@@ -24,7 +24,7 @@ void decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& deco
             const c10::optional<torch::Tensor>& valid, const c10::optional<torch::Tensor>& lengths,
             const torch::Tensor& part_m, const torch::Tensor& part_l, const torch::Tensor& part_acc,
             const torch::Tensor& counters, const torch::Tensor& out, int64_t groups, int64_t block, int64_t n_tokens,
-            int64_t tokens_per_split, int64_t n_splits, double scaling, double softcap, int64_t warps_per_block) {
+            int64_t tokens_per_split, int64_t n_splits, double scaling, double softcap) {
   const c10::cuda::CUDAGuard guard(query.device());
   headq::DecodeParams p{};
   p.query = query.data_ptr();
@@ -34,30 +34,24 @@ void decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& deco
   p.key_codes = key_codes.data_ptr<uint8_t>();
   p.s_kc_b = key_codes.stride(0);
   p.s_kc_h = key_codes.stride(1);
-  p.s_kc_t = key_codes.stride(2);
   p.key_scale = key_scale.data_ptr();
   p.key_zero = key_zero.data_ptr();
   p.s_ks_b = key_scale.stride(0);
   p.s_ks_h = key_scale.stride(1);
-  p.s_ks_t = key_scale.stride(2);
   p.side_codes = data_or_null<uint8_t>(side_codes);
   p.s_cc_b = stride_or_zero(side_codes, 0);
   p.s_cc_h = stride_or_zero(side_codes, 1);
-  p.s_cc_t = stride_or_zero(side_codes, 2);
   p.side_scale = data_or_null<void>(side_scale);
   p.side_zero = data_or_null<void>(side_zero);
   p.s_cs_b = stride_or_zero(side_scale, 0);
   p.s_cs_h = stride_or_zero(side_scale, 1);
-  p.s_cs_t = stride_or_zero(side_scale, 2);
   p.value_codes = value_codes.data_ptr<uint8_t>();
   p.s_vc_b = value_codes.stride(0);
   p.s_vc_h = value_codes.stride(1);
-  p.s_vc_t = value_codes.stride(2);
   p.value_scale = value_scale.data_ptr();
   p.value_zero = value_zero.data_ptr();
   p.s_vs_b = value_scale.stride(0);
   p.s_vs_h = value_scale.stride(1);
-  p.s_vs_t = value_scale.stride(2);
   p.window_keys = window_keys.data_ptr();
   p.s_wk_b = window_keys.stride(0);
   p.s_wk_h = window_keys.stride(1);
@@ -90,7 +84,7 @@ void decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& deco
   p.scaling = static_cast<float>(scaling);
   p.softcap = static_cast<float>(softcap);
   headq::launch_decode(p, query.scalar_type() == at::kBFloat16, side_codes.has_value(),
-                       static_cast<int>(warps_per_block), at::cuda::getCurrentCUDAStream());
+                       at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,10 +1,11 @@
 // Fused decode attention over packed HeadQ codes on tensor cores (mma.sync m16n8k16, sm_80 and newer).
 //
-// One warp handles one (sequence, KV head) and one split of the stored tokens, for the query heads sharing
-// the KV head; the last warp of a (sequence, KV head) to finish merges the splits (no second launch).
+// A thread block of four warps handles one (sequence, KV head) and one split of the stored tokens, for the
+// query heads sharing the KV head: its warps take the split's tiles in turn and combine through shared
+// memory; the last split of a (sequence, KV head) to finish merges the splits (no second launch).
 // Covered: head dim 128, 2-bit keys with a float16 scale and zero per channel and block (a multiple of 64
 // tokens), optionally a rank-16 side code of 4-bit codes with a scale and zero per direction and block,
-// 2-bit values with a float16 scale and zero per token, exact sink keys, a key-validity mask, soft-capping,
+// 2-bit values with a float16 scale and zero per token, up to 16 exact sink keys, a key-validity mask, soft-capping,
 // a full-precision window, lengths read from the device. Everything else runs the Triton kernel.
 //
 // Why it is fast: the codes go from global memory straight into tensor-core operands. A byte of a packed
@@ -38,6 +39,9 @@ constexpr int TILE = 64;  // tokens a loop step: four 16-row products
 constexpr int ROWS = 8;  // query heads a product holds (its n side)
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float CODE_UNIT = 16777216.0f;  // a code k read as a float16 subnormal is k * 2^-24
+constexpr int KEY_ROW = D / 4;  // bytes of a packed 2-bit row (keys and values): rows are contiguous
+constexpr int SIDE_RANK = 16;  // side-code directions
+constexpr int SIDE_ROW = SIDE_RANK / 2;  // bytes of a packed 4-bit side-code row
 constexpr uint32_t TWO_BIT = 0x00030003u;
 constexpr uint32_t FOUR_BIT = 0x000F000Fu;
 
@@ -64,9 +68,6 @@ struct ModelType<__nv_bfloat16> {
 
 __device__ __forceinline__ uint32_t pack_half(float lo, float hi) { return ModelType<__half>::pack(lo, hi); }
 
-__device__ __forceinline__ float half_at(const void* base, int64_t index) {
-  return __half2float(reinterpret_cast<const __half*>(base)[index]);
-}
 
 // acc += A (16x16, row) * B (16x8, col), float16 operands.
 __device__ __forceinline__ void mma_f16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -113,9 +114,10 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
+template <bool SOFTCAP>
 __device__ __forceinline__ float scaled_logit(float raw, float scale, float softcap) {  // log2 units
   float s = raw * scale;
-  if (softcap > 0.f) s = softcap * tanhf(s / softcap);
+  if constexpr (SOFTCAP) s = softcap * tanhf(s * __frcp_rn(softcap));
   return s * LOG2E;
 }
 
@@ -135,7 +137,7 @@ struct Softmax {
     float base[2];
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
-      float m_new = fmaxf(max[k], warp_max_rows(tile_max[k]));
+      const float m_new = fmaxf(max[k], warp_max_rows(tile_max[k]));
       base[k] = m_new == -INFINITY ? 0.f : m_new;
       rescale[k] = exp2f(max[k] - base[k]);
       max[k] = m_new;
@@ -151,19 +153,26 @@ struct Softmax {
   }
 };
 
-#ifndef HEADQ_MIN_BLOCKS
-#define HEADQ_MIN_BLOCKS 1  // blocks of 4 warps an SM must hold: a register cap (255 / HEADQ_MIN_BLOCKS...)
-#endif
+// Pairs (h[s], h[s + 2]) of eight float16 values (a uint4) for s = 0, 1 (``first``: h[0..3] or h[4..7]).
+__device__ __forceinline__ uint32_t spread_pair(uint32_t w0, uint32_t w1, int s) {
+  return __byte_perm(w0, w1, s ? 0x7632 : 0x5410);
+}
 
-// A lane's accumulator row (m-tile mt, half: row r or r + 8) is value channel 32 (mt / 2) + 4r + 2 (mt % 2) +
+constexpr int WARPS = 4;  // a thread block: one split, its tiles dealt round-robin to the warps
+
+// A lane's value accumulator row (m-tile mt, half: row r or r + 8) is value channel 32 (mt / 2) + 4r + 2 (mt % 2) +
 // half: plane mt / 2 of byte 2 (mt % 2) + half of the lane's 32-bit word r of a packed value row.
-template <typename T, bool SIDE>
-__global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const DecodeParams p) {
+struct SplitState {
+  float m[ROWS], l[ROWS], acc[ROWS][D];
+};
+
+template <typename T, bool SIDE, bool SOFTCAP>
+__global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParams p) {
   using M = ModelType<T>;
-  const int lane = threadIdx.x & 31;
-  const int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (item >= p.batch * p.kv_heads * p.n_splits) return;
-  const int bh = item / p.n_splits, split = item - bh * p.n_splits;
+  __shared__ SplitState warp_state[WARPS];
+  __shared__ int last_split;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int bh = blockIdx.x / p.n_splits, split = blockIdx.x - bh * p.n_splits;
   const int b = bh / p.kv_heads, h = bh - b * p.kv_heads;
   const int r = lane >> 2, j = lane & 3;
   const int G = p.groups;
@@ -174,7 +183,8 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
   }
   const T* query = reinterpret_cast<const T*>(p.query) + b * p.s_qb + h * G * p.s_qh;
 
-  // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold.
+  // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold,
+  // over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
   float q[4][8];
 #pragma unroll
   for (int pp = 0; pp < 4; ++pp)
@@ -187,7 +197,6 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
     for (int e = 0; e < 8; ++e) norm = fmaxf(norm, fabsf(q[pp][e]));
   norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 1));
   norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 2));
-
   // The side code's directions 8ps + 4u + e (e < 4) of this lane's operand, and qW there.
   const int side_u = j >> 1, side_p = j & 1;
   float qw[4] = {0.f, 0.f, 0.f, 0.f};
@@ -203,7 +212,7 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
         const float4* row = reinterpret_cast<const float4*>(w + (32 * pp + 8 * j + e) * 16);
 #pragma unroll
         for (int v = 0; v < 4; ++v) {
-          float4 x = __ldg(row + v);
+          const float4 x = __ldg(row + v);
           partial[4 * v] += q[pp][e] * x.x;
           partial[4 * v + 1] += q[pp][e] * x.y;
           partial[4 * v + 2] += q[pp][e] * x.z;
@@ -222,26 +231,56 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
     }
   }
   norm = norm > 0.f ? norm : 1.f;
-  const float inv_norm = 1.f / norm;
+  const float inv_norm = __frcp_rn(norm);
+  uint32_t q_pair[4][2][2];  // [pp][u][s]: channels 32pp + 8j + 4u + s and + 2
 #pragma unroll
   for (int pp = 0; pp < 4; ++pp)
 #pragma unroll
-    for (int e = 0; e < 8; ++e) q[pp][e] *= inv_norm;
+    for (int u = 0; u < 2; ++u)
 #pragma unroll
-  for (int e = 0; e < 4; ++e) qw[e] *= inv_norm;
+      for (int s = 0; s < 2; ++s)
+        q_pair[pp][u][s] = pack_half(q[pp][4 * u + s] * inv_norm, q[pp][4 * u + s + 2] * inv_norm);
+  uint32_t qw_pair[2] = {pack_half(qw[0] * inv_norm, qw[2] * inv_norm), pack_half(qw[1] * inv_norm, qw[3] * inv_norm)};
   // The accumulator columns of this lane are the heads 2j and 2j + 1: their norms live on lanes 8j, 8j + 4.
   const float col_norm[2] = {__shfl_sync(0xffffffffu, norm, 8 * j), __shfl_sync(0xffffffffu, norm, 8 * j + 4)};
   const bool col_real[2] = {2 * j < G, 2 * j + 1 < G};
-  const float logit_scale[2] = {p.scaling * col_norm[0] * CODE_UNIT, p.scaling * col_norm[1] * CODE_UNIT};
+  const float logit_scale[2] = {p.scaling * col_norm[0], p.scaling * col_norm[1]};
+
+  // ---- Exact logits of the sink slots (the first n_sinks <= 16 stored tokens: m-tile 0 of tile 0).
+  float sink_logit[4] = {0.f, 0.f, 0.f, 0.f};
+  const int start = split * p.tokens_per_split;
+  const int end = min(start + p.tokens_per_split, n_tokens);
+  const bool has_sinks = p.n_sinks > 0 && start == 0 && end > 0 && warp == 0;
+  if (has_sinks) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int token = 8 * (i >> 1) + r, col = i & 1;
+      if (token < p.n_sinks && col_real[col]) {
+        const T* sink = reinterpret_cast<const T*>(p.sink_keys) + b * p.s_sk_b + h * p.s_sk_h + token * p.s_sk_t;
+        const T* q_row = query + (2 * j + col) * p.s_qh;
+        float dot = 0.f;
+#pragma unroll 8
+        for (int c = 0; c < D; ++c) dot += M::to_float(q_row[c]) * M::to_float(sink[c]);
+        sink_logit[i] = scaled_logit<SOFTCAP>(dot, p.scaling, p.softcap);
+      }
+    }
+  }
 
   const uint8_t* key_codes = p.key_codes + b * p.s_kc_b + h * p.s_kc_h + 8 * j;
   const uint8_t* side_codes = p.side_codes + b * p.s_cc_b + h * p.s_cc_h + 4 * side_u;
   const uint8_t* value_codes = p.value_codes + b * p.s_vc_b + h * p.s_vc_h + 4 * r;
-  const int64_t value_meta = b * p.s_vs_b + h * p.s_vs_h;
+  const __half* value_scales = reinterpret_cast<const __half*>(p.value_scale) + b * p.s_vs_b + h * p.s_vs_h;
+  const __half* value_zeros = reinterpret_cast<const __half*>(p.value_zero) + b * p.s_vs_b + h * p.s_vs_h;
+  const __half* key_scales = reinterpret_cast<const __half*>(p.key_scale) + b * p.s_ks_b + h * p.s_ks_h + 8 * j;
+  const __half* key_zeros = reinterpret_cast<const __half*>(p.key_zero) + b * p.s_ks_b + h * p.s_ks_h + 8 * j;
+  const __half* side_scales = reinterpret_cast<const __half*>(p.side_scale) + b * p.s_cs_b + h * p.s_cs_h +
+                              8 * side_p + 4 * side_u;
+  const __half* side_zeros = reinterpret_cast<const __half*>(p.side_zero) + b * p.s_cs_b + h * p.s_cs_h +
+                             8 * side_p + 4 * side_u;
   const uint8_t* valid = p.valid != nullptr ? p.valid + b * p.s_valid_b : nullptr;
 
   Softmax softmax;
-  float acc[8][4];  // O^T rows value_channel(mt, i >> 1, r), columns 2j + (i & 1)
+  float acc[8][4];  // O^T rows (value channels, see SplitState), columns 2j + (i & 1)
 #pragma unroll
   for (int mt = 0; mt < 8; ++mt)
 #pragma unroll
@@ -249,14 +288,8 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
   float value_bias[2] = {0.f, 0.f};  // this lane's share of sum_t p * zero
   float value_norm = 1e-30f;  // the largest value scale so far: p * scale / value_norm fits float16
 
-  uint32_t key_operand[8][2];  // the query folded with the block's key scales (B operands by k-step)
-  uint32_t side_operand[2] = {0u, 0u};
-  float block_bias[2] = {0.f, 0.f};  // sum_c q zero (+ side) of the block, for columns 2j, 2j + 1
-
-  const int start = split * p.tokens_per_split;
-  const int end = min(start + p.tokens_per_split, n_tokens);
-  for (int tile = start; tile < end; tile += TILE) {
-    // ---- Loads first: all of the tile's codes are in flight while the block's query is folded.
+  for (int tile = start + TILE * warp; tile < end; tile += TILE * WARPS) {
+    // ---- Loads first: all of the tile's codes and scales are in flight before any product.
     uint2 key_words[4][2];
     uint32_t side_words[4][2];
     float value_scale[4][2], value_zero[4][2];
@@ -264,69 +297,74 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int64_t token = tile + 16 * mt + 8 * half + r;
-        key_words[mt][half] = *reinterpret_cast<const uint2*>(key_codes + token * p.s_kc_t);
-        if constexpr (SIDE) side_words[mt][half] = *reinterpret_cast<const uint32_t*>(side_codes + token * p.s_cc_t);
-        value_scale[mt][half] = half_at(p.value_scale, value_meta + token * p.s_vs_t);
-        value_zero[mt][half] = half_at(p.value_zero, value_meta + token * p.s_vs_t);
+        const int token = tile + 16 * mt + 8 * half + r;
+        key_words[mt][half] = *reinterpret_cast<const uint2*>(key_codes + token * KEY_ROW);
+        if constexpr (SIDE) side_words[mt][half] = *reinterpret_cast<const uint32_t*>(side_codes + token * SIDE_ROW);
+        value_scale[mt][half] = __half2float(value_scales[token]);
+        value_zero[mt][half] = __half2float(value_zeros[token]);
       }
     uint32_t value_words[4][4];  // k-step kt: tokens 16kt + 2j + {0, 1, 8, 9}, word r
 #pragma unroll
     for (int kt = 0; kt < 4; ++kt)
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        const int64_t token = tile + 16 * kt + 2 * j + (t & 1) + 8 * (t >> 1);
-        value_words[kt][t] = *reinterpret_cast<const uint32_t*>(value_codes + token * p.s_vc_t);
+        const int token = tile + 16 * kt + 2 * j + (t & 1) + 8 * (t >> 1);
+        value_words[kt][t] = *reinterpret_cast<const uint32_t*>(value_codes + token * KEY_ROW);
       }
-
-    if (tile == start || tile % p.block == 0) {  // a new block: fold its scales into the query operands
-      const int64_t meta = b * p.s_ks_b + h * p.s_ks_h + static_cast<int64_t>(tile / p.block) * p.s_ks_t;
-      float bias = 0.f;
+    const int block_row = tile / p.block;
+    uint4 scale_bits[4], zero_bits[4];
 #pragma unroll
-      for (int pp = 0; pp < 4; ++pp) {
-        const uint4 scale_bits =
-            *reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(p.key_scale) + meta + 32 * pp + 8 * j);
-        const uint4 zero_bits =
-            *reinterpret_cast<const uint4*>(reinterpret_cast<const __half*>(p.key_zero) + meta + 32 * pp + 8 * j);
-        const __half* scale = reinterpret_cast<const __half*>(&scale_bits);
-        const __half* zero = reinterpret_cast<const __half*>(&zero_bits);
-        float folded[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          folded[e] = q[pp][e] * __half2float(scale[e]);
-          bias += q[pp][e] * __half2float(zero[e]);
-        }
-        // k-step 4u + pp, slot s: channels 32pp + 8j + 4u + s (low half) and + 2 (high half)
-#pragma unroll
-        for (int u = 0; u < 2; ++u)
-#pragma unroll
-          for (int s = 0; s < 2; ++s) key_operand[4 * u + pp][s] = pack_half(folded[4 * u + s], folded[4 * u + s + 2]);
-      }
-      if constexpr (SIDE) {
-        const int64_t side_meta = b * p.s_cs_b + h * p.s_cs_h + static_cast<int64_t>(tile / p.block) * p.s_cs_t +
-                                  8 * side_p + 4 * side_u;
-        const uint2 scale_bits = *reinterpret_cast<const uint2*>(reinterpret_cast<const __half*>(p.side_scale) + side_meta);
-        const uint2 zero_bits = *reinterpret_cast<const uint2*>(reinterpret_cast<const __half*>(p.side_zero) + side_meta);
-        const __half* scale = reinterpret_cast<const __half*>(&scale_bits);
-        const __half* zero = reinterpret_cast<const __half*>(&zero_bits);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) bias += qw[e] * __half2float(zero[e]);
-#pragma unroll
-        for (int s = 0; s < 2; ++s)
-          side_operand[s] = pack_half(qw[s] * __half2float(scale[s]), qw[s + 2] * __half2float(scale[s + 2]));
-      }
-      bias += __shfl_xor_sync(0xffffffffu, bias, 1);
-      bias += __shfl_xor_sync(0xffffffffu, bias, 2);
-      block_bias[0] = __shfl_sync(0xffffffffu, bias, 8 * j) / CODE_UNIT;  // in the products' units
-      block_bias[1] = __shfl_sync(0xffffffffu, bias, 8 * j + 4) / CODE_UNIT;
+    for (int pp = 0; pp < 4; ++pp) {
+      scale_bits[pp] = *reinterpret_cast<const uint4*>(key_scales + block_row * D + 32 * pp);
+      zero_bits[pp] = *reinterpret_cast<const uint4*>(key_zeros + block_row * D + 32 * pp);
+    }
+    uint2 side_scale_bits, side_zero_bits;
+    if constexpr (SIDE) {
+      side_scale_bits = *reinterpret_cast<const uint2*>(side_scales + block_row * SIDE_RANK);
+      side_zero_bits = *reinterpret_cast<const uint2*>(side_zeros + block_row * SIDE_RANK);
     }
 
-    // ---- Logits S^T[t, g]: keys (eight 16-deep steps) and the side code (one more).
+    // ---- The block's scales fold into the query operands; its zeros give the logits' block bias, by products
+    // with the zeros as every row of A (exact float32 sums): bias[i] for columns 2j + (i & 1).
+    uint32_t key_operand[8][2];  // k-step 4u + pp, slot s
+    float bias[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int pp = 0; pp < 4; ++pp)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const uint32_t s0 = u ? scale_bits[pp].z : scale_bits[pp].x, s1 = u ? scale_bits[pp].w : scale_bits[pp].y;
+        const uint32_t z0 = u ? zero_bits[pp].z : zero_bits[pp].x, z1 = u ? zero_bits[pp].w : zero_bits[pp].y;
+        uint32_t zero_pair[2];
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const uint32_t scale_pair = spread_pair(s0, s1, s);
+          __half2 product = __hmul2(*reinterpret_cast<const __half2*>(&q_pair[pp][u][s]),
+                                    *reinterpret_cast<const __half2*>(&scale_pair));
+          key_operand[4 * u + pp][s] = *reinterpret_cast<uint32_t*>(&product);
+          zero_pair[s] = spread_pair(z0, z1, s);
+        }
+        mma_f16(bias, zero_pair[0], zero_pair[0], zero_pair[1], zero_pair[1], q_pair[pp][u][0], q_pair[pp][u][1]);
+      }
+    uint32_t side_operand[2] = {0u, 0u};
+    if constexpr (SIDE) {
+      uint32_t zero_pair[2];
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t scale_pair = spread_pair(side_scale_bits.x, side_scale_bits.y, s);
+        __half2 product = __hmul2(*reinterpret_cast<const __half2*>(&qw_pair[s]),
+                                  *reinterpret_cast<const __half2*>(&scale_pair));
+        side_operand[s] = *reinterpret_cast<uint32_t*>(&product);
+        zero_pair[s] = spread_pair(side_zero_bits.x, side_zero_bits.y, s);
+      }
+      mma_f16(bias, zero_pair[0], zero_pair[0], zero_pair[1], zero_pair[1], qw_pair[0], qw_pair[1]);
+    }
+
+    // ---- Logits S^T[t, g]: keys (eight 16-deep steps) and the side code (one more), codes as subnormals.
     float s[4][4];
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) s[mt][i] = block_bias[i & 1];
+      for (int i = 0; i < 4; ++i) s[mt][i] = 0.f;
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const uint32_t w0 = u ? key_words[mt][0].y : key_words[mt][0].x;  // token r
@@ -349,16 +387,9 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
       for (int i = 0; i < 4; ++i) {
         const int token = tile + 16 * mt + 8 * (i >> 1) + r;
         const int col = i & 1;
-        float logit = scaled_logit(s[mt][i], logit_scale[col], p.softcap);
-        if (token < p.n_sinks) {  // exact sink keys replace the codes (and the side code) there
-          const T* sink = reinterpret_cast<const T*>(p.sink_keys) + b * p.s_sk_b + h * p.s_sk_h + token * p.s_sk_t;
-          const T* q_row = query + (2 * j + col) * p.s_qh;
-          float dot = 0.f;
-          if (col_real[col])
-            for (int c = 0; c < D; ++c) dot += M::to_float(q_row[c]) * M::to_float(sink[c]);
-          logit = scaled_logit(dot, p.scaling, p.softcap);
-        }
-        const bool keep = col_real[col] && token < end && (valid == nullptr || valid[token] != 0);
+        float logit = scaled_logit<SOFTCAP>(s[mt][i] * CODE_UNIT + bias[i], logit_scale[col], p.softcap);
+        if (mt == 0 && has_sinks && tile == 0 && token < p.n_sinks) logit = sink_logit[i];
+        const bool keep = col_real[col] && (valid == nullptr || valid[token] != 0);
         s[mt][i] = keep ? logit : -INFINITY;
       }
     float rescale[2];
@@ -371,9 +402,9 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
 #pragma unroll
       for (int half = 0; half < 2; ++half) tile_scale = fmaxf(tile_scale, value_scale[mt][half]);
     const float new_norm = fmaxf(value_norm, warp_max_rows(tile_scale));
-    const float norm_ratio = value_norm / new_norm;
+    const float norm_ratio = value_norm * __frcp_rn(new_norm);
     value_norm = new_norm;
-    const float inv_value_norm = 1.f / new_norm;
+    const float inv_value_norm = __frcp_rn(new_norm);
     value_bias[0] *= rescale[0];
     value_bias[1] *= rescale[1];
     uint32_t p_operand[4][2];
@@ -383,8 +414,8 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
       for (int half = 0; half < 2; ++half) {
         const float ps = value_scale[mt][half] * inv_value_norm;
         const float p0 = s[mt][2 * half], p1 = s[mt][2 * half + 1];
-        value_bias[0] = value_bias[0] + p0 * value_zero[mt][half];
-        value_bias[1] = value_bias[1] + p1 * value_zero[mt][half];
+        value_bias[0] += p0 * value_zero[mt][half];
+        value_bias[1] += p1 * value_zero[mt][half];
         p_operand[mt][half] = transpose8x8(pack_half(p0 * ps, p1 * ps));
       }
     const float acc_rescale[2] = {rescale[0] * norm_ratio, rescale[1] * norm_ratio};
@@ -416,8 +447,8 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = acc[mt][i] * value_unit + bias_total[i & 1];
 
-  // ---- The full-precision window (the last split): exact keys and values in the model dtype.
-  if (split == p.n_splits - 1 && n_window > 0) {
+  // ---- The full-precision window (the last split's last warp): exact keys and values in the model dtype.
+  if (split == p.n_splits - 1 && warp == WARPS - 1 && n_window > 0) {
     uint32_t q_operand[8][2];  // head g = r, channels 16kt + 2j (+1), 16kt + 2j + 8 (+9)
 #pragma unroll
     for (int kt = 0; kt < 8; ++kt)
@@ -427,6 +458,7 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
             r < G ? *reinterpret_cast<const uint32_t*>(query + r * p.s_qh + 16 * kt + 2 * j + 8 * s) : 0u;
     const T* wk = reinterpret_cast<const T*>(p.window_keys) + b * p.s_wk_b + h * p.s_wk_h;
     const T* wv = reinterpret_cast<const T*>(p.window_values) + b * p.s_wv_b + h * p.s_wv_h;
+#pragma unroll 1
     for (int first = 0; first < n_window; first += TILE) {
       float s[4][4];
 #pragma unroll
@@ -448,9 +480,9 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int token = first + 16 * mt + 8 * (i >> 1) + r;
-          const bool keep = col_real[i & 1] && token < n_window &&
-                            (valid == nullptr || valid[n_tokens + token] != 0);
-          s[mt][i] = keep ? scaled_logit(s[mt][i], p.scaling, p.softcap) : -INFINITY;
+          const bool keep =
+              col_real[i & 1] && token < n_window && (valid == nullptr || valid[n_tokens + token] != 0);
+          s[mt][i] = keep ? scaled_logit<SOFTCAP>(s[mt][i], p.scaling, p.softcap) : -INFINITY;
         }
       }
       float rescale[2];
@@ -467,9 +499,9 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
         for (int i = 0; i < 4; ++i) acc[mt][i] *= rescale[i & 1];
 #pragma unroll
       for (int kt = 0; kt < 4; ++kt) {
-        uint2 v[4];  // tokens 16kt + 2j + {0, 1, 8, 9}, channels 32pp + 4r ... + 3
 #pragma unroll
         for (int pp = 0; pp < 4; ++pp) {
+          uint2 v[4];  // tokens 16kt + 2j + {0, 1, 8, 9}, channels 32pp + 4r ... + 3
 #pragma unroll
           for (int t = 0; t < 4; ++t) {
             const int token = first + 16 * kt + 2 * j + (t & 1) + 8 * (t >> 1);
@@ -489,89 +521,126 @@ __global__ void __launch_bounds__(128, HEADQ_MIN_BLOCKS) decode_kernel(const Dec
     }
   }
 
-  // ---- Write: the output directly (one split), or this split's partials, merged by the last split.
+  // ---- The warps of this split combine through shared memory: warp w then holds query heads w and w + 4.
+  SplitState& mine = warp_state[warp];
   const float total[2] = {warp_sum_rows(softmax.total[0]), warp_sum_rows(softmax.total[1])};
-  T* out = reinterpret_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.kv_heads + h) * G * D;
-  if (p.n_splits == 1) {
-#pragma unroll
-    for (int col = 0; col < 2; ++col) {
-      if (!col_real[col]) continue;
-      const float inv = total[col] > 0.f ? 1.f / total[col] : 0.f;
-#pragma unroll
-      for (int pp = 0; pp < 4; ++pp) {
-        uint2 packed;
-        packed.x = M::pack(acc[2 * pp][col] * inv, acc[2 * pp][2 + col] * inv);
-        packed.y = M::pack(acc[2 * pp + 1][col] * inv, acc[2 * pp + 1][2 + col] * inv);
-        *reinterpret_cast<uint2*>(out + (2 * j + col) * D + 32 * pp + 4 * r) = packed;
-      }
-    }
-    return;
-  }
 #pragma unroll
   for (int col = 0; col < 2; ++col) {
-    const int row = item * ROWS + 2 * j + col;
+    const int g = 2 * j + col;
     if (r == 0) {
-      p.part_m[row] = softmax.max[col];
-      p.part_l[row] = total[col];
+      mine.m[g] = softmax.max[col];
+      mine.l[g] = total[col];
     }
 #pragma unroll
     for (int pp = 0; pp < 4; ++pp)
-      *reinterpret_cast<float4*>(p.part_acc + static_cast<int64_t>(row) * D + 32 * pp + 4 * r) =
+      *reinterpret_cast<float4*>(&mine.acc[g][32 * pp + 4 * r]) =
           make_float4(acc[2 * pp][col], acc[2 * pp][2 + col], acc[2 * pp + 1][col], acc[2 * pp + 1][2 + col]);
   }
-  __threadfence();
-  __syncwarp();
-  int arrived = 0;
-  if (lane == 0) arrived = atomicAdd(p.counters + bh, 1);
-  arrived = __shfl_sync(0xffffffffu, arrived, 0);
-  if (arrived != p.n_splits - 1) return;
-  __threadfence();
-  // The last split of this (sequence, KV head): merge all of them, four channels a lane.
-  const int first_row = bh * p.n_splits * ROWS;
-  for (int g = 0; g < G; ++g) {
-    float top = -INFINITY;
-    for (int sp = lane; sp < p.n_splits; sp += 32) top = fmaxf(top, __ldcg(p.part_m + first_row + sp * ROWS + g));
+  __syncthreads();
+  T* out = reinterpret_cast<T*>(p.out) + (static_cast<int64_t>(b) * p.kv_heads + h) * G * D;
+  const int64_t first_row = static_cast<int64_t>(bh) * p.n_splits * ROWS;
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-    top = top == -INFINITY ? 0.f : top;
+  for (int g = warp; g < ROWS; g += WARPS) {
+    if (g >= G) break;
+    float top = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) top = fmaxf(top, warp_state[w].m[g]);
+    const float base = top == -INFINITY ? 0.f : top;
     float norm_sum = 0.f;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int sp = 0; sp < p.n_splits; ++sp) {
-      const int row = first_row + sp * ROWS + g;
-      const float weight = exp2f(__ldcg(p.part_m + row) - top);
-      norm_sum += weight * __ldcg(p.part_l + row);
-      const float4 x = __ldcg(reinterpret_cast<const float4*>(p.part_acc + static_cast<int64_t>(row) * D) + lane);
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float weight = exp2f(warp_state[w].m[g] - base);
+      norm_sum += weight * warp_state[w].l[g];
+      const float4 x = *reinterpret_cast<const float4*>(&warp_state[w].acc[g][4 * lane]);
       sum.x += weight * x.x;
       sum.y += weight * x.y;
       sum.z += weight * x.z;
       sum.w += weight * x.w;
     }
-    const float inv = norm_sum > 0.f ? 1.f / norm_sum : 0.f;
+    if (p.n_splits == 1) {
+      const float inv = norm_sum > 0.f ? __frcp_rn(norm_sum) : 0.f;
+      uint2 packed;
+      packed.x = M::pack(sum.x * inv, sum.y * inv);
+      packed.y = M::pack(sum.z * inv, sum.w * inv);
+      *reinterpret_cast<uint2*>(out + g * D + 4 * lane) = packed;
+    } else {
+      const int64_t row = first_row + split * ROWS + g;
+      if (lane == 0) {
+        p.part_m[row] = top;
+        p.part_l[row] = norm_sum;
+      }
+      reinterpret_cast<float4*>(p.part_acc + row * D)[lane] = sum;
+    }
+  }
+  if (p.n_splits == 1) return;
+
+  // ---- The last split of this (sequence, KV head) to finish merges them all.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last_split = atomicAdd(p.counters + bh, 1) == p.n_splits - 1;
+  __syncthreads();
+  if (!last_split) return;
+  __threadfence();
+  constexpr int IN_FLIGHT = 8;  // splits read at once by a lane
+#pragma unroll 1
+  for (int g = warp; g < G; g += WARPS) {
+    float top = -INFINITY;
+    for (int sp = lane; sp < p.n_splits; sp += 32) top = fmaxf(top, __ldcg(p.part_m + first_row + sp * ROWS + g));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
+    const float base = top == -INFINITY ? 0.f : top;
+    float norm_sum = 0.f;
+    for (int sp = lane; sp < p.n_splits; sp += 32) {
+      const int64_t row = first_row + sp * ROWS + g;
+      norm_sum += exp2f(__ldcg(p.part_m + row) - base) * __ldcg(p.part_l + row);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) norm_sum += __shfl_xor_sync(0xffffffffu, norm_sum, o);
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int first = 0; first < p.n_splits; first += IN_FLIGHT) {
+      float weight[IN_FLIGHT];
+      float4 x[IN_FLIGHT];
+#pragma unroll
+      for (int k = 0; k < IN_FLIGHT; ++k) {
+        const int sp = min(first + k, p.n_splits - 1);
+        const int64_t row = first_row + sp * ROWS + g;
+        weight[k] = first + k < p.n_splits ? exp2f(__ldcg(p.part_m + row) - base) : 0.f;
+        x[k] = __ldcg(reinterpret_cast<const float4*>(p.part_acc + row * D) + lane);
+      }
+#pragma unroll
+      for (int k = 0; k < IN_FLIGHT; ++k) {
+        sum.x += weight[k] * x[k].x;
+        sum.y += weight[k] * x[k].y;
+        sum.z += weight[k] * x[k].z;
+        sum.w += weight[k] * x[k].w;
+      }
+    }
+    const float inv = norm_sum > 0.f ? __frcp_rn(norm_sum) : 0.f;
     uint2 packed;
     packed.x = M::pack(sum.x * inv, sum.y * inv);
     packed.y = M::pack(sum.z * inv, sum.w * inv);
     *reinterpret_cast<uint2*>(out + g * D + 4 * lane) = packed;
   }
-  if (lane == 0) p.counters[bh] = 0;  // ready for the next launch
+  if (threadIdx.x == 0) p.counters[bh] = 0;  // ready for the next launch
+}
+
+template <typename T, bool SIDE>
+void launch_typed(const DecodeParams& params, cudaStream_t stream) {
+  const dim3 grid(params.batch * params.kv_heads * params.n_splits), block(WARPS * 32);
+  if (params.softcap > 0.f)
+    decode_kernel<T, SIDE, true><<<grid, block, 0, stream>>>(params);
+  else
+    decode_kernel<T, SIDE, false><<<grid, block, 0, stream>>>(params);
 }
 
 }  // namespace
 
-void launch_decode(const DecodeParams& params, bool bf16, bool side_code, int warps_per_block, cudaStream_t stream) {
-  const int items = params.batch * params.kv_heads * params.n_splits;
-  const dim3 grid((items + warps_per_block - 1) / warps_per_block);
-  const dim3 block(32 * warps_per_block);
-  if (bf16) {
-    if (side_code)
-      decode_kernel<__nv_bfloat16, true><<<grid, block, 0, stream>>>(params);
-    else
-      decode_kernel<__nv_bfloat16, false><<<grid, block, 0, stream>>>(params);
-  } else {
-    if (side_code)
-      decode_kernel<__half, true><<<grid, block, 0, stream>>>(params);
-    else
-      decode_kernel<__half, false><<<grid, block, 0, stream>>>(params);
-  }
+void launch_decode(const DecodeParams& params, bool bf16, bool side_code, cudaStream_t stream) {
+  if (bf16)
+    side_code ? launch_typed<__nv_bfloat16, true>(params, stream) : launch_typed<__nv_bfloat16, false>(params, stream);
+  else
+    side_code ? launch_typed<__half, true>(params, stream) : launch_typed<__half, false>(params, stream);
 }
 
 }  // namespace headq

@@ -12,20 +12,20 @@ struct DecodeParams {
   int64_t s_qb, s_qh;
   const float* decoder;  // [Hkv, D, R] float32 contiguous (side code), or null
   const uint8_t* key_codes;  // [B, Hkv, T, D/4] 2-bit planes
-  int64_t s_kc_b, s_kc_h, s_kc_t;
+  int64_t s_kc_b, s_kc_h;
   const void* key_scale;  // [B, Hkv, T/block, D] float16 (and key_zero)
   const void* key_zero;
-  int64_t s_ks_b, s_ks_h, s_ks_t;
+  int64_t s_ks_b, s_ks_h;
   const uint8_t* side_codes;  // [B, Hkv, T, 8] 4-bit planes of 16 directions
-  int64_t s_cc_b, s_cc_h, s_cc_t;
+  int64_t s_cc_b, s_cc_h;
   const void* side_scale;  // [B, Hkv, T/block, 16] float16 (and side_zero)
   const void* side_zero;
-  int64_t s_cs_b, s_cs_h, s_cs_t;
+  int64_t s_cs_b, s_cs_h;
   const uint8_t* value_codes;  // [B, Hkv, T, D/4] 2-bit planes
-  int64_t s_vc_b, s_vc_h, s_vc_t;
+  int64_t s_vc_b, s_vc_h;
   const void* value_scale;  // [B, Hkv, T, 1] float16 (and value_zero)
   const void* value_zero;
-  int64_t s_vs_b, s_vs_h, s_vs_t;
+  int64_t s_vs_b, s_vs_h;
   const void* window_keys;  // [B, Hkv, W, D] model dtype
   int64_t s_wk_b, s_wk_h, s_wk_t;
   const void* window_values;
@@ -35,9 +35,9 @@ struct DecodeParams {
   const uint8_t* valid;  // [B, T + W] key validity, or null
   int64_t s_valid_b;
   const int64_t* lengths;  // [2] stored and window tokens on the device (a fixed-capacity cache), or null
-  float* part_m;  // [B*Hkv*splits, 8] running max (log2 units)
-  float* part_l;  // [B*Hkv*splits, 8] normaliser
-  float* part_acc;  // [B*Hkv*splits, 8, D] unnormalised output
+  float* part_m;  // [B*Hkv*splits*8] each split's running max (log2 units), 8 query-head rows a split
+  float* part_l;  // [B*Hkv*splits*8] normaliser
+  float* part_acc;  // [B*Hkv*splits*8, D] unnormalised output
   int* counters;  // [B*Hkv] splits finished (zero between launches)
   void* out;  // [B, 1, Hq, D] model dtype, contiguous
   int batch, kv_heads, groups, block, n_sinks;
@@ -45,7 +45,8 @@ struct DecodeParams {
   float scaling, softcap;  // softcap <= 0: none
 };
 
-// Launches the split kernel (which also merges the splits) on ``stream``; ``bf16``: the model dtype.
-void launch_decode(const DecodeParams& params, bool bf16, bool side_code, int warps_per_block, cudaStream_t stream);
+// Launches the kernel (one thread block of 4 warps a split; the last split of a (sequence, KV head) merges
+// them) on ``stream``; ``bf16``: the model dtype (else float16).
+void launch_decode(const DecodeParams& params, bool bf16, bool side_code, cudaStream_t stream);
 
 }  // namespace headq
