@@ -29,10 +29,10 @@ HEAD_DIM = 128
 TILE = 64  # tokens a loop step of the kernel
 ROWS = 8  # query heads a product holds: the most query heads a KV head may have here
 SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
-# blocks_per_sm: thread blocks (splits) an SM holds at once (4 warps of up to 255 registers: 2), so that the
-# splits fill one wave; min_split_tokens: the fewest tokens a split gets (each split loads the query and
-# writes partials that the merge reads).
-LAUNCH = {"blocks_per_sm": 2, "min_split_tokens": 256}
+# blocks_per_sm: thread blocks (splits) an SM holds at once, built into the kernel as its register cap (3: 168
+# registers a thread, 43.5 KB of shared memory a block), so that the splits fill one wave; min_split_tokens: the
+# fewest tokens a split gets (each split loads the query and writes partials that the merge reads).
+LAUNCH = {"blocks_per_sm": 3, "min_split_tokens": 256}
 _MODEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -40,17 +40,22 @@ def enabled() -> bool:
     return os.environ.get("HEADQ_CUDA_DECODE", "1") != "0"
 
 
-@functools.cache
 def extension() -> Any | None:
-    """The compiled extension (built on first use, then loaded from torch's cache), or ``None`` with a warning."""
+    """The compiled extension for :data:`LAUNCH` (built on first use, then loaded from torch's cache), or ``None``
+    with a warning."""
+    return _build(LAUNCH["blocks_per_sm"])
+
+
+@functools.cache
+def _build(blocks_per_sm: int) -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name="headq_decode_cuda",
+            name=f"headq_decode_cuda_{blocks_per_sm}",
             sources=[str(SOURCES / "binding.cpp"), str(SOURCES / "decode.cu")],
             extra_include_paths=[str(SOURCES)],
-            extra_cuda_cflags=["-O3", "-std=c++17"],
+            extra_cuda_cflags=["-O3", "-std=c++17", f"-DHEADQ_BLOCKS_PER_SM={blocks_per_sm}"],
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 (any build failure: fall back, say why)
@@ -68,10 +73,11 @@ def _aligned(t: torch.Tensor, elements: int, address: int) -> bool:
     return t.stride(-1) == 1 and all(s % elements == 0 for s in t.stride()[:-1]) and t.data_ptr() % address == 0
 
 
-def _rows(t: torch.Tensor, row: int, address: int) -> bool:
-    """Rows of ``row`` elements back to back within a (sequence, head), strides between those multiples of 8
-    elements, the address a multiple of ``address`` bytes (the kernel steps rows by a constant, loads in vectors)."""
-    return t.stride(-1) == 1 and t.stride(-2) == row and _aligned(t, min(row, 8), address)
+def _rows(t: torch.Tensor, row: int) -> bool:
+    """Rows of ``row`` elements back to back within a (sequence, head), whole 16-byte chunks between those and
+    at the address: the kernel copies tiles in 16-byte chunks and steps rows by a constant."""
+    outer = [s * t.element_size() for s, n in zip(t.stride()[:-2], t.shape[:-2], strict=True) if n > 1]
+    return t.stride(-1) == 1 and t.stride(-2) == row and all(s % 16 == 0 for s in outer) and t.data_ptr() % 16 == 0
 
 
 def covers(
@@ -111,19 +117,19 @@ def covers(
         side_kind = (side_q.bits, side_q.grouping, side_q.group, side_q.meta_dtype)
         if side_kind != (4, "channel", settings.block, torch.float16):
             return False
-        side_rows = _rows(side.codes, SIDE_RANK // 2, 4) and _rows(side.scale, SIDE_RANK, 8)
-        if not (side_rows and _rows(side.zero, SIDE_RANK, 8)):
+        side_rows = _rows(side.codes, SIDE_RANK // 2) and _rows(side.scale, SIDE_RANK)
+        if not (side_rows and _rows(side.zero, SIDE_RANK)):
             return False
         if not (decoder.dtype == torch.float32 and decoder.is_contiguous() and decoder.data_ptr() % 16 == 0):
             return False
     return (
         _aligned(query, 2, 4)
-        and _rows(keys.codes, HEAD_DIM // 4, 16)
-        and _rows(keys.scale, HEAD_DIM, 16)
-        and _rows(keys.zero, HEAD_DIM, 16)
-        and _rows(values.codes, HEAD_DIM // 4, 4)
-        and _rows(values.scale, 1, 2)
-        and _rows(values.zero, 1, 2)
+        and _rows(keys.codes, HEAD_DIM // 4)
+        and _rows(keys.scale, HEAD_DIM)
+        and _rows(keys.zero, HEAD_DIM)
+        and _rows(values.codes, HEAD_DIM // 4)
+        and _rows(values.scale, 1)
+        and _rows(values.zero, 1)
         and _aligned(window_keys, 4, 8)
         and _aligned(window_values, 4, 8)
         and window_keys.dtype == window_values.dtype == settings.dtype

@@ -160,16 +160,80 @@ __device__ __forceinline__ uint32_t spread_pair(uint32_t w0, uint32_t w1, int s)
 
 constexpr int WARPS = 4;  // a thread block: one split, its tiles dealt round-robin to the warps
 
-// A lane's value accumulator row (m-tile mt, half: row r or r + 8) is value channel 32 (mt / 2) + 4r + 2 (mt % 2) +
-// half: plane mt / 2 of byte 2 (mt % 2) + half of the lane's 32-bit word r of a packed value row.
+// One tile's stored bytes as global memory holds them, staged in shared memory by asynchronous 16-byte
+// copies (cp.async) one tile ahead of the products, so that a warp always has a tile's loads in flight.
+struct Stage {
+  uint8_t keys[TILE * KEY_ROW];
+  uint8_t values[TILE * KEY_ROW];
+  uint8_t side[TILE * SIDE_ROW];
+  __half value_scale[TILE], value_zero[TILE];
+  __half key_scale[D], key_zero[D];  // the tile's block row
+  __half side_scale[SIDE_RANK], side_zero[SIDE_RANK];
+};
+static_assert(sizeof(Stage) % 16 == 0, "stages are copied in 16-byte chunks");
+
+// A warp's output of its tiles, for the block's combine. A lane's value accumulator row (m-tile mt, half: row
+// r or r + 8) is value channel 32 (mt / 2) + 4r + 2 (mt % 2) + half: plane mt / 2 of byte 2 (mt % 2) + half of
+// the lane's 32-bit word r of a packed value row.
 struct SplitState {
   float m[ROWS], l[ROWS], acc[ROWS][D];
 };
 
+union WarpSpace {  // the stages while the warp loops over tiles, its output after
+  Stage stage[2];
+  SplitState state;
+};
+
+__device__ __forceinline__ void copy16(void* dst, const void* src) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(src));
+}
+__device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int PENDING>
+__device__ __forceinline__ void copies_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// The global rows of one (sequence, KV head) that a tile is staged from.
+struct StoredRows {
+  const uint8_t *keys, *values, *side;
+  const __half *value_scale, *value_zero, *key_scale, *key_zero, *side_scale, *side_zero;
+
+  // Issues the copies of tile ``tile`` (block row ``block_row``) into ``stage``: 340 chunks, 10-12 a lane.
+  template <bool SIDE>
+  __device__ __forceinline__ void fetch(Stage& stage, int tile, int block_row, int lane) const {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int chunk = 16 * (lane + 32 * k);
+      copy16(stage.keys + chunk, keys + tile * KEY_ROW + chunk);
+      copy16(stage.values + chunk, values + tile * KEY_ROW + chunk);
+    }
+    if constexpr (SIDE) copy16(stage.side + 16 * lane, side + tile * SIDE_ROW + 16 * lane);
+    if (lane < 8)
+      copy16(stage.value_scale + 8 * lane, value_scale + tile + 8 * lane);
+    else if (lane < 16)
+      copy16(stage.value_zero + 8 * (lane - 8), value_zero + tile + 8 * (lane - 8));
+    else
+      copy16(stage.key_scale + 8 * (lane - 16), key_scale + block_row * D + 8 * (lane - 16));
+    if (lane < 16) {
+      copy16(stage.key_zero + 8 * lane, key_zero + block_row * D + 8 * lane);
+    } else if constexpr (SIDE) {
+      if (lane < 18)
+        copy16(stage.side_scale + 8 * (lane - 16), side_scale + block_row * SIDE_RANK + 8 * (lane - 16));
+      else if (lane < 20)
+        copy16(stage.side_zero + 8 * (lane - 18), side_zero + block_row * SIDE_RANK + 8 * (lane - 18));
+    }
+  }
+};
+
+#ifndef HEADQ_BLOCKS_PER_SM
+#define HEADQ_BLOCKS_PER_SM 3  // thread blocks an SM holds: caps registers (3: 168 a thread), sets the splits
+#endif
+
 template <typename T, bool SIDE, bool SOFTCAP>
-__global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel(const DecodeParams p) {
   using M = ModelType<T>;
-  __shared__ SplitState warp_state[WARPS];
+  __shared__ WarpSpace space[WARPS];
   __shared__ int last_split;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int bh = blockIdx.x / p.n_splits, split = blockIdx.x - bh * p.n_splits;
@@ -266,17 +330,17 @@ __global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParam
     }
   }
 
-  const uint8_t* key_codes = p.key_codes + b * p.s_kc_b + h * p.s_kc_h + 8 * j;
-  const uint8_t* side_codes = p.side_codes + b * p.s_cc_b + h * p.s_cc_h + 4 * side_u;
-  const uint8_t* value_codes = p.value_codes + b * p.s_vc_b + h * p.s_vc_h + 4 * r;
-  const __half* value_scales = reinterpret_cast<const __half*>(p.value_scale) + b * p.s_vs_b + h * p.s_vs_h;
-  const __half* value_zeros = reinterpret_cast<const __half*>(p.value_zero) + b * p.s_vs_b + h * p.s_vs_h;
-  const __half* key_scales = reinterpret_cast<const __half*>(p.key_scale) + b * p.s_ks_b + h * p.s_ks_h + 8 * j;
-  const __half* key_zeros = reinterpret_cast<const __half*>(p.key_zero) + b * p.s_ks_b + h * p.s_ks_h + 8 * j;
-  const __half* side_scales = reinterpret_cast<const __half*>(p.side_scale) + b * p.s_cs_b + h * p.s_cs_h +
-                              8 * side_p + 4 * side_u;
-  const __half* side_zeros = reinterpret_cast<const __half*>(p.side_zero) + b * p.s_cs_b + h * p.s_cs_h +
-                             8 * side_p + 4 * side_u;
+  const StoredRows stored{
+      p.key_codes + b * p.s_kc_b + h * p.s_kc_h,
+      p.value_codes + b * p.s_vc_b + h * p.s_vc_h,
+      p.side_codes + b * p.s_cc_b + h * p.s_cc_h,
+      reinterpret_cast<const __half*>(p.value_scale) + b * p.s_vs_b + h * p.s_vs_h,
+      reinterpret_cast<const __half*>(p.value_zero) + b * p.s_vs_b + h * p.s_vs_h,
+      reinterpret_cast<const __half*>(p.key_scale) + b * p.s_ks_b + h * p.s_ks_h,
+      reinterpret_cast<const __half*>(p.key_zero) + b * p.s_ks_b + h * p.s_ks_h,
+      reinterpret_cast<const __half*>(p.side_scale) + b * p.s_cs_b + h * p.s_cs_h,
+      reinterpret_cast<const __half*>(p.side_zero) + b * p.s_cs_b + h * p.s_cs_h,
+  };
   const uint8_t* valid = p.valid != nullptr ? p.valid + b * p.s_valid_b : nullptr;
 
   Softmax softmax;
@@ -288,8 +352,18 @@ __global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParam
   float value_bias[2] = {0.f, 0.f};  // this lane's share of sum_t p * zero
   float value_norm = 1e-30f;  // the largest value scale so far: p * scale / value_norm fits float16
 
-  for (int tile = start + TILE * warp; tile < end; tile += TILE * WARPS) {
-    // ---- Loads first: all of the tile's codes and scales are in flight before any product.
+  WarpSpace& own = space[warp];
+  const int first_tile = start + TILE * warp;
+  if (first_tile < end) stored.fetch<SIDE>(own.stage[0], first_tile, first_tile / p.block, lane);
+  copies_commit();
+  int parity = 0;
+  for (int tile = first_tile; tile < end; tile += TILE * WARPS, parity ^= 1) {
+    const int next = tile + TILE * WARPS;
+    if (next < end) stored.fetch<SIDE>(own.stage[parity ^ 1], next, next / p.block, lane);
+    copies_commit();
+    copies_wait<1>();  // this tile's copies have landed (the next tile's are in flight)
+    __syncwarp();
+    const Stage& stage = own.stage[parity];
     uint2 key_words[4][2];
     uint32_t side_words[4][2];
     float value_scale[4][2], value_zero[4][2];
@@ -297,31 +371,31 @@ __global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParam
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
-        const int token = tile + 16 * mt + 8 * half + r;
-        key_words[mt][half] = *reinterpret_cast<const uint2*>(key_codes + token * KEY_ROW);
-        if constexpr (SIDE) side_words[mt][half] = *reinterpret_cast<const uint32_t*>(side_codes + token * SIDE_ROW);
-        value_scale[mt][half] = __half2float(value_scales[token]);
-        value_zero[mt][half] = __half2float(value_zeros[token]);
+        const int token = 16 * mt + 8 * half + r;
+        key_words[mt][half] = *reinterpret_cast<const uint2*>(stage.keys + token * KEY_ROW + 8 * j);
+        if constexpr (SIDE)
+          side_words[mt][half] = *reinterpret_cast<const uint32_t*>(stage.side + token * SIDE_ROW + 4 * side_u);
+        value_scale[mt][half] = __half2float(stage.value_scale[token]);
+        value_zero[mt][half] = __half2float(stage.value_zero[token]);
       }
     uint32_t value_words[4][4];  // k-step kt: tokens 16kt + 2j + {0, 1, 8, 9}, word r
 #pragma unroll
     for (int kt = 0; kt < 4; ++kt)
 #pragma unroll
       for (int t = 0; t < 4; ++t) {
-        const int token = tile + 16 * kt + 2 * j + (t & 1) + 8 * (t >> 1);
-        value_words[kt][t] = *reinterpret_cast<const uint32_t*>(value_codes + token * KEY_ROW);
+        const int token = 16 * kt + 2 * j + (t & 1) + 8 * (t >> 1);
+        value_words[kt][t] = *reinterpret_cast<const uint32_t*>(stage.values + token * KEY_ROW + 4 * r);
       }
-    const int block_row = tile / p.block;
     uint4 scale_bits[4], zero_bits[4];
 #pragma unroll
     for (int pp = 0; pp < 4; ++pp) {
-      scale_bits[pp] = *reinterpret_cast<const uint4*>(key_scales + block_row * D + 32 * pp);
-      zero_bits[pp] = *reinterpret_cast<const uint4*>(key_zeros + block_row * D + 32 * pp);
+      scale_bits[pp] = *reinterpret_cast<const uint4*>(stage.key_scale + 32 * pp + 8 * j);
+      zero_bits[pp] = *reinterpret_cast<const uint4*>(stage.key_zero + 32 * pp + 8 * j);
     }
     uint2 side_scale_bits, side_zero_bits;
     if constexpr (SIDE) {
-      side_scale_bits = *reinterpret_cast<const uint2*>(side_scales + block_row * SIDE_RANK);
-      side_zero_bits = *reinterpret_cast<const uint2*>(side_zeros + block_row * SIDE_RANK);
+      side_scale_bits = *reinterpret_cast<const uint2*>(stage.side_scale + 8 * side_p + 4 * side_u);
+      side_zero_bits = *reinterpret_cast<const uint2*>(stage.side_zero + 8 * side_p + 4 * side_u);
     }
 
     // ---- The block's scales fold into the query operands; its zeros give the logits' block bias, by products
@@ -437,7 +511,10 @@ __global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParam
                 (x23 >> (8 + 2 * pp)) & TWO_BIT, p_operand[kt][0], p_operand[kt][1]);
       }
     }
+    __syncwarp();  // every lane is done with this stage before it is refilled
   }
+  copies_wait<0>();
+  __syncwarp();
 
   // ---- Back to plain sums of p * value.
   const float bias_total[2] = {warp_sum_rows(value_bias[0]), warp_sum_rows(value_bias[1])};
@@ -522,7 +599,7 @@ __global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParam
   }
 
   // ---- The warps of this split combine through shared memory: warp w then holds query heads w and w + 4.
-  SplitState& mine = warp_state[warp];
+  SplitState& mine = own.state;
   const float total[2] = {warp_sum_rows(softmax.total[0]), warp_sum_rows(softmax.total[1])};
 #pragma unroll
   for (int col = 0; col < 2; ++col) {
@@ -544,15 +621,15 @@ __global__ void __launch_bounds__(WARPS * 32, 2) decode_kernel(const DecodeParam
     if (g >= G) break;
     float top = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < WARPS; ++w) top = fmaxf(top, warp_state[w].m[g]);
+    for (int w = 0; w < WARPS; ++w) top = fmaxf(top, space[w].state.m[g]);
     const float base = top == -INFINITY ? 0.f : top;
     float norm_sum = 0.f;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-      const float weight = exp2f(warp_state[w].m[g] - base);
-      norm_sum += weight * warp_state[w].l[g];
-      const float4 x = *reinterpret_cast<const float4*>(&warp_state[w].acc[g][4 * lane]);
+      const float weight = exp2f(space[w].state.m[g] - base);
+      norm_sum += weight * space[w].state.l[g];
+      const float4 x = *reinterpret_cast<const float4*>(&space[w].state.acc[g][4 * lane]);
       sum.x += weight * x.x;
       sum.y += weight * x.y;
       sum.z += weight * x.z;
