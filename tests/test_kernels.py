@@ -67,12 +67,14 @@ def _filled_cache(
     return cache, torch.randn(3, 4, 1, head_dim, generator=gen).to(DEVICE, dtype)
 
 
-def basis_from_tensors_for(rank: int, seed: int, head_dim: int):
-    class _Config:  # the fingerprint of a one-layer model with 2 KV heads
-        model_type, num_hidden_layers, num_attention_heads, num_key_value_heads = "llama", 1, 4, 2
+def basis_from_tensors_for(rank: int, seed: int, head_dim: int, kv_heads: int = 2):
+    class _Config:  # the fingerprint of a one-layer model with 2 query heads a KV head
+        model_type, num_hidden_layers = "llama", 1
 
-    _Config.head_dim = head_dim
-    return basis_from_tensors(type("M", (), {"config": _Config()})(), [random_orthonormal(2, head_dim, rank, seed)])
+    _Config.head_dim, _Config.num_key_value_heads, _Config.num_attention_heads = head_dim, kv_heads, 2 * kv_heads
+    return basis_from_tensors(
+        type("M", (), {"config": _Config()})(), [random_orthonormal(kv_heads, head_dim, rank, seed)]
+    )
 
 
 @pytest.mark.parametrize("split_tokens", [16, 256])  # one quantization block a split (merged), or one split

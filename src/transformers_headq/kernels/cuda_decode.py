@@ -77,7 +77,39 @@ def _rows(t: torch.Tensor, row: int) -> bool:
     """Rows of ``row`` elements back to back within a (sequence, head), whole 16-byte chunks between those and
     at the address: the kernel copies tiles in 16-byte chunks and steps rows by a constant."""
     outer = [s * t.element_size() for s, n in zip(t.stride()[:-2], t.shape[:-2], strict=True) if n > 1]
-    return t.stride(-1) == 1 and t.stride(-2) == row and all(s % 16 == 0 for s in outer) and t.data_ptr() % 16 == 0
+    return (
+        t.shape[-1] == row
+        and t.stride(-1) == 1
+        and t.stride(-2) == row
+        and all(s % 16 == 0 for s in outer)
+        and t.data_ptr() % 16 == 0
+    )
+
+
+MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
+
+
+@functools.cache
+def settings_covered(settings: Any) -> bool:
+    """Whether the kernel reads stores of these :class:`DecodeSettings` (decided once per settings)."""
+    key_q, side_q, value_q = settings.quantizers
+    block = settings.block
+    side_ok = settings.rank == 0 or (
+        settings.rank == SIDE_RANK
+        and side_q is not None
+        and (side_q.bits, side_q.grouping, side_q.group, side_q.meta_dtype) == (4, "channel", block, torch.float16)
+    )
+    return (
+        settings.head_dim == HEAD_DIM
+        and settings.dtype in _MODEL_DTYPES
+        and settings.q_heads // settings.kv_heads <= ROWS
+        and block % TILE == 0
+        and key_q is not None
+        and (key_q.bits, key_q.grouping, key_q.group, key_q.meta_dtype) == (2, "channel", block, torch.float16)
+        and value_q is not None
+        and (value_q.bits, value_q.grouping, value_q.group, value_q.meta_dtype) == (2, "token", HEAD_DIM, torch.float16)
+        and side_ok
+    )
 
 
 def covers(
@@ -92,35 +124,24 @@ def covers(
     valid: torch.Tensor | None,
     sink_keys: torch.Tensor | None,
 ) -> bool:
-    """Whether the CUDA kernel reads this step's stores (settings, dtypes, strides and alignment)."""
-    key_q, side_q, value_q = settings.quantizers
-    groups = settings.q_heads // settings.kv_heads
+    """Whether the CUDA kernel reads this step's stores: :func:`settings_covered`, then dtypes, strides and
+    alignment of the tensors (checked every step: stores grow and move)."""
     if not (
         enabled()
         and query.device.type == "cuda"
-        and settings.head_dim == HEAD_DIM
-        and settings.dtype in _MODEL_DTYPES
+        and settings_covered(settings)
         and query.dtype == settings.dtype
-        and groups <= ROWS
-        and settings.block % TILE == 0
-        and key_q is not None
-        and (key_q.bits, key_q.grouping, key_q.group, key_q.meta_dtype) == (2, "channel", settings.block, torch.float16)
-        and value_q is not None
-        and (value_q.bits, value_q.grouping, value_q.group, value_q.meta_dtype) == (2, "token", HEAD_DIM, torch.float16)
-        and keys.codes.shape[2] % TILE == 0
         and isinstance(values, QuantizedTokens)
+        and keys.codes.shape[2] % TILE == 0
     ):
         return False
     if settings.rank:
-        if side is None or decoder is None or side_q is None or settings.rank != SIDE_RANK:
+        if side is None or decoder is None:
             return False
-        side_kind = (side_q.bits, side_q.grouping, side_q.group, side_q.meta_dtype)
-        if side_kind != (4, "channel", settings.block, torch.float16):
-            return False
-        side_rows = _rows(side.codes, SIDE_RANK // 2) and _rows(side.scale, SIDE_RANK)
-        if not (side_rows and _rows(side.zero, SIDE_RANK)):
-            return False
-        if not (decoder.dtype == torch.float32 and decoder.is_contiguous() and decoder.data_ptr() % 16 == 0):
+        side_rows = _rows(side.codes, SIDE_RANK // 2) and _rows(side.scale, SIDE_RANK) and _rows(side.zero, SIDE_RANK)
+        if not (
+            side_rows and decoder.dtype == torch.float32 and decoder.is_contiguous() and decoder.data_ptr() % 16 == 0
+        ):
             return False
     return (
         _aligned(query, 2, 4)
@@ -133,7 +154,10 @@ def covers(
         and _aligned(window_keys, 4, 8)
         and _aligned(window_values, 4, 8)
         and window_keys.dtype == window_values.dtype == settings.dtype
-        and (sink_keys is None or (sink_keys.dtype == settings.dtype and sink_keys.stride(-1) == 1))
+        and (
+            sink_keys is None
+            or (sink_keys.dtype == settings.dtype and sink_keys.stride(-1) == 1 and sink_keys.shape[2] <= MAX_SINKS)
+        )
         and (valid is None or valid.stride(-1) == 1)
     )
 

@@ -1,0 +1,149 @@
+"""The CUDA decode kernel (``kernels/cuda``): what it covers, how it splits work, that it builds, and (on a GPU)
+that it computes what the float32 torch path computes.
+
+Without a GPU the kernel cannot run (it is CUDA C++, not Triton: no interpreter); these tests then check its
+rules, its fallback, and that ``nvcc`` (where installed) compiles it for Hopper without spilling.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from transformers_headq import HeadQCache, HeadQConfig
+from transformers_headq.attention import headq_attention_forward
+from transformers_headq.kernels import DecodeSettings, cuda_decode
+from transformers_headq.kernels.cuda_decode import LAUNCH, TILE, _rows, settings_covered, splits
+
+from .test_attention import MODULE
+from .test_kernels import basis_from_tensors_for
+
+DEFAULT = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=4, side_scale="block")
+
+
+def _settings(config: HeadQConfig, head_dim: int = 128, q_heads: int = 32, kv_heads: int = 8,
+              dtype: torch.dtype = torch.bfloat16) -> DecodeSettings:  # fmt: skip
+    quantizers = (config.key_quantizer(head_dim), config.side_quantizer(config.rank or 0),
+                  config.value_quantizer(head_dim))  # fmt: skip
+    return DecodeSettings(quantizers, config.rank or 0, config.block_size, kv_heads, head_dim, q_heads, dtype)
+
+
+@pytest.mark.parametrize(
+    ("config", "overrides", "covered"),
+    [
+        (DEFAULT, {}, True),
+        (DEFAULT.replace(rank=0), {}, True),  # no side code
+        (DEFAULT.replace(block_size=128), {}, True),
+        (DEFAULT, {"dtype": torch.float16}, True),
+        (DEFAULT, {"q_heads": 8 * 7}, True),  # 7 query heads a KV head
+        (DEFAULT, {"head_dim": 64}, False),
+        (DEFAULT, {"dtype": torch.float32}, False),
+        (DEFAULT, {"q_heads": 8 * 16}, False),  # more query heads a KV head than a product's 8 columns
+        (DEFAULT.replace(key_bits=3), {}, False),
+        (DEFAULT.replace(value_bits=4), {}, False),
+        (DEFAULT.replace(value_bits=None), {}, False),  # dense values
+        (DEFAULT.replace(rank=8), {}, False),
+        (DEFAULT.replace(side_scale="token"), {}, False),
+        (DEFAULT.replace(block_size=32), {}, False),
+        (DEFAULT.replace(meta_dtype="float32"), {}, False),
+    ],
+)
+def test_settings_the_kernel_covers(config, overrides, covered):
+    assert settings_covered(_settings(config, **overrides)) is covered
+
+
+def test_row_layout_rules():
+    """What the kernel's 16-byte tile copies need: whole rows back to back, 16-byte strides and address."""
+    codes = torch.zeros(2, 8, 256, 32, dtype=torch.uint8)
+    assert _rows(codes, 32)
+    assert _rows(codes[:, :, 64:], 32)  # a view from a later tile: still whole 16-byte chunks
+    assert not _rows(codes, 16)  # rows of another width
+    assert not _rows(codes[..., :16], 32)  # half rows
+    odd = torch.zeros(2 * 8 * 256 * 32 + 8, dtype=torch.uint8)[8:].view(2, 8, 256, 32)  # 8 bytes off alignment
+    assert not _rows(odd, 32)
+    assert not _rows(torch.zeros(2, 1, 3, 1, dtype=torch.float16), 1)  # sequences 6 bytes apart
+    assert _rows(torch.zeros(2, 1, 8, 1, dtype=torch.float16), 1)
+
+
+@pytest.mark.parametrize("batch_heads", [1, 8, 64, 256, 1024])
+@pytest.mark.parametrize("n_tokens", [64, 256, 4096, 32768, 131072])
+@pytest.mark.parametrize("sms", [4, 132])
+def test_splits_cover_the_tokens_in_one_wave(batch_heads, n_tokens, sms):
+    n_splits, per_split = splits(batch_heads, n_tokens, sms)
+    assert per_split % TILE == 0
+    assert (n_splits - 1) * per_split < n_tokens <= n_splits * per_split  # every token, no empty split
+    assert per_split >= min(LAUNCH["min_split_tokens"], n_tokens)
+    # one wave of thread blocks, unless one split a (sequence, KV head) is already more
+    assert batch_heads * n_splits <= max(LAUNCH["blocks_per_sm"] * sms, batch_heads)
+
+
+def test_build_failure_warns_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("nvcc: command not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    cuda_decode._build.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="Triton kernel instead.*nvcc"):
+            assert cuda_decode.extension() is None
+    finally:
+        cuda_decode._build.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA compiler (nvcc) on this machine")
+def test_kernel_compiles_for_hopper_without_spills(tmp_path):
+    """The source builds for sm_90 (as torch builds it on an H100/H200), and the kernels without soft-capping
+    fit the register cap of LAUNCH's blocks per SM with no spills."""
+    blocks = LAUNCH["blocks_per_sm"]
+    result = subprocess.run(
+        ["nvcc", "-arch=sm_90", "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-DHEADQ_BLOCKS_PER_SM={blocks}",
+         "-o", str(tmp_path / "decode.cubin"), str(cuda_decode.SOURCES / "decode.cu")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = result.stderr.splitlines()
+    entries = [i for i, line in enumerate(report) if "Compiling entry function" in line]
+    assert len(entries) == 8  # bf16/fp16 x side code or not x soft-capping or not
+    for i in entries:
+        name, properties = report[i], report[i + 2]
+        if "Lb0EEEv" in name:  # SOFTCAP == false: the common case must not spill
+            assert "0 bytes spill stores" in properties, (name, properties)
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs an NVIDIA GPU")
+
+
+@GPU
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("config", [DEFAULT, DEFAULT.replace(rank=0, sink_keys=4), DEFAULT.replace(block_size=128)])
+@pytest.mark.parametrize(("tokens", "batch"), [(150, 3), (1000, 1), (3000, 2)])  # one split, several, a window
+@pytest.mark.parametrize("variant", ["plain", "padded", "softcap"])
+def test_cuda_kernel_matches_reference(monkeypatch, dtype, config, tokens, batch, variant):
+    calls = []
+    real = cuda_decode.decode
+    monkeypatch.setattr(cuda_decode, "decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    gen = torch.Generator().manual_seed(tokens + batch)
+    keys = torch.randn(batch, 8, tokens, 128, generator=gen) * torch.linspace(0.2, 3, 128)
+    values = torch.randn(batch, 8, tokens, 128, generator=gen)
+    cache = HeadQCache(basis_from_tensors_for(16, 0, 128, kv_heads=8), config)
+    cache.update(keys.cuda().to(dtype), values.cuda().to(dtype), 0)
+    layer = cache.layers[0]
+    k, v = cache.update(*(torch.randn(batch, 8, 1, 128, generator=gen).cuda().to(dtype) for _ in range(2)), 0)
+    query = torch.randn(batch, 32, 1, 128, generator=gen).cuda().to(dtype)
+    mask = None
+    if variant == "padded":
+        mask = torch.ones(batch, 1, 1, layer.stored_length, dtype=torch.bool, device="cuda")
+        mask[::2, ..., :37] = False
+    softcap = 5.0 if variant == "softcap" else None
+    fused, _ = headq_attention_forward(MODULE, query, k, v, mask, softcap=softcap)
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference, _ = headq_attention_forward(MODULE, query.float(), k, v, mask, softcap=softcap)
+    assert calls, "the CUDA kernel did not run"
+    error = ((fused.float() - reference).norm() / reference.norm()).item()
+    assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3), error
