@@ -255,16 +255,15 @@ def decode_attention(
     batch, q_heads, _, head_dim = query.shape
     n_tokens = keys.codes.shape[2]
     valid = _key_validity(mask, batch, n_tokens + window_keys.shape[2])
-    if (
-        cuda_decode.covers(settings, query, decoder, keys, side, values, window_keys, window_values, valid, sink_keys)
-        and cuda_decode.extension() is not None
-    ):  # one launch, codes straight into tensor-core operands
+    if cuda_decode.covers(settings, query, values) and cuda_decode.extension() is not None:
         assert isinstance(values, QuantizedTokens)
-        with launch_device(query.device):
-            return cuda_decode.decode(
+        with launch_device(query.device):  # one launch, codes straight into tensor-core operands
+            out = cuda_decode.decode(
                 settings, query, decoder, keys, side, values, window_keys, window_values, valid, scaling, softcap,
                 sink_keys, lambda rows: _partials(query.device, rows, head_dim), _multiprocessors(query.device),
             )  # fmt: skip
+        if out is not None:
+            return out
     plan = _PLANS.get((settings, query.device))
     if plan is None or plan.launch != tuple(LAUNCH.values()):
         plan = _PLANS[(settings, query.device)] = _DecodePlan(settings, query.device)

@@ -68,24 +68,6 @@ def _build(blocks_per_sm: int) -> Any | None:
         return None
 
 
-def _aligned(t: torch.Tensor, elements: int, address: int) -> bool:
-    """Unit last stride, other strides multiples of ``elements``, address a multiple of ``address`` bytes."""
-    return t.stride(-1) == 1 and all(s % elements == 0 for s in t.stride()[:-1]) and t.data_ptr() % address == 0
-
-
-def _rows(t: torch.Tensor, row: int) -> bool:
-    """Rows of ``row`` elements back to back within a (sequence, head), whole 16-byte chunks between those and
-    at the address: the kernel copies tiles in 16-byte chunks and steps rows by a constant."""
-    outer = [s * t.element_size() for s, n in zip(t.stride()[:-2], t.shape[:-2], strict=True) if n > 1]
-    return (
-        t.shape[-1] == row
-        and t.stride(-1) == 1
-        and t.stride(-2) == row
-        and all(s % 16 == 0 for s in outer)
-        and t.data_ptr() % 16 == 0
-    )
-
-
 MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
 
 
@@ -112,53 +94,15 @@ def settings_covered(settings: Any) -> bool:
     )
 
 
-def covers(
-    settings: Any,
-    query: torch.Tensor,
-    decoder: torch.Tensor | None,
-    keys: QuantizedTokens,
-    side: QuantizedTokens | None,
-    values: QuantizedTokens | torch.Tensor,
-    window_keys: torch.Tensor,
-    window_values: torch.Tensor,
-    valid: torch.Tensor | None,
-    sink_keys: torch.Tensor | None,
-) -> bool:
-    """Whether the CUDA kernel reads this step's stores: :func:`settings_covered`, then dtypes, strides and
-    alignment of the tensors (checked every step: stores grow and move)."""
-    if not (
-        enabled()
-        and query.device.type == "cuda"
+def covers(settings: Any, query: torch.Tensor, values: QuantizedTokens | torch.Tensor) -> bool:
+    """Whether the CUDA kernel may take this step: enabled, on a GPU, :func:`settings_covered`, quantized values.
+    (The tensors' strides and alignment are checked by the extension itself, in C++, at every launch.)"""
+    return (
+        query.device.type == "cuda"
+        and enabled()
         and settings_covered(settings)
         and query.dtype == settings.dtype
         and isinstance(values, QuantizedTokens)
-        and keys.codes.shape[2] % TILE == 0
-    ):
-        return False
-    if settings.rank:
-        if side is None or decoder is None:
-            return False
-        side_rows = _rows(side.codes, SIDE_RANK // 2) and _rows(side.scale, SIDE_RANK) and _rows(side.zero, SIDE_RANK)
-        if not (
-            side_rows and decoder.dtype == torch.float32 and decoder.is_contiguous() and decoder.data_ptr() % 16 == 0
-        ):
-            return False
-    return (
-        _aligned(query, 2, 4)
-        and _rows(keys.codes, HEAD_DIM // 4)
-        and _rows(keys.scale, HEAD_DIM)
-        and _rows(keys.zero, HEAD_DIM)
-        and _rows(values.codes, HEAD_DIM // 4)
-        and _rows(values.scale, 1)
-        and _rows(values.zero, 1)
-        and _aligned(window_keys, 4, 8)
-        and _aligned(window_values, 4, 8)
-        and window_keys.dtype == window_values.dtype == settings.dtype
-        and (
-            sink_keys is None
-            or (sink_keys.dtype == settings.dtype and sink_keys.stride(-1) == 1 and sink_keys.shape[2] <= MAX_SINKS)
-        )
-        and (valid is None or valid.stride(-1) == 1)
     )
 
 
@@ -199,8 +143,9 @@ def decode(
     sink_keys: torch.Tensor | None,
     partials: Any,
     multiprocessors: int,
-) -> torch.Tensor:
-    """One launch: attention output ``[B, 1, Hq, D]`` in the query's dtype (the caller checked :func:`covers`).
+) -> torch.Tensor | None:
+    """One launch: attention output ``[B, 1, Hq, D]`` in the query's dtype (the caller checked :func:`covers`),
+    or ``None`` (nothing launched) where the tensors' layout does not fit the kernel (see ``binding.cpp``).
 
     ``partials(rows)`` gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows."""
     ext = extension()
@@ -210,7 +155,7 @@ def decode(
     n_splits, per_split = splits(batch * settings.kv_heads, n_tokens, multiprocessors)
     m, norm, acc = partials(batch * settings.kv_heads * n_splits * ROWS)
     out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
-    ext.decode(
+    launched = ext.decode(
         query, decoder, keys.codes, keys.scale, keys.zero,
         side.codes if side is not None else None, side.scale if side is not None else None,
         side.zero if side is not None else None,
@@ -218,4 +163,4 @@ def decode(
         m, norm, acc, _counters(query.device, batch * settings.kv_heads), out,
         q_heads // settings.kv_heads, settings.block, n_tokens, per_split, n_splits, scaling, softcap or 0.0,
     )  # fmt: skip
-    return out
+    return out if launched else None

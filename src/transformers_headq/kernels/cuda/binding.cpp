@@ -1,5 +1,5 @@
 // torch binding of the fused decode kernel (decode.cu): tensors to a DecodeParams, on the current stream.
-// The Python side (kernels/cuda_decode.py) checks shapes, dtypes and alignment before it calls this.
+// The Python side (kernels/cuda_decode.py) checks the settings once; this checks the tensors' layout each step.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -15,7 +15,53 @@ const T* data_or_null(const c10::optional<torch::Tensor>& t) {
 
 int64_t stride_or_zero(const c10::optional<torch::Tensor>& t, int dim) { return t.has_value() ? t->stride(dim) : 0; }
 
-void decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& decoder, const torch::Tensor& key_codes,
+bool aligned(const torch::Tensor& t, int64_t bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
+
+// [B, H, T, row] with rows back to back, 16-byte (sequence, head) strides and address: the kernel copies tiles in
+// 16-byte chunks and steps rows by a constant.
+bool whole_rows(const torch::Tensor& t, int64_t row) {
+  if (t.dim() != 4 || t.size(3) != row || t.stride(3) != 1 || t.stride(2) != row || !aligned(t, 16)) return false;
+  for (int d = 0; d < 2; ++d)
+    if (t.size(d) > 1 && (t.stride(d) * t.element_size()) % 16 != 0) return false;
+  return true;
+}
+
+// [B, H, T, D] in the model dtype with unit channel stride, the other strides multiples of ``elements`` and the
+// address of ``bytes`` (the kernel loads 2 or 4 channels at once).
+bool model_rows(const torch::Tensor& t, at::ScalarType dtype, int64_t elements, int64_t bytes) {
+  if (t.dim() != 4 || t.scalar_type() != dtype || t.stride(3) != 1 || !aligned(t, bytes)) return false;
+  for (int d = 0; d < 3; ++d)
+    if (t.size(d) > 1 && t.stride(d) % elements != 0) return false;
+  return true;
+}
+
+// Everything of the layout the kernel assumes and the Python side does not check once per settings: checked
+// here, at C++ speed, every step (stores grow and move); false: the caller falls back to the Triton kernel.
+bool layout_fits(const torch::Tensor& query, const c10::optional<torch::Tensor>& decoder, const torch::Tensor& key_codes,
+                 const torch::Tensor& key_scale, const torch::Tensor& key_zero,
+                 const c10::optional<torch::Tensor>& side_codes, const c10::optional<torch::Tensor>& side_scale,
+                 const c10::optional<torch::Tensor>& side_zero, const torch::Tensor& value_codes,
+                 const torch::Tensor& value_scale, const torch::Tensor& value_zero, const torch::Tensor& window_keys,
+                 const torch::Tensor& window_values, const c10::optional<torch::Tensor>& sink_keys,
+                 const c10::optional<torch::Tensor>& valid, int64_t head_dim) {
+  const auto dtype = query.scalar_type();
+  if (!query.is_cuda() || !model_rows(query, dtype, 2, 4)) return false;
+  if (key_codes.size(2) % 64 != 0) return false;  // whole tiles
+  if (!whole_rows(key_codes, head_dim / 4) || !whole_rows(key_scale, head_dim) || !whole_rows(key_zero, head_dim))
+    return false;
+  if (!whole_rows(value_codes, head_dim / 4) || !whole_rows(value_scale, 1) || !whole_rows(value_zero, 1)) return false;
+  if (side_codes.has_value()) {
+    if (!decoder.has_value() || !side_scale.has_value() || !side_zero.has_value()) return false;
+    if (!whole_rows(*side_codes, 8) || !whole_rows(*side_scale, 16) || !whole_rows(*side_zero, 16)) return false;
+    if (decoder->scalar_type() != at::kFloat || !decoder->is_contiguous() || !aligned(*decoder, 16)) return false;
+  }
+  if (!model_rows(window_keys, dtype, 4, 8) || !model_rows(window_values, dtype, 4, 8)) return false;
+  if (sink_keys.has_value() && (!model_rows(*sink_keys, dtype, 1, 2) || sink_keys->size(2) > 16)) return false;
+  if (valid.has_value() && valid->stride(1) != 1) return false;
+  return true;
+}
+
+bool decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& decoder, const torch::Tensor& key_codes,
             const torch::Tensor& key_scale, const torch::Tensor& key_zero,
             const c10::optional<torch::Tensor>& side_codes, const c10::optional<torch::Tensor>& side_scale,
             const c10::optional<torch::Tensor>& side_zero, const torch::Tensor& value_codes,
@@ -25,6 +71,9 @@ void decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& deco
             const torch::Tensor& part_m, const torch::Tensor& part_l, const torch::Tensor& part_acc,
             const torch::Tensor& counters, const torch::Tensor& out, int64_t groups, int64_t block, int64_t n_tokens,
             int64_t tokens_per_split, int64_t n_splits, double scaling, double softcap) {
+  if (!layout_fits(query, decoder, key_codes, key_scale, key_zero, side_codes, side_scale, side_zero, value_codes,
+                   value_scale, value_zero, window_keys, window_values, sink_keys, valid, query.size(-1)))
+    return false;
   const c10::cuda::CUDAGuard guard(query.device());
   headq::DecodeParams p{};
   p.query = query.data_ptr();
@@ -86,8 +135,11 @@ void decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& deco
   headq::launch_decode(p, query.scalar_type() == at::kBFloat16, side_codes.has_value(),
                        at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("decode", &decode, "HeadQ fused decode attention (CUDA)"); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode", &decode, "HeadQ fused decode attention (CUDA); false: the layout does not fit, nothing launched");
+}
