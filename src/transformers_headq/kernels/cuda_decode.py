@@ -144,23 +144,69 @@ def decode(
     partials: Any,
     multiprocessors: int,
 ) -> torch.Tensor | None:
-    """One launch: attention output ``[B, 1, Hq, D]`` in the query's dtype (the caller checked :func:`covers`),
-    or ``None`` (nothing launched) where the tensors' layout does not fit the kernel (see ``binding.cpp``).
+    """One launch over a growing layer's stores (the caller checked :func:`covers`): see :func:`launch`."""
+    return launch(
+        query, decoder, keys, side, values, window_keys, window_values, sink_keys, valid, None,
+        settings.block, scaling, softcap or 0.0, partials, multiprocessors,
+    )  # fmt: skip
 
-    ``partials(rows)`` gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows."""
+
+def fixed_covers(
+    query: torch.Tensor, key_scale: torch.Tensor, key_bits: int, side_bits: int, side_per_token: bool, value_bits: int,
+    rank: int, sink_keys: int, block: int,
+) -> bool:  # fmt: skip
+    """Whether the kernel reads a fixed-capacity cache of these settings (``kernels.fixed``'s custom op)."""
+    q_heads, head_dim = query.shape[1], query.shape[3]
+    return (
+        query.device.type == "cuda"
+        and enabled()
+        and head_dim == HEAD_DIM
+        and query.dtype in _MODEL_DTYPES
+        and q_heads // key_scale.shape[1] <= ROWS
+        and key_scale.dtype == torch.float16
+        and (key_bits, value_bits) == (2, 2)
+        and (rank == 0 or (rank == SIDE_RANK and side_bits == 4 and not side_per_token))
+        and sink_keys <= MAX_SINKS
+        and block % TILE == 0
+    )
+
+
+def launch(
+    query: torch.Tensor,
+    decoder: torch.Tensor | None,
+    keys: QuantizedTokens,
+    side: QuantizedTokens | None,
+    values: QuantizedTokens,
+    window_keys: torch.Tensor,
+    window_values: torch.Tensor,
+    sink_keys: torch.Tensor | None,
+    valid: torch.Tensor | None,
+    lengths: torch.Tensor | None,
+    block: int,
+    scaling: float,
+    softcap: float,
+    partials: Any,
+    multiprocessors: int,
+) -> torch.Tensor | None:
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype, one launch; ``None`` (nothing launched) where
+    the tensors' layout does not fit the kernel (``binding.cpp`` says what it needs).
+
+    ``lengths``: ``None``, or the ``[2]`` device counts of stored and window tokens of a fixed-capacity cache
+    (then the splits cover the stores' capacity, and a CUDA graph can replay the launch). ``partials(rows)``
+    gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows; ``softcap`` 0: none."""
     ext = extension()
     assert ext is not None
     batch, q_heads, _, head_dim = query.shape
-    n_tokens = keys.codes.shape[2]
-    n_splits, per_split = splits(batch * settings.kv_heads, n_tokens, multiprocessors)
-    m, norm, acc = partials(batch * settings.kv_heads * n_splits * ROWS)
+    kv_heads, n_tokens = keys.codes.shape[1], keys.codes.shape[2]
+    n_splits, per_split = splits(batch * kv_heads, n_tokens, multiprocessors)
+    m, norm, acc = partials(batch * kv_heads * n_splits * ROWS)
     out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
     launched = ext.decode(
         query, decoder, keys.codes, keys.scale, keys.zero,
         side.codes if side is not None else None, side.scale if side is not None else None,
         side.zero if side is not None else None,
-        values.codes, values.scale, values.zero, window_keys, window_values, sink_keys, valid, None,
-        m, norm, acc, _counters(query.device, batch * settings.kv_heads), out,
-        q_heads // settings.kv_heads, settings.block, n_tokens, per_split, n_splits, scaling, softcap or 0.0,
+        values.codes, values.scale, values.zero, window_keys, window_values, sink_keys, valid, lengths,
+        m, norm, acc, _counters(query.device, batch * kv_heads), out,
+        q_heads // kv_heads, block, n_tokens, per_split, n_splits, scaling, softcap,
     )  # fmt: skip
     return out if launched else None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..arena import carve
-from ..quantize import packed_row_bytes
-from . import _OPERAND_DTYPES, LAUNCH, _bht, _smallest_dot_rows, _splits, split_stored
+from ..quantize import QuantizedTokens, packed_row_bytes
+from . import _OPERAND_DTYPES, LAUNCH, _bht, _multiprocessors, _smallest_dot_rows, _splits, cuda_decode, split_stored
 from .launch import launch_device
 
 
@@ -58,6 +58,21 @@ def fixed_decode_attention(
     sinks = window[:, :, block:, : query.shape[-1]]
 
     batch, q_heads, _, head_dim = query.shape
+    if (
+        cuda_decode.fixed_covers(
+            query, key_scale, key_bits, side_bits, side_per_token, value_bits, rank, sink_keys, block
+        )
+        and cuda_decode.extension() is not None
+    ):
+        with launch_device(query.device):
+            out = cuda_decode.launch(
+                query, stored.decoder, QuantizedTokens(*stored.keys),
+                QuantizedTokens(*stored.side) if rank else None, QuantizedTokens(*stored.values),
+                window_keys, window_values, sinks if sink_keys else None, validity, lengths, block, scaling, softcap,
+                _fixed_partials(query.device, head_dim), _multiprocessors(query.device),
+            )  # fmt: skip
+        if out is not None:
+            return out
     kv_heads, capacity = key_codes.shape[1], key_codes.shape[2]
     groups = q_heads // kv_heads
     block_g = max(LAUNCH["min_rows"], _smallest_dot_rows(), triton.next_power_of_2(groups))
@@ -100,6 +115,16 @@ def fixed_decode_attention(
             G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad, CHUNK=min(splits_pad, 16),
         )  # fmt: skip
     return out
+
+
+def _fixed_partials(device: torch.device, head_dim: int):  # type: ignore[no-untyped-def]
+    """The CUDA kernel's split partials, fresh for each launch (as the Triton path's here)."""
+
+    def partials(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        buf = torch.empty(rows * (head_dim + 2), device=device, dtype=torch.float32)
+        return buf[:rows], buf[rows : 2 * rows], buf[2 * rows :]
+
+    return partials
 
 
 @fixed_decode_attention.register_fake
