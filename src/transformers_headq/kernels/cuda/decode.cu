@@ -11,7 +11,8 @@
 // Why it is fast: the codes go from global memory straight into tensor-core operands. A byte of a packed
 // row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p: ``quantize.pack_codes``); shifting a 32-bit
 // word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals
-// (code * 2^-24, exact): two instructions make one half2 operand register, no conversion, no shuffle.
+// (code * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle
+// (values: one, masking plane p in place, which scales their accumulator rows by 4^p, undone at the end).
 // The channel order inside a product is free, so each lane takes the channels that its own loaded bytes
 // hold, and the query operand follows the same order:
 //   keys     S^T[t, g] = sum_c code[t, c] * (q[g, c] * scale[c]) + sum_c q[g, c] * zero[c]
@@ -309,6 +310,8 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   const float col_norm[2] = {__shfl_sync(0xffffffffu, norm, 8 * j), __shfl_sync(0xffffffffu, norm, 8 * j + 4)};
   const bool col_real[2] = {2 * j < G, 2 * j + 1 < G};
   const float logit_scale[2] = {p.scaling * col_norm[0], p.scaling * col_norm[1]};
+  const float log2_scale[2] = {logit_scale[0] * LOG2E, logit_scale[1] * LOG2E};
+  const float code_scale[2] = {log2_scale[0] * CODE_UNIT, log2_scale[1] * CODE_UNIT};
 
   // ---- Exact logits of the sink slots (the first n_sinks <= 16 stored tokens: m-tile 0 of tile 0).
   float sink_logit[4] = {0.f, 0.f, 0.f, 0.f};
@@ -461,7 +464,11 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       for (int i = 0; i < 4; ++i) {
         const int token = tile + 16 * mt + 8 * (i >> 1) + r;
         const int col = i & 1;
-        float logit = scaled_logit<SOFTCAP>(s[mt][i] * CODE_UNIT + bias[i], logit_scale[col], p.softcap);
+        float logit;
+        if constexpr (SOFTCAP)
+          logit = scaled_logit<true>(s[mt][i] * CODE_UNIT + bias[i], logit_scale[col], p.softcap);
+        else  // one multiply-add: (s * CODE_UNIT + bias) * scale * log2(e)
+          logit = fmaf(s[mt][i], code_scale[col], bias[i] * log2_scale[col]);
         if (mt == 0 && has_sinks && tile == 0 && token < p.n_sinks) logit = sink_logit[i];
         const bool keep = col_real[col] && (valid == nullptr || valid[token] != 0);
         s[mt][i] = keep ? logit : -INFINITY;
@@ -503,12 +510,15 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       const uint32_t hi01 = __byte_perm(value_words[kt][0], value_words[kt][1], 0x7632);
       const uint32_t lo23 = __byte_perm(value_words[kt][2], value_words[kt][3], 0x5410);
       const uint32_t hi23 = __byte_perm(value_words[kt][2], value_words[kt][3], 0x7632);
+      const uint32_t lo01_up = lo01 >> 8, hi01_up = hi01 >> 8, lo23_up = lo23 >> 8, hi23_up = hi23 >> 8;
 #pragma unroll
       for (int mt = 0; mt < 8; ++mt) {
-        const int pp = mt >> 1;
+        // Plane pp = mt / 2 masked in place: codes * 4^pp as float16 subnormals (bits <= 7: still exact), one
+        // instruction a register; the rows' factor 4^pp comes out at the end.
+        const uint32_t mask = TWO_BIT << (2 * (mt >> 1));
         const uint32_t x01 = (mt & 1) ? hi01 : lo01, x23 = (mt & 1) ? hi23 : lo23;
-        mma_f16(acc[mt], (x01 >> (2 * pp)) & TWO_BIT, (x01 >> (8 + 2 * pp)) & TWO_BIT, (x23 >> (2 * pp)) & TWO_BIT,
-                (x23 >> (8 + 2 * pp)) & TWO_BIT, p_operand[kt][0], p_operand[kt][1]);
+        const uint32_t x01_up = (mt & 1) ? hi01_up : lo01_up, x23_up = (mt & 1) ? hi23_up : lo23_up;
+        mma_f16(acc[mt], x01 & mask, x01_up & mask, x23 & mask, x23_up & mask, p_operand[kt][0], p_operand[kt][1]);
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
@@ -518,11 +528,12 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
 
   // ---- Back to plain sums of p * value.
   const float bias_total[2] = {warp_sum_rows(value_bias[0]), warp_sum_rows(value_bias[1])};
-  const float value_unit = value_norm * CODE_UNIT;
 #pragma unroll
-  for (int mt = 0; mt < 8; ++mt)
+  for (int mt = 0; mt < 8; ++mt) {
+    const float value_unit = value_norm * CODE_UNIT / static_cast<float>(1 << (2 * (mt >> 1)));  // see the masks
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = acc[mt][i] * value_unit + bias_total[i & 1];
+  }
 
   // ---- The full-precision window (the last split's last warp): exact keys and values in the model dtype.
   if (split == p.n_splits - 1 && warp == WARPS - 1 && n_window > 0) {
