@@ -12,7 +12,8 @@
 // row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p: ``quantize.pack_codes``); shifting a 32-bit
 // word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals
 // (code * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle
-// (values: one, masking plane p in place, which scales their accumulator rows by 4^p, undone at the end).
+// (mostly one: plane p masked in place is code * 4^p; keys and side code divide their query operand by
+// that, values undo it on their accumulator rows at the end).
 // The channel order inside a product is free, so each lane takes the channels that its own loaded bytes
 // hold, and the query operand follows the same order:
 //   keys     S^T[t, g] = sum_c code[t, c] * (q[g, c] * scale[c]) + sum_c q[g, c] * zero[c]
@@ -417,6 +418,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
           const uint32_t scale_pair = spread_pair(s0, s1, s);
           __half2 product = __hmul2(*reinterpret_cast<const __half2*>(&q_pair[pp][u][s]),
                                     *reinterpret_cast<const __half2*>(&scale_pair));
+          if (pp > 0) product = __hmul2(product, __float2half2_rn(1.f / static_cast<float>(1 << (2 * pp))));
           key_operand[4 * u + pp][s] = *reinterpret_cast<uint32_t*>(&product);
           zero_pair[s] = spread_pair(z0, z1, s);
         }
@@ -430,6 +432,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
         const uint32_t scale_pair = spread_pair(side_scale_bits.x, side_scale_bits.y, s);
         __half2 product = __hmul2(*reinterpret_cast<const __half2*>(&qw_pair[s]),
                                   *reinterpret_cast<const __half2*>(&scale_pair));
+        product = __hmul2(product, __float2half2_rn(side_p ? 1.f / 16.f : 1.f));  // plane 1 is masked in place
         side_operand[s] = *reinterpret_cast<uint32_t*>(&product);
         zero_pair[s] = spread_pair(side_zero_bits.x, side_zero_bits.y, s);
       }
@@ -446,16 +449,18 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       for (int u = 0; u < 2; ++u) {
         const uint32_t w0 = u ? key_words[mt][0].y : key_words[mt][0].x;  // token r
         const uint32_t w1 = u ? key_words[mt][1].y : key_words[mt][1].x;  // token r + 8
+        const uint32_t w0_up = w0 >> 8, w1_up = w1 >> 8;  // bytes 1 and 3 (slot 1)
 #pragma unroll
-        for (int pp = 0; pp < 4; ++pp)
-          mma_f16(s[mt], (w0 >> (2 * pp)) & TWO_BIT, (w1 >> (2 * pp)) & TWO_BIT, (w0 >> (8 + 2 * pp)) & TWO_BIT,
-                  (w1 >> (8 + 2 * pp)) & TWO_BIT, key_operand[4 * u + pp][0], key_operand[4 * u + pp][1]);
+        for (int pp = 0; pp < 4; ++pp) {  // plane pp masked in place: codes * 4^pp, its operand divided by 4^pp
+          const uint32_t mask = TWO_BIT << (2 * pp);
+          mma_f16(s[mt], w0 & mask, w1 & mask, w0_up & mask, w1_up & mask, key_operand[4 * u + pp][0],
+                  key_operand[4 * u + pp][1]);
+        }
       }
       if constexpr (SIDE) {
         const uint32_t w0 = side_words[mt][0], w1 = side_words[mt][1];
-        mma_f16(s[mt], (w0 >> (4 * side_p)) & FOUR_BIT, (w1 >> (4 * side_p)) & FOUR_BIT,
-                (w0 >> (8 + 4 * side_p)) & FOUR_BIT, (w1 >> (8 + 4 * side_p)) & FOUR_BIT, side_operand[0],
-                side_operand[1]);
+        const uint32_t mask = FOUR_BIT << (4 * side_p);
+        mma_f16(s[mt], w0 & mask, w1 & mask, (w0 >> 8) & mask, (w1 >> 8) & mask, side_operand[0], side_operand[1]);
       }
     }
 #pragma unroll
