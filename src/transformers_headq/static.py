@@ -86,7 +86,9 @@ class StaticHeadQLayer(HeadQLayer):
     Three tensors hold it: ``arena`` (the stores over the whole capacity and the basis, one
     allocation), ``window`` (``[B, H, block + S, D_k + D_v]``: a block of exact keys and values, then
     the ``S = sink_keys`` exact sink keys in the key half of their rows, the value half unused) and
-    ``state`` (``[3]`` int64: quantized tokens, window tokens, overflow flag). Sink rows are read only
+    ``state`` (``[3 + n]`` int64: quantized tokens, window tokens, overflow flag, then the CUDA decode kernel's
+    count of finished splits for each (sequence, KV head), as int32 pairs, zero between launches: allocated
+    here so that a CUDA graph replays them in place). Sink rows are read only
     once block 0 is quantized (its device count says so), so they need no flag of their own."""
 
     is_compileable = True
@@ -114,7 +116,7 @@ class StaticHeadQLayer(HeadQLayer):
         layout = self._place_in_arena()
         rows = cfg.block_size + cfg.sink_keys
         self.window = key_states.new_zeros(batch, heads, rows, head_dim + value_states.shape[-1])
-        self.state = torch.zeros(3, dtype=torch.long, device=self.device)
+        self.state = torch.zeros(3 + (batch * heads + 1) // 2, dtype=torch.long, device=self.device)
         key_q, side_q, value_q = self._quantizers()
         self.plan = FixedPlan(
             cfg.block_size, self.capacity, head_dim, value_states.shape[-1], self.rank, cfg.sink_keys,
@@ -200,7 +202,7 @@ class StaticHeadQLayer(HeadQLayer):
     # ---------------------------------------------------- host-side lengths
     # Eager code (prefill, crop, reporting) reads the device lengths; a compiled step never does.
     def _lengths(self) -> tuple[int, int]:
-        quantized, fill, overflow = self.state.tolist()  # one read of the counts and the flag
+        quantized, fill, overflow = self.state[:3].tolist()  # one read of the counts and the flag
         if overflow:
             raise capacity_error(self.capacity, self.capacity + 1)
         return quantized, fill

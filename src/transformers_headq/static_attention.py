@@ -115,6 +115,6 @@ def _fused(
     side_per_token = bool(plan.side_spec) and not plan.side_spec[1]
     value_bits = plan.value_spec[0] if plan.value_spec else 0
     return fixed_decode_attention(
-        query, layer.arena, plan.layout, layer.window, validity, layer.lengths,
+        query, layer.arena, plan.layout, layer.window, validity, layer.state,
         scaling, softcap or 0.0, key_bits, side_bits, side_per_token, value_bits, plan.rank, plan.sink_keys,
     )  # fmt: skip

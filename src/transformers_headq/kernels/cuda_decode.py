@@ -187,13 +187,17 @@ def launch(
     softcap: float,
     partials: Any,
     multiprocessors: int,
+    counters: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Attention output ``[B, 1, Hq, D]`` in the query's dtype, one launch; ``None`` (nothing launched) where
     the tensors' layout does not fit the kernel (``binding.cpp`` says what it needs).
 
     ``lengths``: ``None``, or the ``[2]`` device counts of stored and window tokens of a fixed-capacity cache
     (then the splits cover the stores' capacity, and a CUDA graph can replay the launch). ``partials(rows)``
-    gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows; ``softcap`` 0: none."""
+    gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows; ``softcap`` 0: none.
+    ``counters``: int32 counts of finished splits, one a (sequence, KV head), zero between launches (the
+    kernel leaves them so); ``None``: a buffer kept here per device and stream (not for CUDA graphs: a
+    fixed-capacity layer passes its own, allocated with the layer)."""
     ext = extension()
     assert ext is not None
     batch, q_heads, _, head_dim = query.shape
@@ -206,7 +210,7 @@ def launch(
         side.codes if side is not None else None, side.scale if side is not None else None,
         side.zero if side is not None else None,
         values.codes, values.scale, values.zero, window_keys, window_values, sink_keys, valid, lengths,
-        m, norm, acc, _counters(query.device, batch * kv_heads), out,
+        m, norm, acc, counters if counters is not None else _counters(query.device, batch * kv_heads), out,
         q_heads // kv_heads, block, n_tokens, per_split, n_splits, scaling, softcap,
     )  # fmt: skip
     return out if launched else None

@@ -1,11 +1,13 @@
 """The fused decode kernel over a fixed-capacity cache, as a torch custom op.
 
 ``torch.ops.headq.fixed_decode_attention`` takes tensors only: the arena of packed stores over the
-whole capacity (with its layout), the one-block window, and the ``[2]`` device counts of quantized and
-window tokens. Its splits are sized by the capacity, not by the tokens held, so one launch
+whole capacity (with its layout), the one-block window, and the layer's device state (counts of quantized and
+window tokens first). Its splits are sized by the capacity, not by the tokens held, so one launch
 configuration serves every step and a CUDA graph can replay it; the kernel reads the counts from device memory
 (``DEVICE_LENGTHS``) and splits past them write empty partials. As a custom op it is one opaque
-node to ``torch.compile``: ``mode="reduce-overhead"`` captures it in the step's CUDA graph.
+node to ``torch.compile``: ``mode="reduce-overhead"`` captures it in the step's CUDA graph. Settings the
+CUDA kernel covers (``cuda_decode.fixed_covers``) run it (one launch, its split counters in the state);
+others run the Triton kernel and its merge.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def fixed_decode_attention(
     layout: str,
     window: torch.Tensor,
     validity: torch.Tensor | None,
-    lengths: torch.Tensor,
+    state: torch.Tensor,
     scaling: float,
     softcap: float,
     key_bits: int,
@@ -41,7 +43,9 @@ def fixed_decode_attention(
     side code's if ``rank``, then the values' (``value_bits=0``: dense values, one tensor), then the
     encoder and decoder if ``rank``. ``window``: ``[B, H, block + sink_keys, D + D_v]``, keys then values,
     the last ``sink_keys`` rows holding the exact keys of the first stored slots (read once a block is
-    quantized: the kernel checks the device count). ``rank=0``: no side code; ``softcap=0``: none.
+    quantized: the kernel checks the device count). ``state``: the layer's device counts of quantized and
+    window tokens, its overflow flag, then the CUDA kernel's split counters (which it leaves at zero).
+    ``rank=0``: no side code; ``softcap=0``: none.
     """
     import triton
     import triton.language as tl
@@ -68,8 +72,8 @@ def fixed_decode_attention(
             out = cuda_decode.launch(
                 query, stored.decoder, QuantizedTokens(*stored.keys),
                 QuantizedTokens(*stored.side) if rank else None, QuantizedTokens(*stored.values),
-                window_keys, window_values, sinks if sink_keys else None, validity, lengths, block, scaling, softcap,
-                _fixed_partials(query.device, head_dim), _multiprocessors(query.device),
+                window_keys, window_values, sinks if sink_keys else None, validity, state, block, scaling, softcap,
+                _fixed_partials(query.device, head_dim), _multiprocessors(query.device), state[3:].view(torch.int32),
             )  # fmt: skip
         if out is not None:
             return out
@@ -90,7 +94,7 @@ def fixed_decode_attention(
             value_codes, value_scale, value_zero,
             window_keys, window_values,
             sinks,
-            valid, lengths,
+            valid, state,
             m, norm, acc,
             0, 0, per_split, scaling, softcap,
             query.stride(0), query.stride(1),
