@@ -113,14 +113,14 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel 
 @pytest.mark.parametrize("variant", ["plain", "padded", "softcap"])
 def test_cuda_kernel_matches_reference(monkeypatch, dtype, config, tokens, batch, variant):
     launches = []
-    real = cuda_decode.decode
+    real = cuda_decode.launch
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)
         launches.append(out is not None)  # None: the layout did not fit, the Triton kernel ran
         return out
 
-    monkeypatch.setattr(cuda_decode, "decode", counted)
+    monkeypatch.setattr(cuda_decode, "launch", counted)
     gen = torch.Generator().manual_seed(tokens + batch)
     keys = torch.randn(batch, 8, tokens, 128, generator=gen) * torch.linspace(0.2, 3, 128)
     values = torch.randn(batch, 8, tokens, 128, generator=gen)

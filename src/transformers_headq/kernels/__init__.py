@@ -258,9 +258,10 @@ def decode_attention(
     if cuda_decode.covers(settings, query, values) and cuda_decode.extension() is not None:
         assert isinstance(values, QuantizedTokens)
         with launch_device(query.device):  # one launch, codes straight into tensor-core operands
-            out = cuda_decode.decode(
-                settings, query, decoder, keys, side, values, window_keys, window_values, valid, scaling, softcap,
-                sink_keys, lambda rows: _partials(query.device, rows, head_dim), _multiprocessors(query.device),
+            out = cuda_decode.launch(
+                query, decoder, keys, side, values, window_keys, window_values, sink_keys, valid, None,
+                settings.block, scaling, softcap or 0.0, lambda rows: _partials(query.device, rows, head_dim),
+                _multiprocessors(query.device),
             )  # fmt: skip
         if out is not None:
             return out

@@ -128,29 +128,6 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def decode(
-    settings: Any,
-    query: torch.Tensor,
-    decoder: torch.Tensor | None,
-    keys: QuantizedTokens,
-    side: QuantizedTokens | None,
-    values: QuantizedTokens,
-    window_keys: torch.Tensor,
-    window_values: torch.Tensor,
-    valid: torch.Tensor | None,
-    scaling: float,
-    softcap: float | None,
-    sink_keys: torch.Tensor | None,
-    partials: Any,
-    multiprocessors: int,
-) -> torch.Tensor | None:
-    """One launch over a growing layer's stores (the caller checked :func:`covers`): see :func:`launch`."""
-    return launch(
-        query, decoder, keys, side, values, window_keys, window_values, sink_keys, valid, None,
-        settings.block, scaling, softcap or 0.0, partials, multiprocessors,
-    )  # fmt: skip
-
-
 def fixed_covers(
     query: torch.Tensor, key_scale: torch.Tensor, key_bits: int, side_bits: int, side_per_token: bool, value_bits: int,
     rank: int, sink_keys: int, block: int,
