@@ -1,7 +1,9 @@
-"""Fused GPU kernels (Triton) for the ``headq`` cache and attention, with the torch path as their oracle.
+"""Fused GPU kernels (Triton, and one in CUDA C++) for the ``headq`` cache and attention, with the torch path
+as their oracle.
 
 :func:`decode_attention` handles decode steps (one query token per sequence) over packed stores whose
-settings :func:`decode_supports` says the kernel covers. These are leaves: they take tensors and
+settings :func:`decode_supports` says the kernels cover: the CUDA kernel (``cuda_decode``) where it applies
+(the default settings on head dim 128), else the Triton kernel. These are leaves: they take tensors and
 settings, and know nothing of caches (``fused_decode.py`` reads a layer's stores for them).
 :func:`encode_blocks` and :func:`commit_block` (its predicated, in-place form) encode whole blocks of
 keys, side code and values in one launch; :func:`quantize_pack` quantizes and packs one stream, for
