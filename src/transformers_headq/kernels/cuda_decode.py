@@ -2,10 +2,11 @@
 
 Why a second kernel beside the Triton one: decode over 2-bit codes must turn about one code an instruction
 into tensor-core operands to keep up with HBM. Triton places the unpacked codes in its own register layout
-and then moves them into the operands' layout, which cost about ten times that (see the kernel records).
-The CUDA kernel reads the packed bytes straight into operand registers (its header says how), folds the
-per-block scales into the query, and merges its splits in the same launch. It covers the default HeadQ
-settings on head dim 128; :func:`covers` says exactly what, and everything else keeps the Triton kernel.
+and then moves them into the operands' layout: about 2000 instructions a warp per 64-token tile for that
+alone (README, "Working on the GPU kernels"), against 1153 for this kernel's whole tile. The CUDA kernel reads
+the packed bytes straight into operand registers (its header says how), folds the per-block scales into the
+query, and merges its splits in the same launch. It covers the default HeadQ settings on head dim 128;
+:func:`settings_covered` says exactly what, and everything else keeps the Triton kernel.
 
 It is compiled on first use on the user's machine by ``torch.utils.cpp_extension`` (``nvcc`` and
 ``ninja`` needed; the build is cached by torch). Where that fails, a warning says why, once, and decode
@@ -29,6 +30,7 @@ HEAD_DIM = 128
 TILE = 64  # tokens a loop step of the kernel
 ROWS = 8  # query heads a product holds: the most query heads a KV head may have here
 SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
+MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
 # blocks_per_sm: thread blocks (splits) an SM holds at once, built into the kernel as its register cap (3: 168
 # registers a thread, 43.5 KB of shared memory a block), so that the splits fill one wave; min_split_tokens: the
 # fewest tokens a split gets (each split loads the query and writes partials that the merge reads).
@@ -66,9 +68,6 @@ def _build(blocks_per_sm: int) -> Any | None:
             stacklevel=2,
         )
         return None
-
-
-MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
 
 
 @functools.cache
@@ -119,8 +118,9 @@ _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per (sequence, KV head) counts of finished splits: zero between launches (the merging split resets its
-    own), kept per device and stream like the partials, so that CUDA graphs replay the same buffer."""
+    """Per (sequence, KV head) counts of finished splits for the growing cache: zero between launches (the
+    merging split resets its own), kept per device and stream like the partials and made on first use (a
+    graph captured after an eager step replays it; fixed-capacity layers pass counters of their own)."""
     stream = torch.cuda.current_stream(device).cuda_stream
     buf = _COUNTERS.get((device, stream))
     if buf is None or buf.numel() < n:
@@ -169,9 +169,10 @@ def launch(
     """Attention output ``[B, 1, Hq, D]`` in the query's dtype, one launch; ``None`` (nothing launched) where
     the tensors' layout does not fit the kernel (``binding.cpp`` says what it needs).
 
-    ``lengths``: ``None``, or the ``[2]`` device counts of stored and window tokens of a fixed-capacity cache
-    (then the splits cover the stores' capacity, and a CUDA graph can replay the launch). ``partials(rows)``
-    gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows; ``softcap`` 0: none.
+    ``lengths``: ``None``, or a fixed-capacity layer's device state, whose first two entries count its stored
+    and window tokens (then the splits cover the stores' capacity, and a CUDA graph can replay the launch).
+    ``partials(rows)`` gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows;
+    ``softcap`` 0: none.
     ``counters``: int32 counts of finished splits, one a (sequence, KV head), zero between launches (the
     kernel leaves them so); ``None``: a buffer kept here per device and stream (not for CUDA graphs: a
     fixed-capacity layer passes its own, allocated with the layer)."""
