@@ -5,10 +5,11 @@
 // memory; the last split of a (sequence, KV head) to finish merges the splits (no second launch).
 // Covered: head dim 128, 2-bit keys with a float16 scale and zero per channel and block (a multiple of 64
 // tokens), optionally a rank-16 side code of 4-bit codes with a scale and zero per direction and block,
-// 2-bit values with a float16 scale and zero per token, up to 16 exact sink keys, a key-validity mask, soft-capping,
-// a full-precision window, lengths read from the device. Everything else runs the Triton kernel.
+// 2-bit values with a float16 scale and zero per token, up to 16 exact sink keys, a key-validity mask,
+// soft-capping, a full-precision window, lengths read from the device. Everything else runs the Triton kernel.
 //
-// Why it is fast: the codes go from global memory straight into tensor-core operands. A byte of a packed
+// Why it is fast: each warp copies its next tile (codes, scales, zeros: 5.4 KB) into shared memory by cp.async
+// while it computes the current one, and the codes go from there straight into tensor-core operands. A byte of a packed
 // row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p: ``quantize.pack_codes``); shifting a 32-bit
 // word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals
 // (code * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle
@@ -18,7 +19,7 @@
 // hold, and the query operand follows the same order:
 //   keys     S^T[t, g] = sum_c code[t, c] * (q[g, c] * scale[c]) + sum_c q[g, c] * zero[c]
 //            (tokens are the product's 16 rows, the <= 8 query heads its columns; scales fold into the query
-//            once per block);
+//            once a tile, the zeros' term is one more product with the zeros as every row);
 //   side     the same with qW = q W against 4-bit codes, one more 16-deep step;
 //   values   O^T[d, g] = sum_t code[t, d] * (p[g, t] * scale[t]) + sum_t p[g, t] * zero[t]
 //            (channels are the rows: value codes of two tokens are paired by a byte permute; p comes from
