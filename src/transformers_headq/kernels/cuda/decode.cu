@@ -10,8 +10,8 @@
 //
 // Why it is fast: each warp copies its next tile (codes, scales, zeros: 5.4 KB) into shared memory by
 // cp.async while it computes the current one, and the codes go from there straight into tensor-core
-// operands. A byte of a packed row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p: ``quantize.pack_codes``); shifting a 32-bit
-// word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals
+// operands. A byte of a packed row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p:
+// ``quantize.pack_codes``); shifting a 32-bit word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals
 // (code * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle
 // (mostly one: plane p masked in place is code * 4^p; keys and side code divide their query operand by
 // that, values undo it on their accumulator rows at the end).
