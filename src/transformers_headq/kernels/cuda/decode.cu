@@ -8,13 +8,13 @@
 // 2-bit values with a float16 scale and zero per token, up to 16 exact sink keys, a key-validity mask,
 // soft-capping, a full-precision window, lengths read from the device. Everything else runs the Triton kernel.
 //
-// Why it is fast: each warp copies its next tile (codes, scales, zeros: 5.4 KB) into shared memory by
-// cp.async while it computes the current one, and the codes go from there straight into tensor-core
-// operands. A byte of a packed row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p:
-// ``quantize.pack_codes``); shifting a 32-bit word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals
-// (code * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle
-// (mostly one: plane p masked in place is code * 4^p; keys and side code divide their query operand by
-// that, values undo it on their accumulator rows at the end).
+// Why it is fast: each warp copies its next tile (codes, scales, zeros: 5.4 KB) into shared memory by cp.async
+// while it computes the current one, and the codes go from there straight into tensor-core operands. A byte of a
+// packed row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p: ``quantize.pack_codes``); shifting a 32-bit
+// word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals (code
+// * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle (mostly
+// one: plane p masked in place is code * 4^p; keys and side code divide their query operand by that, values undo
+// it on their accumulator rows at the end).
 // The channel order inside a product is free, so each lane takes the channels that its own loaded bytes
 // hold, and the query operand follows the same order:
 //   keys     S^T[t, g] = sum_c code[t, c] * (q[g, c] * scale[c]) + sum_c q[g, c] * zero[c]
