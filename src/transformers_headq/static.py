@@ -36,7 +36,7 @@ from .config import HeadQConfig
 from .encode import commit_block, quantizer_spec
 from .errors import CacheInputError
 from .handoff import AttentionInputs, HeadQStates
-from .kernels import decode_supports
+from .kernels import STATE_COUNTS, decode_supports, state_entries
 from .layer import HeadQLayer
 from .store import CacheCapacityError, DenseStore, QuantizedStore, TokenBuffer, TokenStore, capacity_error
 
@@ -116,7 +116,7 @@ class StaticHeadQLayer(HeadQLayer):
         layout = self._place_in_arena()
         rows = cfg.block_size + cfg.sink_keys
         self.window = key_states.new_zeros(batch, heads, rows, head_dim + value_states.shape[-1])
-        self.state = torch.zeros(3 + (batch * heads + 1) // 2, dtype=torch.long, device=self.device)
+        self.state = torch.zeros(state_entries(batch * heads), dtype=torch.long, device=self.device)
         key_q, side_q, value_q = self._quantizers()
         self.plan = FixedPlan(
             cfg.block_size, self.capacity, head_dim, value_states.shape[-1], self.rank, cfg.sink_keys,
@@ -202,7 +202,7 @@ class StaticHeadQLayer(HeadQLayer):
     # ---------------------------------------------------- host-side lengths
     # Eager code (prefill, crop, reporting) reads the device lengths; a compiled step never does.
     def _lengths(self) -> tuple[int, int]:
-        quantized, fill, overflow = self.state[:3].tolist()  # one read of the counts and the flag
+        quantized, fill, overflow = self.state[:STATE_COUNTS].tolist()  # one read of the counts and the flag
         if overflow:
             raise capacity_error(self.capacity, self.capacity + 1)
         return quantized, fill

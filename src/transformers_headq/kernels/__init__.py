@@ -210,6 +210,19 @@ class _DecodePlan:
 
 _PLANS: dict[tuple[DecodeSettings, torch.device], _DecodePlan] = {}
 _WORKSPACE: dict[tuple[torch.device, int], torch.Tensor] = {}
+# A fixed-capacity layer's device state: quantized tokens, window tokens, overflow flag, then the CUDA decode
+# kernel's split counters (int32, one a sequence and KV head, packed two to an int64 entry).
+STATE_COUNTS = 3
+
+
+def state_entries(batch_heads: int) -> int:
+    """Entries (int64) of a fixed-capacity layer's state for ``batch_heads`` (sequence, KV head) pairs."""
+    return STATE_COUNTS + (batch_heads + 1) // 2
+
+
+def split_partials(buf: torch.Tensor, rows: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The split partials (running max, normaliser, output) of ``rows`` rows, as views of one float32 buffer."""
+    return buf[:rows], buf[rows : 2 * rows], buf[2 * rows : rows * (head_dim + 2)]
 
 
 def _partials(device: torch.device, rows: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -224,7 +237,7 @@ def _partials(device: torch.device, rows: int, head_dim: int) -> tuple[torch.Ten
     buf = _WORKSPACE.get((device, stream))
     if buf is None or buf.numel() < needed:
         buf = _WORKSPACE[(device, stream)] = torch.empty(needed, device=device, dtype=torch.float32)
-    return buf[:rows], buf[rows : 2 * rows], buf[2 * rows : needed]
+    return split_partials(buf, rows, head_dim)
 
 
 def decode_attention(

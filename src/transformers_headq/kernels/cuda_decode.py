@@ -70,27 +70,40 @@ def _build(blocks_per_sm: int) -> Any | None:
         return None
 
 
+def _reads(
+    head_dim: int, dtype: torch.dtype, groups: int, block: int, key_bits: int, value_bits: int, rank: int,
+    side_bits: int, side_per_token: bool, meta_dtype: torch.dtype,
+) -> bool:  # fmt: skip
+    """The kernel's one rule, from the settings both callers know (each adds what only it can check)."""
+    return (
+        head_dim == HEAD_DIM
+        and dtype in _MODEL_DTYPES
+        and groups <= ROWS
+        and block % TILE == 0
+        and (key_bits, value_bits) == (2, 2)
+        and (rank == 0 or (rank == SIDE_RANK and side_bits == 4 and not side_per_token))
+        and meta_dtype == torch.float16
+    )
+
+
 @functools.cache
 def settings_covered(settings: Any) -> bool:
-    """Whether the kernel reads stores of these :class:`DecodeSettings` (decided once per settings)."""
+    """Whether the kernel reads stores of these :class:`DecodeSettings` (decided once per settings): keys grouped
+    by channel over a block, values by token over the head, a block-scaled side code."""
     key_q, side_q, value_q = settings.quantizers
-    block = settings.block
-    side_ok = settings.rank == 0 or (
-        settings.rank == SIDE_RANK
-        and side_q is not None
-        and (side_q.bits, side_q.grouping, side_q.group, side_q.meta_dtype) == (4, "channel", block, torch.float16)
-    )
+    if key_q is None or value_q is None or (settings.rank and side_q is None):
+        return False
+    side_bits = side_q.bits if side_q is not None else 0
+    side_per_token = side_q is not None and not (side_q.grouping == "channel" and side_q.group == settings.block)
+    metas = {key_q.meta_dtype, value_q.meta_dtype} | ({side_q.meta_dtype} if side_q is not None else set())
     return (
-        settings.head_dim == HEAD_DIM
-        and settings.dtype in _MODEL_DTYPES
-        and settings.q_heads // settings.kv_heads <= ROWS
-        and block % TILE == 0
-        and key_q is not None
-        and (key_q.bits, key_q.grouping, key_q.group, key_q.meta_dtype) == (2, "channel", block, torch.float16)
-        and value_q is not None
-        and (value_q.bits, value_q.grouping, value_q.group, value_q.meta_dtype) == (2, "token", HEAD_DIM, torch.float16)
-        and side_ok
-    )
+        (key_q.grouping, key_q.group, value_q.grouping, value_q.group) == ("channel", settings.block, "token", HEAD_DIM)
+        and len(metas) == 1
+        and _reads(
+            settings.head_dim, settings.dtype, settings.q_heads // settings.kv_heads, settings.block, key_q.bits,
+            value_q.bits, settings.rank, side_bits, side_per_token, key_q.meta_dtype,
+        )
+    )  # fmt: skip
 
 
 def covers(settings: Any, query: torch.Tensor, values: QuantizedTokens | torch.Tensor) -> bool:
@@ -132,20 +145,17 @@ def fixed_covers(
     query: torch.Tensor, key_scale: torch.Tensor, key_bits: int, side_bits: int, side_per_token: bool, value_bits: int,
     rank: int, sink_keys: int, block: int,
 ) -> bool:  # fmt: skip
-    """Whether the kernel reads a fixed-capacity cache of these settings (``kernels.fixed``'s custom op)."""
-    q_heads, head_dim = query.shape[1], query.shape[3]
+    """Whether the kernel reads a fixed-capacity cache of these settings (``kernels.fixed``'s custom op, whose
+    stores group keys by channel over a block and values by token)."""
     return (
         query.device.type == "cuda"
         and enabled()
-        and head_dim == HEAD_DIM
-        and query.dtype in _MODEL_DTYPES
-        and q_heads // key_scale.shape[1] <= ROWS
-        and key_scale.dtype == torch.float16
-        and (key_bits, value_bits) == (2, 2)
-        and (rank == 0 or (rank == SIDE_RANK and side_bits == 4 and not side_per_token))
         and sink_keys <= MAX_SINKS
-        and block % TILE == 0
-    )
+        and _reads(
+            query.shape[3], query.dtype, query.shape[1] // key_scale.shape[1], block, key_bits, value_bits, rank,
+            side_bits, side_per_token, key_scale.dtype,
+        )
+    )  # fmt: skip
 
 
 def launch(

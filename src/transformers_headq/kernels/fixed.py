@@ -16,7 +16,18 @@ import torch
 
 from ..arena import carve
 from ..quantize import QuantizedTokens, packed_row_bytes
-from . import _OPERAND_DTYPES, LAUNCH, _bht, _multiprocessors, _smallest_dot_rows, _splits, cuda_decode, split_stored
+from . import (
+    _OPERAND_DTYPES,
+    LAUNCH,
+    STATE_COUNTS,
+    _bht,
+    _multiprocessors,
+    _smallest_dot_rows,
+    _splits,
+    cuda_decode,
+    split_partials,
+    split_stored,
+)
 from .launch import launch_device
 
 
@@ -73,7 +84,8 @@ def fixed_decode_attention(
                 query, stored.decoder, QuantizedTokens(*stored.keys),
                 QuantizedTokens(*stored.side) if rank else None, QuantizedTokens(*stored.values),
                 window_keys, window_values, sinks if sink_keys else None, validity, state, block, scaling, softcap,
-                _fixed_partials(query.device, head_dim), _multiprocessors(query.device), state[3:].view(torch.int32),
+                _fixed_partials(query.device, head_dim), _multiprocessors(query.device),
+                state[STATE_COUNTS:].view(torch.int32),  # the layer's split counters
             )  # fmt: skip
         if out is not None:
             return out
@@ -84,8 +96,7 @@ def fixed_decode_attention(
     with launch_device(query.device):  # a layer of a split model may live on another GPU
         n_splits, per_split = _splits(batch * kv_heads, capacity, block, query.device)
         rows = batch * kv_heads * n_splits * block_g
-        partials = torch.empty(rows * (head_dim + 2), device=query.device, dtype=torch.float32)
-        m, norm, acc = partials[:rows], partials[rows : 2 * rows], partials[2 * rows :]
+        m, norm, acc = _fixed_partials(query.device, head_dim)(rows)
         valid = validity if validity is not None else m
         headq_decode_kernel[(batch * kv_heads, n_splits, 1)](
             query, decoder,
@@ -122,11 +133,10 @@ def fixed_decode_attention(
 
 
 def _fixed_partials(device: torch.device, head_dim: int):  # type: ignore[no-untyped-def]
-    """The CUDA kernel's split partials, fresh for each launch (as the Triton path's here)."""
+    """Split partials of ``rows`` rows, fresh for each launch (the step's CUDA graph holds them)."""
 
     def partials(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        buf = torch.empty(rows * (head_dim + 2), device=device, dtype=torch.float32)
-        return buf[:rows], buf[rows : 2 * rows], buf[2 * rows :]
+        return split_partials(torch.empty(rows * (head_dim + 2), device=device, dtype=torch.float32), rows, head_dim)
 
     return partials
 

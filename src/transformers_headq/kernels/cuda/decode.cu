@@ -156,7 +156,7 @@ struct Softmax {
   }
 };
 
-// Pairs (h[s], h[s + 2]) of eight float16 values (a uint4) for s = 0, 1 (``first``: h[0..3] or h[4..7]).
+// The pair (h[s], h[s + 2]) for s = 0, 1 of four float16 values h[0..3] held in two 32-bit words w0, w1.
 __device__ __forceinline__ uint32_t spread_pair(uint32_t w0, uint32_t w1, int s) {
   return __byte_perm(w0, w1, s ? 0x7632 : 0x5410);
 }
