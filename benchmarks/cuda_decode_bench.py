@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -51,18 +53,6 @@ def _counted_launch(*args: Any, **kwargs: Any) -> torch.Tensor | None:
 
 
 cuda_decode.launch = _counted_launch  # so that the check knows the CUDA kernel ran, not a fallback
-
-
-def _with_env(name: str, value: str, fn):  # type: ignore[no-untyped-def]
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        return fn()
-    finally:
-        if old is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = old
 
 
 def check(contexts=(200, 1000, 4100), batches=(1, 3), only: str = "") -> list[dict[str, Any]]:
@@ -100,15 +90,11 @@ def check(contexts=(200, 1000, 4100), batches=(1, 3), only: str = "") -> list[di
                         torch.cuda.synchronize()
                         triton = None
                         if config.block_size == 64:  # the Triton kernel faults on blocks of 128 (misaligned)
-                            triton = _with_env(
-                                "HEADQ_CUDA_DECODE", "0",
-                                lambda: fused_decode_attention(layer, q, mask, HEAD_DIM**-0.5, softcap),  # noqa: B023
-                            )  # fmt: skip
+                            with patch.dict(os.environ, {"HEADQ_CUDA_DECODE": "0"}):
+                                triton = fused_decode_attention(layer, q, mask, HEAD_DIM**-0.5, softcap)
                             torch.cuda.synchronize()
-                        reference, _ = _with_env(
-                            "HEADQ_KERNELS", "0",
-                            lambda: headq_attention_forward(module, q.float(), k, v, mask, softcap=softcap),  # noqa: B023
-                        )  # fmt: skip
+                        with patch.dict(os.environ, {"HEADQ_KERNELS": "0"}):
+                            reference, _ = headq_attention_forward(module, q.float(), k, v, mask, softcap=softcap)
                         assert fused is not None
                         ref = reference.float()
                         err = ((fused.float() - ref).norm() / ref.norm()).item()
@@ -155,8 +141,8 @@ def grid_rows(context: int, batch: int, gpu: str, peak: float) -> list[dict[str,
         return fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None)
 
     for name, env in (("headq-triton", "0"), ("headq-cuda", "1")):
-        ms = _with_env("HEADQ_CUDA_DECODE", env, lambda: bench(step))  # noqa: B023
-        graph = _with_env("HEADQ_CUDA_DECODE", env, lambda: _graph_ms(step))  # noqa: B023
+        with patch.dict(os.environ, {"HEADQ_CUDA_DECODE": env}):
+            ms, graph = bench(step), _graph_ms(step)
         rows.append({"cache": name, "context": context, "batch": batch, "attn_ms_per_step": ms,
                      "attn_ms_cuda_graph": graph, "read_bytes": read})  # fmt: skip
     best_sdpa = min(r["attn_ms_per_step"] for r in rows if r["cache"].startswith("dynamic"))
@@ -226,7 +212,7 @@ def main() -> None:
             rows += grid_rows(context, batch, gpu, peak)
             torch.cuda.empty_cache()
             args.json.write_text(json.dumps(results, indent=2))  # written as rows come
-    command = "python cuda_decode_bench.py " + " ".join(os.sys.argv[1:])
+    command = "python cuda_decode_bench.py " + " ".join(sys.argv[1:])
     if args.markdown:
         args.markdown.write_text(markdown(rows, checks, gpu, command) + "\n")
 
