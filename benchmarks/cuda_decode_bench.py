@@ -121,13 +121,21 @@ def _sdpa_times(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flash: bool) 
     return bench(sdpa), _graph_ms(sdpa)
 
 
-def grid_rows(context: int, batch: int, gpu: str, peak: float) -> list[dict[str, Any]]:
+CACHES = ("dynamic-bf16-flash", "dynamic-bf16", "headq-triton", "headq-cuda")
+
+
+def grid_rows(
+    context: int, batch: int, gpu: str, peak: float, caches: tuple[str, ...] = CACHES
+) -> list[dict[str, Any]]:
+    """One grid point's rows for ``caches`` (ratios to sdpa only where an sdpa row ran)."""
     rows = []
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
     dense_read = 2 * k.numel() * 2
     for name, flash in (("dynamic-bf16-flash", True), ("dynamic-bf16", False)):
+        if name not in caches:
+            continue
         ms, graph = _sdpa_times(q, k, v, flash)
         rows.append({"cache": name, "context": context, "batch": batch, "attn_ms_per_step": ms,
                      "attn_ms_cuda_graph": graph, "read_bytes": dense_read})  # fmt: skip
@@ -141,12 +149,15 @@ def grid_rows(context: int, batch: int, gpu: str, peak: float) -> list[dict[str,
         return fused_decode_attention(layer, q, None, HEAD_DIM**-0.5, None)
 
     for name, env in (("headq-triton", "0"), ("headq-cuda", "1")):
+        if name not in caches:
+            continue
         with patch.dict(os.environ, {"HEADQ_CUDA_DECODE": env}):
             ms, graph = bench(step), _graph_ms(step)
         rows.append({"cache": name, "context": context, "batch": batch, "attn_ms_per_step": ms,
                      "attn_ms_cuda_graph": graph, "read_bytes": read})  # fmt: skip
-    best_sdpa = min(r["attn_ms_per_step"] for r in rows if r["cache"].startswith("dynamic"))
-    best_sdpa_graph = min(r["attn_ms_cuda_graph"] for r in rows if r["cache"].startswith("dynamic"))
+    sdpa = [r for r in rows if r["cache"].startswith("dynamic")]
+    best_sdpa = min((r["attn_ms_per_step"] for r in sdpa), default=float("nan"))
+    best_sdpa_graph = min((r["attn_ms_cuda_graph"] for r in sdpa), default=float("nan"))
     for r in rows:
         r["gpu"] = gpu
         r["speedup_vs_best_sdpa"] = best_sdpa / r["attn_ms_per_step"]
@@ -195,6 +206,7 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--no-check", action="store_true")
     parser.add_argument("--check-only", default="", help="check only the configurations whose name holds this")
+    parser.add_argument("--caches", default=",".join(CACHES), help="grid rows to time (sdpa rows give the ratios)")
     parser.add_argument("--launch", help="CUDA kernel launch settings as JSON (cuda_decode.LAUNCH keys)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path)
@@ -209,7 +221,7 @@ def main() -> None:
     results: dict[str, Any] = {"gpu": gpu, "launch": cuda_decode.LAUNCH, "checks": checks, "attention": rows}
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
-            rows += grid_rows(context, batch, gpu, peak)
+            rows += grid_rows(context, batch, gpu, peak, tuple(args.caches.split(",")))
             torch.cuda.empty_cache()
             args.json.write_text(json.dumps(results, indent=2))  # written as rows come
     command = "python cuda_decode_bench.py " + " ".join(sys.argv[1:])

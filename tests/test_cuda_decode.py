@@ -86,9 +86,9 @@ def test_build_failure_warns_and_falls_back(monkeypatch):
 def test_kernel_compiles_for_hopper_without_spills(tmp_path):
     """The source builds for sm_90 (as torch builds it on an H100/H200), and the kernels without soft-capping
     fit the register cap of LAUNCH's blocks per SM with no spills."""
-    blocks = LAUNCH["blocks_per_sm"]
+    flags = cuda_decode.build_flags(LAUNCH["blocks_per_sm"], LAUNCH["stages"])
     result = subprocess.run(
-        ["nvcc", "-arch=sm_90", "-O3", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-DHEADQ_BLOCKS_PER_SM={blocks}",
+        ["nvcc", "-arch=sm_90", *flags, "-cubin", "-Xptxas", "-v",
          "-o", str(tmp_path / "decode.cubin"), str(cuda_decode.SOURCES / "decode.cu")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip

@@ -32,9 +32,10 @@ ROWS = 8  # query heads a product holds: the most query heads a KV head may have
 SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
 MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
 # blocks_per_sm: thread blocks (splits) an SM holds at once, built into the kernel as its register cap (3: 168
-# registers a thread, 43.5 KB of shared memory a block), so that the splits fill one wave; min_split_tokens: the
-# fewest tokens a split gets (each split loads the query and writes partials that the merge reads).
-LAUNCH = {"blocks_per_sm": 3, "min_split_tokens": 256}
+# registers a thread), so that the splits fill one wave; stages: the tiles a warp holds in shared memory (the one
+# it computes and the rest in flight; 5.3 KB each, 4 warps a block); min_split_tokens: the fewest tokens a split
+# gets (each split loads the query and writes partials that the merge reads).
+LAUNCH = {"blocks_per_sm": 3, "stages": 2, "min_split_tokens": 256}
 _MODEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -45,19 +46,24 @@ def enabled() -> bool:
 def extension() -> Any | None:
     """The compiled extension for :data:`LAUNCH` (built on first use, then loaded from torch's cache), or ``None``
     with a warning."""
-    return _build(LAUNCH["blocks_per_sm"])
+    return _build(LAUNCH["blocks_per_sm"], LAUNCH["stages"])
+
+
+def build_flags(blocks_per_sm: int, stages: int) -> list[str]:
+    """nvcc's flags for the kernel (``-lineinfo``: profilers map time to source lines; no cost at run time)."""
+    return ["-O3", "-std=c++17", "-lineinfo", f"-DHEADQ_BLOCKS_PER_SM={blocks_per_sm}", f"-DHEADQ_STAGES={stages}"]
 
 
 @functools.cache
-def _build(blocks_per_sm: int) -> Any | None:
+def _build(blocks_per_sm: int, stages: int) -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"headq_decode_cuda_{blocks_per_sm}",
+            name=f"headq_decode_cuda_{blocks_per_sm}_{stages}",
             sources=[str(SOURCES / "binding.cpp"), str(SOURCES / "decode.cu")],
             extra_include_paths=[str(SOURCES)],
-            extra_cuda_cflags=["-O3", "-std=c++17", f"-DHEADQ_BLOCKS_PER_SM={blocks_per_sm}"],
+            extra_cuda_cflags=build_flags(blocks_per_sm, stages),
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 (any build failure: fall back, say why)

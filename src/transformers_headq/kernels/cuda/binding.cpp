@@ -56,7 +56,7 @@ bool layout_fits(const torch::Tensor& query, const c10::optional<torch::Tensor>&
     if (decoder->scalar_type() != at::kFloat || !decoder->is_contiguous() || !aligned(*decoder, 16)) return false;
   }
   if (!model_rows(window_keys, dtype, 4, 8) || !model_rows(window_values, dtype, 4, 8)) return false;
-  if (sink_keys.has_value() && (!model_rows(*sink_keys, dtype, 1, 2) || sink_keys->size(2) > 16)) return false;
+  if (sink_keys.has_value() && (!model_rows(*sink_keys, dtype, 2, 4) || sink_keys->size(2) > 16)) return false;
   if (valid.has_value() && valid->stride(1) != 1) return false;
   return true;
 }

@@ -8,8 +8,8 @@
 // 2-bit values with a float16 scale and zero per token, up to 16 exact sink keys, a key-validity mask,
 // soft-capping, a full-precision window, lengths read from the device. Everything else runs the Triton kernel.
 //
-// Why it is fast: each warp copies its next tile (codes, scales, zeros: 5.4 KB) into shared memory by cp.async
-// while it computes the current one, and the codes go from there straight into tensor-core operands. A byte of a
+// Why it is fast: each warp copies its next STAGES - 1 tiles (codes, scales, zeros: 5.4 KB each) into shared memory
+// by cp.async while it computes the current one (the first copies start before the prologue), and the codes go from there straight into tensor-core operands. A byte of a
 // packed row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p: ``quantize.pack_codes``); shifting a 32-bit
 // word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals (code
 // * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle (mostly
@@ -105,6 +105,39 @@ __device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
   return y;
 }
 
+// The query of head g = r (a B operand's column) in the model dtype: k-step kt holds channels 16kt + 2j (+1) and
+// 16kt + 2j + 8 (+9), as the A operands of exact keys below hold them.
+template <typename T>
+__device__ __forceinline__ void exact_query_operand(uint32_t (&q)[8][2], const T* query, int64_t s_qh, int G, int r,
+                                                    int j) {
+#pragma unroll
+  for (int kt = 0; kt < 8; ++kt)
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+      q[kt][s] = r < G ? *reinterpret_cast<const uint32_t*>(query + r * s_qh + 16 * kt + 2 * j + 8 * s) : 0u;
+}
+
+// S^T[t, g] of 16 exact keys in the model dtype (rows t = first + r and first + r + 8 of ``keys``, those below
+// ``count`` real, the others zero) against the query operand: one product a 16-channel step, all loads at once.
+template <typename T>
+__device__ __forceinline__ void exact_key_product(float (&s)[4], const T* keys, int64_t stride, int first, int count,
+                                                  int r, int j, const uint32_t (&q)[8][2]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) s[i] = 0.f;
+  const int t0 = first + r, t1 = t0 + 8;
+  const T* k0 = keys + t0 * stride;
+  const T* k1 = keys + t1 * stride;
+#pragma unroll
+  for (int kt = 0; kt < 8; ++kt) {
+    const int c = 16 * kt + 2 * j;
+    const uint32_t a0 = t0 < count ? *reinterpret_cast<const uint32_t*>(k0 + c) : 0u;
+    const uint32_t a1 = t1 < count ? *reinterpret_cast<const uint32_t*>(k1 + c) : 0u;
+    const uint32_t a2 = t0 < count ? *reinterpret_cast<const uint32_t*>(k0 + c + 8) : 0u;
+    const uint32_t a3 = t1 < count ? *reinterpret_cast<const uint32_t*>(k1 + c + 8) : 0u;
+    mma_model<T>(s, a0, a1, a2, a3, q[kt][0], q[kt][1]);
+  }
+}
+
 __device__ __forceinline__ float warp_max_rows(float x) {  // over the 8 lanes of one column pair (lane bits 2-4)
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
@@ -164,7 +197,7 @@ __device__ __forceinline__ uint32_t spread_pair(uint32_t w0, uint32_t w1, int s)
 constexpr int WARPS = 4;  // a thread block: one split, its tiles dealt round-robin to the warps
 
 // One tile's stored bytes as global memory holds them, staged in shared memory by asynchronous 16-byte
-// copies (cp.async) one tile ahead of the products, so that a warp always has a tile's loads in flight.
+// copies (cp.async) STAGES - 1 tiles ahead of the products, so that a warp always has loads in flight.
 struct Stage {
   uint8_t keys[TILE * KEY_ROW];
   uint8_t values[TILE * KEY_ROW];
@@ -182,10 +215,17 @@ struct SplitState {
   float m[ROWS], l[ROWS], acc[ROWS][D];
 };
 
+#ifndef HEADQ_STAGES
+#define HEADQ_STAGES 2  // tiles a warp has in shared memory: the one it computes and STAGES - 1 in flight
+#endif
+constexpr int STAGES = HEADQ_STAGES;
+static_assert(STAGES >= 2, "a warp computes one tile while the next is copied");
+
 union WarpSpace {  // the stages while the warp loops over tiles, its output after
-  Stage stage[2];
+  Stage stage[STAGES];
   SplitState state;
 };
+constexpr int SHARED_BYTES = WARPS * sizeof(WarpSpace);  // dynamic shared memory a block (over 48 KB for 3 stages)
 
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
   const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
@@ -236,7 +276,8 @@ struct StoredRows {
 template <typename T, bool SIDE, bool SOFTCAP>
 __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel(const DecodeParams p) {
   using M = ModelType<T>;
-  __shared__ WarpSpace space[WARPS];
+  extern __shared__ __align__(16) uint8_t shared_bytes[];
+  WarpSpace* space = reinterpret_cast<WarpSpace*>(shared_bytes);
   __shared__ int last_split;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int bh = blockIdx.x / p.n_splits, split = blockIdx.x - bh * p.n_splits;
@@ -249,6 +290,34 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     n_window = static_cast<int>(p.lengths[1]);
   }
   const T* query = reinterpret_cast<const T*>(p.query) + b * p.s_qb + h * G * p.s_qh;
+  const int start = split * p.tokens_per_split;
+  const int end = min(start + p.tokens_per_split, n_tokens);
+
+  // ---- The first tiles' copies start now: they fly while the prologue reads the query and computes qW. The
+  // rows' addresses live in shared memory (read at each fetch), not in 18 registers through the loop.
+  __shared__ StoredRows rows_shared;
+  if (threadIdx.x == 0) rows_shared = StoredRows{
+      p.key_codes + b * p.s_kc_b + h * p.s_kc_h,
+      p.value_codes + b * p.s_vc_b + h * p.s_vc_h,
+      p.side_codes + b * p.s_cc_b + h * p.s_cc_h,
+      reinterpret_cast<const __half*>(p.value_scale) + b * p.s_vs_b + h * p.s_vs_h,
+      reinterpret_cast<const __half*>(p.value_zero) + b * p.s_vs_b + h * p.s_vs_h,
+      reinterpret_cast<const __half*>(p.key_scale) + b * p.s_ks_b + h * p.s_ks_h,
+      reinterpret_cast<const __half*>(p.key_zero) + b * p.s_ks_b + h * p.s_ks_h,
+      reinterpret_cast<const __half*>(p.side_scale) + b * p.s_cs_b + h * p.s_cs_h,
+      reinterpret_cast<const __half*>(p.side_zero) + b * p.s_cs_b + h * p.s_cs_h,
+  };
+  __syncthreads();
+  const StoredRows& stored = rows_shared;
+  WarpSpace& own = space[warp];
+  constexpr int STRIDE = TILE * WARPS;  // a warp's tiles are STRIDE tokens apart
+  const int first_tile = start + TILE * warp;
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k) {
+    const int tile = first_tile + k * STRIDE;
+    if (tile < end) stored.fetch<SIDE>(own.stage[k], tile, tile / p.block, lane);
+    copies_commit();
+  }
 
   // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold,
   // over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
@@ -315,37 +384,19 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   const float log2_scale[2] = {logit_scale[0] * LOG2E, logit_scale[1] * LOG2E};
   const float code_scale[2] = {log2_scale[0] * CODE_UNIT, log2_scale[1] * CODE_UNIT};
 
-  // ---- Exact logits of the sink slots (the first n_sinks <= 16 stored tokens: m-tile 0 of tile 0).
+  // ---- Exact logits of the sink slots (the first n_sinks <= 16 stored tokens: m-tile 0 of tile 0), by one
+  // 16-token product in the model dtype (as sdpa computes them).
   float sink_logit[4] = {0.f, 0.f, 0.f, 0.f};
-  const int start = split * p.tokens_per_split;
-  const int end = min(start + p.tokens_per_split, n_tokens);
   const bool has_sinks = p.n_sinks > 0 && start == 0 && end > 0 && warp == 0;
   if (has_sinks) {
+    uint32_t q_exact[8][2];
+    exact_query_operand<T>(q_exact, query, p.s_qh, G, r, j);
+    const T* sinks = reinterpret_cast<const T*>(p.sink_keys) + b * p.s_sk_b + h * p.s_sk_h;
+    exact_key_product<T>(sink_logit, sinks, p.s_sk_t, 0, p.n_sinks, r, j, q_exact);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int token = 8 * (i >> 1) + r, col = i & 1;
-      if (token < p.n_sinks && col_real[col]) {
-        const T* sink = reinterpret_cast<const T*>(p.sink_keys) + b * p.s_sk_b + h * p.s_sk_h + token * p.s_sk_t;
-        const T* q_row = query + (2 * j + col) * p.s_qh;
-        float dot = 0.f;
-#pragma unroll 8
-        for (int c = 0; c < D; ++c) dot += M::to_float(q_row[c]) * M::to_float(sink[c]);
-        sink_logit[i] = scaled_logit<SOFTCAP>(dot, p.scaling, p.softcap);
-      }
-    }
+    for (int i = 0; i < 4; ++i) sink_logit[i] = scaled_logit<SOFTCAP>(sink_logit[i], p.scaling, p.softcap);
   }
 
-  const StoredRows stored{
-      p.key_codes + b * p.s_kc_b + h * p.s_kc_h,
-      p.value_codes + b * p.s_vc_b + h * p.s_vc_h,
-      p.side_codes + b * p.s_cc_b + h * p.s_cc_h,
-      reinterpret_cast<const __half*>(p.value_scale) + b * p.s_vs_b + h * p.s_vs_h,
-      reinterpret_cast<const __half*>(p.value_zero) + b * p.s_vs_b + h * p.s_vs_h,
-      reinterpret_cast<const __half*>(p.key_scale) + b * p.s_ks_b + h * p.s_ks_h,
-      reinterpret_cast<const __half*>(p.key_zero) + b * p.s_ks_b + h * p.s_ks_h,
-      reinterpret_cast<const __half*>(p.side_scale) + b * p.s_cs_b + h * p.s_cs_h,
-      reinterpret_cast<const __half*>(p.side_zero) + b * p.s_cs_b + h * p.s_cs_h,
-  };
   const uint8_t* valid = p.valid != nullptr ? p.valid + b * p.s_valid_b : nullptr;
 
   Softmax softmax;
@@ -357,18 +408,15 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   float value_bias[2] = {0.f, 0.f};  // this lane's share of sum_t p * zero
   float value_norm = 1e-30f;  // the largest value scale so far: p * scale / value_norm fits float16
 
-  WarpSpace& own = space[warp];
-  const int first_tile = start + TILE * warp;
-  if (first_tile < end) stored.fetch<SIDE>(own.stage[0], first_tile, first_tile / p.block, lane);
-  copies_commit();
-  int parity = 0;
-  for (int tile = first_tile; tile < end; tile += TILE * WARPS, parity ^= 1) {
-    const int next = tile + TILE * WARPS;
-    if (next < end) stored.fetch<SIDE>(own.stage[parity ^ 1], next, next / p.block, lane);
+  int slot = 0;  // the stage of this tile; the one before it (done) takes the tile STAGES - 1 ahead
+  for (int tile = first_tile; tile < end; tile += STRIDE) {
+    const int ahead = tile + (STAGES - 1) * STRIDE;
+    const int ahead_slot = slot == 0 ? STAGES - 1 : slot - 1;
+    if (ahead < end) stored.fetch<SIDE>(own.stage[ahead_slot], ahead, ahead / p.block, lane);
     copies_commit();
-    copies_wait<1>();  // this tile's copies have landed (the next tile's are in flight)
+    copies_wait<STAGES - 1>();  // this tile's copies have landed (the next tiles' are in flight)
     __syncwarp();
-    const Stage& stage = own.stage[parity];
+    const Stage& stage = own.stage[slot];
     uint2 key_words[4][2];
     uint32_t side_words[4][2];
     float value_scale[4][2], value_zero[4][2];
@@ -528,6 +576,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
+    slot = slot + 1 == STAGES ? 0 : slot + 1;
   }
   copies_wait<0>();
   __syncwarp();
@@ -543,13 +592,8 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
 
   // ---- The full-precision window (the last split's last warp): exact keys and values in the model dtype.
   if (split == p.n_splits - 1 && warp == WARPS - 1 && n_window > 0) {
-    uint32_t q_operand[8][2];  // head g = r, channels 16kt + 2j (+1), 16kt + 2j + 8 (+9)
-#pragma unroll
-    for (int kt = 0; kt < 8; ++kt)
-#pragma unroll
-      for (int s = 0; s < 2; ++s)
-        q_operand[kt][s] =
-            r < G ? *reinterpret_cast<const uint32_t*>(query + r * p.s_qh + 16 * kt + 2 * j + 8 * s) : 0u;
+    uint32_t q_operand[8][2];
+    exact_query_operand<T>(q_operand, query, p.s_qh, G, r, j);
     const T* wk = reinterpret_cast<const T*>(p.window_keys) + b * p.s_wk_b + h * p.s_wk_h;
     const T* wv = reinterpret_cast<const T*>(p.window_values) + b * p.s_wv_b + h * p.s_wv_h;
 #pragma unroll 1
@@ -557,20 +601,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       float s[4][4];
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[mt][i] = 0.f;
-        const int t0 = first + 16 * mt + r, t1 = t0 + 8;
-        const T* k0 = wk + t0 * p.s_wk_t;
-        const T* k1 = wk + t1 * p.s_wk_t;
-#pragma unroll
-        for (int kt = 0; kt < 8; ++kt) {
-          const int c = 16 * kt + 2 * j;
-          const uint32_t a0 = t0 < n_window ? *reinterpret_cast<const uint32_t*>(k0 + c) : 0u;
-          const uint32_t a1 = t1 < n_window ? *reinterpret_cast<const uint32_t*>(k1 + c) : 0u;
-          const uint32_t a2 = t0 < n_window ? *reinterpret_cast<const uint32_t*>(k0 + c + 8) : 0u;
-          const uint32_t a3 = t1 < n_window ? *reinterpret_cast<const uint32_t*>(k1 + c + 8) : 0u;
-          mma_model<T>(s[mt], a0, a1, a2, a3, q_operand[kt][0], q_operand[kt][1]);
-        }
+        exact_key_product<T>(s[mt], wk, p.s_wk_t, first + 16 * mt, n_window, r, j, q_operand);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int token = first + 16 * mt + 8 * (i >> 1) + r;
@@ -676,21 +707,27 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   __syncthreads();
   if (!last_split) return;
   __threadfence();
-  constexpr int IN_FLIGHT = 8;  // splits read at once by a lane
+  constexpr int IN_FLIGHT = 16;  // splits' outputs a lane reads at once (each an L2 round trip: keep them few)
 #pragma unroll 1
   for (int g = warp; g < G; g += WARPS) {
-    float top = -INFINITY;
-    for (int sp = lane; sp < p.n_splits; sp += 32) top = fmaxf(top, __ldcg(p.part_m + first_row + sp * ROWS + g));
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, o));
-    const float base = top == -INFINITY ? 0.f : top;
-    float norm_sum = 0.f;
+    // One pass over the splits' maxima and normalisers: a lane's running pair, then the warp's.
+    float top = -INFINITY, norm_sum = 0.f;
     for (int sp = lane; sp < p.n_splits; sp += 32) {
       const int64_t row = first_row + sp * ROWS + g;
-      norm_sum += exp2f(__ldcg(p.part_m + row) - base) * __ldcg(p.part_l + row);
+      const float m = __ldcg(p.part_m + row), l = __ldcg(p.part_l + row);
+      const float m_new = fmaxf(top, m);
+      if (m_new == -INFINITY) continue;  // nothing seen yet
+      norm_sum = norm_sum * exp2f(top - m_new) + l * exp2f(m - m_new);
+      top = m_new;
     }
 #pragma unroll
-    for (int o = 16; o > 0; o >>= 1) norm_sum += __shfl_xor_sync(0xffffffffu, norm_sum, o);
+    for (int o = 16; o > 0; o >>= 1) {
+      const float m = __shfl_xor_sync(0xffffffffu, top, o), l = __shfl_xor_sync(0xffffffffu, norm_sum, o);
+      const float m_new = fmaxf(top, m);
+      if (m_new != -INFINITY) norm_sum = norm_sum * exp2f(top - m_new) + l * exp2f(m - m_new);
+      top = m_new;
+    }
+    const float base = top == -INFINITY ? 0.f : top;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int first = 0; first < p.n_splits; first += IN_FLIGHT) {
       float weight[IN_FLIGHT];
@@ -719,13 +756,30 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   if (threadIdx.x == 0) p.counters[bh] = 0;  // ready for the next launch
 }
 
+template <typename T, bool SIDE, bool SOFTCAP>
+void launch_kernel(const DecodeParams& params, cudaStream_t stream) {
+  // Once a kernel and device: allow over 48 KB of dynamic shared memory, and carve out as much as can be (an
+  // error here shows as the launch's error, which the binding checks).
+  constexpr int MAX_DEVICES = 64;
+  static bool configured[MAX_DEVICES] = {};
+  int device = 0;
+  cudaGetDevice(&device);
+  if (device >= MAX_DEVICES || !configured[device]) {
+    cudaFuncSetAttribute(decode_kernel<T, SIDE, SOFTCAP>, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED_BYTES);
+    cudaFuncSetAttribute(decode_kernel<T, SIDE, SOFTCAP>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                         cudaSharedmemCarveoutMaxShared);
+    if (device < MAX_DEVICES) configured[device] = true;
+  }
+  const dim3 grid(params.batch * params.kv_heads * params.n_splits), block(WARPS * 32);
+  decode_kernel<T, SIDE, SOFTCAP><<<grid, block, SHARED_BYTES, stream>>>(params);
+}
+
 template <typename T, bool SIDE>
 void launch_typed(const DecodeParams& params, cudaStream_t stream) {
-  const dim3 grid(params.batch * params.kv_heads * params.n_splits), block(WARPS * 32);
   if (params.softcap > 0.f)
-    decode_kernel<T, SIDE, true><<<grid, block, 0, stream>>>(params);
+    launch_kernel<T, SIDE, true>(params, stream);
   else
-    decode_kernel<T, SIDE, false><<<grid, block, 0, stream>>>(params);
+    launch_kernel<T, SIDE, false>(params, stream);
 }
 
 }  // namespace
