@@ -758,16 +758,15 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
 
 template <typename T, bool SIDE, bool SOFTCAP>
 void launch_kernel(const DecodeParams& params, cudaStream_t stream) {
-  // Once a kernel and device: allow over 48 KB of dynamic shared memory, and carve out as much as can be (an
-  // error here shows as the launch's error, which the binding checks).
+  // Once a kernel and device: allow over 48 KB of dynamic shared memory (3 stages; an error here shows as the
+  // launch's error, which the binding checks). No carve-out preference: the driver sizes shared memory to the
+  // blocks an SM holds and leaves the rest to L1, which the prologue's query and decoder loads hit.
   constexpr int MAX_DEVICES = 64;
   static bool configured[MAX_DEVICES] = {};
   int device = 0;
   cudaGetDevice(&device);
   if (device >= MAX_DEVICES || !configured[device]) {
     cudaFuncSetAttribute(decode_kernel<T, SIDE, SOFTCAP>, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED_BYTES);
-    cudaFuncSetAttribute(decode_kernel<T, SIDE, SOFTCAP>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                         cudaSharedmemCarveoutMaxShared);
     if (device < MAX_DEVICES) configured[device] = true;
   }
   const dim3 grid(params.batch * params.kv_heads * params.n_splits), block(WARPS * 32);
