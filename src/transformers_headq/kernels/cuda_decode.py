@@ -33,7 +33,7 @@ SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
 MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
 # blocks_per_sm: thread blocks (splits) an SM holds at once, built into the kernel as its register cap (3: 168
 # registers a thread), so that the splits fill one wave; stages: the tiles a warp holds in shared memory (the one
-# it computes and the rest in flight; 5.3 KB each, 4 warps a block); min_split_tokens: the fewest tokens a split
+# it computes and the rest in flight; 5.4 KB each, 4 warps a block); min_split_tokens: the fewest tokens a split
 # gets (each split loads the query and writes partials that the merge reads).
 LAUNCH = {"blocks_per_sm": 3, "stages": 2, "min_split_tokens": 256}
 _MODEL_DTYPES = (torch.bfloat16, torch.float16)

@@ -9,8 +9,9 @@
 // soft-capping, a full-precision window, lengths read from the device. Everything else runs the Triton kernel.
 //
 // Why it is fast: each warp copies its next STAGES - 1 tiles (codes, scales, zeros: 5.4 KB each) into shared memory
-// by cp.async while it computes the current one (the first copies start before the prologue), and the codes go from there straight into tensor-core operands. A byte of a
-// packed row holds channels j, m+j, 2m+j, 3m+j (plane p at bits 2p: ``quantize.pack_codes``); shifting a 32-bit
+// by cp.async while it computes the current one (the first copies start before the prologue), and the codes go from
+// there straight into tensor-core operands. A byte of a packed row holds channels j, m+j, 2m+j, 3m+j (plane p at
+// bits 2p: ``quantize.pack_codes``); shifting a 32-bit
 // word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals (code
 // * 2^-24, exact): at most two instructions make one half2 operand register, no conversion, no shuffle (mostly
 // one: plane p masked in place is code * 4^p; keys and side code divide their query operand by that, values undo
@@ -192,6 +193,14 @@ struct Softmax {
 // The pair (h[s], h[s + 2]) for s = 0, 1 of four float16 values h[0..3] held in two 32-bit words w0, w1.
 __device__ __forceinline__ uint32_t spread_pair(uint32_t w0, uint32_t w1, int s) {
   return __byte_perm(w0, w1, s ? 0x7632 : 0x5410);
+}
+
+// Folds a softmax partial (its max m in log2 units and normaliser l) into the running (top, total); -inf and 0: none.
+__device__ __forceinline__ void merge_partial(float& top, float& total, float m, float l) {
+  const float m_new = fmaxf(top, m);
+  if (m_new == -INFINITY) return;  // nothing seen yet on either side
+  total = total * exp2f(top - m_new) + l * exp2f(m - m_new);
+  top = m_new;
 }
 
 constexpr int WARPS = 4;  // a thread block: one split, its tiles dealt round-robin to the warps
@@ -714,18 +723,12 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     float top = -INFINITY, norm_sum = 0.f;
     for (int sp = lane; sp < p.n_splits; sp += 32) {
       const int64_t row = first_row + sp * ROWS + g;
-      const float m = __ldcg(p.part_m + row), l = __ldcg(p.part_l + row);
-      const float m_new = fmaxf(top, m);
-      if (m_new == -INFINITY) continue;  // nothing seen yet
-      norm_sum = norm_sum * exp2f(top - m_new) + l * exp2f(m - m_new);
-      top = m_new;
+      merge_partial(top, norm_sum, __ldcg(p.part_m + row), __ldcg(p.part_l + row));
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
       const float m = __shfl_xor_sync(0xffffffffu, top, o), l = __shfl_xor_sync(0xffffffffu, norm_sum, o);
-      const float m_new = fmaxf(top, m);
-      if (m_new != -INFINITY) norm_sum = norm_sum * exp2f(top - m_new) + l * exp2f(m - m_new);
-      top = m_new;
+      merge_partial(top, norm_sum, m, l);
     }
     const float base = top == -INFINITY ? 0.f : top;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
