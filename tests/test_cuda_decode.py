@@ -64,7 +64,7 @@ def test_splits_cover_the_tokens_in_one_wave(batch_heads, n_tokens, sms):
     assert (n_splits - 1) * per_split < n_tokens <= n_splits * per_split  # every token, no empty split
     assert per_split >= min(LAUNCH["min_split_tokens"], n_tokens)
     # one wave of thread blocks, unless one split a (sequence, KV head) is already more
-    assert batch_heads * n_splits <= max(LAUNCH["blocks_per_sm"] * sms, batch_heads)
+    assert batch_heads * n_splits <= max(LAUNCH["wave_blocks_per_sm"] * sms, batch_heads)
 
 
 def test_build_failure_warns_and_falls_back(monkeypatch):
@@ -106,21 +106,28 @@ def test_kernel_compiles_for_hopper_without_spills(tmp_path):
 GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel needs an NVIDIA GPU")
 
 
+@pytest.fixture
+def cuda_launches(monkeypatch):
+    """Whether each CUDA kernel launch ran (False: the layout did not fit, the Triton kernel ran instead)."""
+    launches: list[bool] = []
+    real = cuda_decode.launch
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        launches.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cuda_decode, "launch", counted)
+    return launches
+
+
 @GPU
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("config", [DEFAULT, DEFAULT.replace(rank=0, sink_keys=4), DEFAULT.replace(block_size=128)])
 @pytest.mark.parametrize(("tokens", "batch"), [(150, 3), (1000, 1), (3000, 2)])  # one split, several, a window
 @pytest.mark.parametrize("variant", ["plain", "padded", "softcap"])
-def test_cuda_kernel_matches_reference(monkeypatch, dtype, config, tokens, batch, variant):
-    launches = []
-    real = cuda_decode.launch
-
-    def counted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        launches.append(out is not None)  # None: the layout did not fit, the Triton kernel ran
-        return out
-
-    monkeypatch.setattr(cuda_decode, "launch", counted)
+def test_cuda_kernel_matches_reference(monkeypatch, cuda_launches, dtype, config, tokens, batch, variant):
+    launches = cuda_launches
     gen = torch.Generator().manual_seed(tokens + batch)
     keys = torch.randn(batch, 8, tokens, 128, generator=gen) * torch.linspace(0.2, 3, 128)
     values = torch.randn(batch, 8, tokens, 128, generator=gen)
@@ -140,3 +147,20 @@ def test_cuda_kernel_matches_reference(monkeypatch, dtype, config, tokens, batch
     assert launches == [True], "the CUDA kernel did not run"
     error = ((fused.float() - reference).norm() / reference.norm()).item()
     assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3), error
+
+
+@GPU
+def test_cuda_kernel_takes_a_query_at_an_odd_offset(cuda_launches):
+    """The kernel loads the query 16 bytes at once; a query view that is not 16-byte aligned is copied by the
+    binding (not sent to the Triton kernel, not read misaligned) and gives the same output as an aligned one."""
+    gen = torch.Generator().manual_seed(7)
+    cache = HeadQCache(basis_from_tensors_for(16, 0, 128, kv_heads=8), DEFAULT)
+    cache.update(*(torch.randn(2, 8, 700, 128, generator=gen).cuda().bfloat16() for _ in range(2)), 0)
+    k, v = cache.update(*(torch.randn(2, 8, 1, 128, generator=gen).cuda().bfloat16() for _ in range(2)), 0)
+    wide = torch.randn(2, 32, 1, 129, generator=gen).cuda().bfloat16()
+    odd = wide[..., 1:]  # 2-byte offset: not 16-byte aligned
+    assert odd.data_ptr() % 16 != 0
+    shifted, _ = headq_attention_forward(MODULE, odd, k, v, None)
+    aligned, _ = headq_attention_forward(MODULE, odd.contiguous(), k, v, None)
+    assert cuda_launches == [True, True]
+    torch.testing.assert_close(shifted, aligned, rtol=0, atol=0)

@@ -31,11 +31,12 @@ TILE = 64  # tokens a loop step of the kernel
 ROWS = 8  # query heads a product holds: the most query heads a KV head may have here
 SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
 MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
-# blocks_per_sm: thread blocks (splits) an SM holds at once, built into the kernel as its register cap (3: 168
-# registers a thread), so that the splits fill one wave; stages: the tiles a warp holds in shared memory (the one
-# it computes and the rest in flight; 5.4 KB each, 4 warps a block); min_split_tokens: the fewest tokens a split
-# gets (each split loads the query and writes partials that the merge reads).
-LAUNCH = {"blocks_per_sm": 3, "stages": 2, "min_split_tokens": 256}
+# blocks_per_sm: thread blocks an SM holds at once, built into the kernel as its register cap (3: 168 registers a
+# thread); wave_blocks_per_sm: the thread blocks an SM gets from the splits of one launch (at most blocks_per_sm: one
+# wave); stages: the tiles a warp holds in shared memory (the one it computes and the rest in flight; 5.4 KB each,
+# 4 warps a block); min_split_tokens: the fewest tokens a split gets (each split loads the query and writes partials
+# that the merge reads).
+LAUNCH = {"blocks_per_sm": 3, "wave_blocks_per_sm": 3, "stages": 2, "min_split_tokens": 256}
 _MODEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -128,7 +129,7 @@ def splits(batch_heads: int, n_tokens: int, multiprocessors: int) -> tuple[int, 
     """``(splits, tokens per split)``: as many splits as fill one wave of thread blocks, each a whole number of
     tiles and at least ``min_split_tokens``."""
     tiles = max(1, -(-n_tokens // TILE))
-    fit = max(1, LAUNCH["blocks_per_sm"] * multiprocessors // batch_heads)
+    fit = max(1, LAUNCH["wave_blocks_per_sm"] * multiprocessors // batch_heads)
     per_split = max(-(-tiles // fit), -(-LAUNCH["min_split_tokens"] // TILE))
     return -(-tiles // per_split), per_split * TILE
 

@@ -45,7 +45,7 @@ bool layout_fits(const torch::Tensor& query, const c10::optional<torch::Tensor>&
                  const torch::Tensor& window_values, const c10::optional<torch::Tensor>& sink_keys,
                  const c10::optional<torch::Tensor>& valid, int64_t head_dim) {
   const auto dtype = query.scalar_type();
-  if (!query.is_cuda() || !model_rows(query, dtype, 2, 4)) return false;
+  if (!query.is_cuda() || !model_rows(query, dtype, 8, 16)) return false;
   if (key_codes.size(2) % 64 != 0) return false;  // whole tiles
   if (!whole_rows(key_codes, head_dim / 4) || !whole_rows(key_scale, head_dim) || !whole_rows(key_zero, head_dim))
     return false;
@@ -61,7 +61,7 @@ bool layout_fits(const torch::Tensor& query, const c10::optional<torch::Tensor>&
   return true;
 }
 
-bool decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& decoder, const torch::Tensor& key_codes,
+bool decode(const torch::Tensor& given_query, const c10::optional<torch::Tensor>& decoder, const torch::Tensor& key_codes,
             const torch::Tensor& key_scale, const torch::Tensor& key_zero,
             const c10::optional<torch::Tensor>& side_codes, const c10::optional<torch::Tensor>& side_scale,
             const c10::optional<torch::Tensor>& side_zero, const torch::Tensor& value_codes,
@@ -71,6 +71,11 @@ bool decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& deco
             const torch::Tensor& part_m, const torch::Tensor& part_l, const torch::Tensor& part_acc,
             const torch::Tensor& counters, const torch::Tensor& out, int64_t groups, int64_t block, int64_t n_tokens,
             int64_t tokens_per_split, int64_t n_splits, double scaling, double softcap) {
+  // The kernel loads the query's rows 8 channels (16 bytes) at once; a query laid out otherwise (a view at an odd
+  // offset, say) is copied: a few KB, against a fallback to the slower kernel.
+  const torch::Tensor query = model_rows(given_query, given_query.scalar_type(), 8, 16)
+                                  ? given_query
+                                  : given_query.clone(at::MemoryFormat::Contiguous);
   if (!layout_fits(query, decoder, key_codes, key_scale, key_zero, side_codes, side_scale, side_zero, value_codes,
                    value_scale, value_zero, window_keys, window_values, sink_keys, valid, query.size(-1)))
     return false;
@@ -126,6 +131,12 @@ bool decode(const torch::Tensor& query, const c10::optional<torch::Tensor>& deco
   p.kv_heads = static_cast<int>(key_codes.size(1));
   p.groups = static_cast<int>(groups);
   p.block = static_cast<int>(block);
+  // Division by the block as a multiply-high and a shift (exact for dividends below 2^31; block >= 64):
+  // shift = ceil(log2 block) - 1, mul = ceil(2^(32 + shift) / block).
+  int ceil_log2 = 0;
+  while ((int64_t{1} << ceil_log2) < block) ++ceil_log2;
+  p.block_shift = static_cast<uint32_t>(ceil_log2 - 1);
+  p.block_mul = static_cast<uint32_t>(((uint64_t{1} << (32 + p.block_shift)) + block - 1) / block);
   p.n_tokens = static_cast<int>(n_tokens);
   p.n_window = static_cast<int>(window_keys.size(2));
   p.tokens_per_split = static_cast<int>(tokens_per_split);

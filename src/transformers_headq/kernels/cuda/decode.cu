@@ -139,6 +139,21 @@ __device__ __forceinline__ void exact_key_product(float (&s)[4], const T* keys, 
   }
 }
 
+// 1/x by the special-function unit alone (x a positive normal number: no IEEE rounding fix-up branch).
+__device__ __forceinline__ float rcp_fast(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// 2^x by the special-function unit alone (flushing results below 2^-126 to zero, as softmax weights may be):
+// exp2f adds a range test and two multiplies for subnormal results, 48 instructions a tile.
+__device__ __forceinline__ float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 __device__ __forceinline__ float warp_max_rows(float x) {  // over the 8 lanes of one column pair (lane bits 2-4)
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 4));
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 8));
@@ -149,6 +164,16 @@ __device__ __forceinline__ float warp_sum_rows(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 4);
   x += __shfl_xor_sync(0xffffffffu, x, 8);
   return x + __shfl_xor_sync(0xffffffffu, x, 16);
+}
+
+// Logits s[mt][i] (token 16 mt + 8 (i >> 1) + r of ``valid``) of tokens marked invalid become -inf. Only padded
+// batches pass a validity mask: a branch the warp takes as one, not loads and selects every tile.
+__device__ __forceinline__ void mask_invalid(float (&s)[4][4], const uint8_t* valid, int r) {
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (valid[16 * mt + 8 * (i >> 1) + r] == 0) s[mt][i] = -INFINITY;
 }
 
 template <bool SOFTCAP>
@@ -176,7 +201,7 @@ struct Softmax {
     for (int k = 0; k < 2; ++k) {
       const float m_new = fmaxf(max[k], warp_max_rows(tile_max[k]));
       base[k] = m_new == -INFINITY ? 0.f : m_new;
-      rescale[k] = exp2f(max[k] - base[k]);
+      rescale[k] = exp2_fast(max[k] - base[k]);
       max[k] = m_new;
       total[k] *= rescale[k];
     }
@@ -184,7 +209,7 @@ struct Softmax {
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        s[mt][i] = exp2f(s[mt][i] - base[i & 1]);
+        s[mt][i] = exp2_fast(s[mt][i] - base[i & 1]);
         total[i & 1] += s[mt][i];
       }
   }
@@ -199,7 +224,7 @@ __device__ __forceinline__ uint32_t spread_pair(uint32_t w0, uint32_t w1, int s)
 __device__ __forceinline__ void merge_partial(float& top, float& total, float m, float l) {
   const float m_new = fmaxf(top, m);
   if (m_new == -INFINITY) return;  // nothing seen yet on either side
-  total = total * exp2f(top - m_new) + l * exp2f(m - m_new);
+  total = total * exp2_fast(top - m_new) + l * exp2_fast(m - m_new);
   top = m_new;
 }
 
@@ -236,14 +261,35 @@ union WarpSpace {  // the stages while the warp loops over tiles, its output aft
 };
 constexpr int SHARED_BYTES = WARPS * sizeof(WarpSpace);  // dynamic shared memory a block (over 48 KB for 3 stages)
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define HEADQ_BULK_COPIES 1  // Hopper and newer: the TMA engine's bulk copies
+#else
+#define HEADQ_BULK_COPIES 0
+#endif
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if !HEADQ_BULK_COPIES  // Ampere's asynchronous copies: 16 bytes a lane, grouped per tile
 __device__ __forceinline__ void copy16(void* dst, const void* src) {
-  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(address), "l"(src));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(shared_address(dst)), "l"(src));
 }
 __device__ __forceinline__ void copies_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int PENDING>
 __device__ __forceinline__ void copies_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+#endif
+
+// Hopper's bulk copies: ``bytes`` (a multiple of 16, both ends 16-byte aligned) in one instruction, counted on the
+// mbarrier at ``ready`` as they land.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint32_t ready) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+          shared_address(dst)),
+      "l"(src), "r"(bytes), "r"(ready)
+      : "memory");
 }
 
 // The global rows of one (sequence, KV head) that a tile is staged from.
@@ -251,7 +297,7 @@ struct StoredRows {
   const uint8_t *keys, *values, *side;
   const __half *value_scale, *value_zero, *key_scale, *key_zero, *side_scale, *side_zero;
 
-  // Issues the copies of tile ``tile`` (block row ``block_row``) into ``stage``: 340 chunks, 10-12 a lane.
+  // Ampere: the copies of tile ``tile`` (block row ``block_row``) into ``stage``: 340 chunks, 10-12 a lane.
   template <bool SIDE>
   __device__ __forceinline__ void fetch(Stage& stage, int tile, int block_row, int lane) const {
 #pragma unroll
@@ -276,6 +322,86 @@ struct StoredRows {
         copy16(stage.side_zero + 8 * (lane - 18), side_zero + block_row * SIDE_RANK + 8 * (lane - 18));
     }
   }
+
+  // Hopper: the same tile by one lane, nine bulk copies (rows are contiguous), counted on the mbarrier ``ready``.
+  template <bool SIDE>
+  __device__ __forceinline__ void fetch_bulk(Stage& stage, int tile, int block_row, uint32_t ready) const {
+    bulk_copy(stage.keys, keys + tile * KEY_ROW, sizeof(stage.keys), ready);
+    bulk_copy(stage.values, values + tile * KEY_ROW, sizeof(stage.values), ready);
+    bulk_copy(stage.value_scale, value_scale + tile, sizeof(stage.value_scale), ready);
+    bulk_copy(stage.value_zero, value_zero + tile, sizeof(stage.value_zero), ready);
+    bulk_copy(stage.key_scale, key_scale + block_row * D, sizeof(stage.key_scale), ready);
+    bulk_copy(stage.key_zero, key_zero + block_row * D, sizeof(stage.key_zero), ready);
+    if constexpr (SIDE) {
+      bulk_copy(stage.side, side + tile * SIDE_ROW, sizeof(stage.side), ready);
+      bulk_copy(stage.side_scale, side_scale + block_row * SIDE_RANK, sizeof(stage.side_scale), ready);
+      bulk_copy(stage.side_zero, side_zero + block_row * SIDE_RANK, sizeof(stage.side_zero), ready);
+    }
+  }
+};
+
+// A warp's tiles on their way from global to shared memory, STAGES - 1 tiles ahead of its products.
+// Hopper and newer: one lane issues a tile's bulk copies, which count their bytes on the stage's mbarrier, and the
+// warp waits for the barrier's phase; this spares each warp ~100 instructions a tile against cp.async (its 11
+// copies, their addresses, and the three NOPs ptxas sets beside each). Ampere: every lane's cp.async copies, one
+// commit group a tile.
+template <bool SIDE>
+struct TileCopies {
+  static constexpr uint32_t BYTES = sizeof(Stage) - (SIDE ? 0 : sizeof(Stage::side) + 4 * SIDE_RANK);
+  uint32_t ready;  // shared-memory address of STAGES 8-byte mbarriers (bulk copies)
+
+  __device__ __forceinline__ explicit TileCopies(uint64_t* barriers, int lane) : ready(shared_address(barriers)) {
+#if HEADQ_BULK_COPIES
+    if (lane == 0) {
+#pragma unroll
+      for (int s = 0; s < STAGES; ++s)
+        asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(ready + 8 * s) : "memory");
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // seen by the copy engine
+    }
+    __syncwarp();
+#endif
+  }
+
+  // Starts the copies of ``tile`` into ``stage`` (slot ``slot``); ``real`` false: nothing to copy (cp.async still
+  // counts a group, so that waiting stays in step).
+  __device__ __forceinline__ void issue(const StoredRows& rows, Stage& stage, int slot, int tile, int block_row,
+                                        bool real, int lane) {
+#if HEADQ_BULK_COPIES
+    if (real && lane == 0) {
+      const uint32_t barrier = ready + 8 * slot;
+      // The warp's reads of this stage (ordered by the caller's __syncwarp) come before the engine's writes.
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier), "r"(BYTES) : "memory");
+      rows.fetch_bulk<SIDE>(stage, tile, block_row, barrier);
+    }
+#else
+    if (real) rows.fetch<SIDE>(stage, tile, block_row, lane);
+    copies_commit();
+#endif
+  }
+
+  // Blocks until the tile of loop step ``step`` (the oldest issued) has landed in its slot, step % STAGES: the
+  // slot's barrier then completes its phase step / STAGES.
+  __device__ __forceinline__ void wait(int step) {
+#if HEADQ_BULK_COPIES
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra WAIT;\n}\n" ::"r"(
+            ready + 8 * (step % STAGES)),
+        "r"((step / STAGES) & 1)
+        : "memory");
+#else
+    copies_wait<STAGES - 1>();
+#endif
+    __syncwarp();
+  }
+
+  // No copies are in flight after this (the stages' memory is reused).
+  __device__ __forceinline__ void drain() {
+#if !HEADQ_BULK_COPIES
+    copies_wait<0>();
+#endif
+    __syncwarp();
+  }
 };
 
 #ifndef HEADQ_BLOCKS_PER_SM
@@ -289,7 +415,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   WarpSpace* space = reinterpret_cast<WarpSpace*>(shared_bytes);
   __shared__ int last_split;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int bh = blockIdx.x / p.n_splits, split = blockIdx.x - bh * p.n_splits;
+  const int bh = blockIdx.x, split = blockIdx.y;  // (sequence, KV head), split: read again where needed, never spilled
   const int b = bh / p.kv_heads, h = bh - b * p.kv_heads;
   const int r = lane >> 2, j = lane & 3;
   const int G = p.groups;
@@ -318,63 +444,89 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   };
   __syncthreads();
   const StoredRows& stored = rows_shared;
+  const auto block_row = [&p](int tile) { return static_cast<int>(__umulhi(tile, p.block_mul) >> p.block_shift); };
   WarpSpace& own = space[warp];
+  __shared__ uint64_t stage_ready[WARPS][STAGES];
+  TileCopies<SIDE> copies(stage_ready[warp], lane);
   constexpr int STRIDE = TILE * WARPS;  // a warp's tiles are STRIDE tokens apart
   const int first_tile = start + TILE * warp;
 #pragma unroll
   for (int k = 0; k < STAGES - 1; ++k) {
     const int tile = first_tile + k * STRIDE;
-    if (tile < end) stored.fetch<SIDE>(own.stage[k], tile, tile / p.block, lane);
-    copies_commit();
+    copies.issue(stored, own.stage[k], k, tile, block_row(tile), tile < end, lane);
   }
 
-  // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold,
-  // over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
+  // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold
+  // (16-byte loads), over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
   float q[4][8];
 #pragma unroll
-  for (int pp = 0; pp < 4; ++pp)
+  for (int pp = 0; pp < 4; ++pp) {
+    const uint4 bits =
+        r < G ? *reinterpret_cast<const uint4*>(query + r * p.s_qh + 32 * pp + 8 * j) : make_uint4(0u, 0u, 0u, 0u);
+    const T* x = reinterpret_cast<const T*>(&bits);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) q[pp][e] = r < G ? M::to_float(query[r * p.s_qh + 32 * pp + 8 * j + e]) : 0.f;
+    for (int e = 0; e < 8; ++e) q[pp][e] = M::to_float(x[e]);
+  }
   float norm = 0.f;
 #pragma unroll
   for (int pp = 0; pp < 4; ++pp)
 #pragma unroll
     for (int e = 0; e < 8; ++e) norm = fmaxf(norm, fabsf(q[pp][e]));
-  norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 1));
-  norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 2));
-  // The side code's directions 8ps + 4u + e (e < 4) of this lane's operand, and qW there.
+  // The side code's directions 8ps + 4u + e (e < 4) of this lane's operand (ps = j & 1, u = j >> 1), and qW there:
+  // once a block, each warp a quarter of the channels (32 warp + 8j + e), summed through shared memory.
   const int side_u = j >> 1, side_p = j & 1;
   float qw[4] = {0.f, 0.f, 0.f, 0.f};
   if constexpr (SIDE) {
+    __shared__ float4 qw_shared[WARPS][ROWS][4];  // [warp][head][lane j]: directions 8 (j & 1) + 4 (j >> 1) + e
+    float own_q[8];  // q[warp][e], by selects (a register array takes no run-time index)
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+      own_q[e] = warp == 0 ? q[0][e] : warp == 1 ? q[1][e] : warp == 2 ? q[2][e] : q[3][e];
     float partial[16];
 #pragma unroll
     for (int k = 0; k < 16; ++k) partial[k] = 0.f;
-    const float* w = p.decoder + static_cast<int64_t>(h) * D * 16;
+    const float* w = p.decoder + static_cast<int64_t>(h) * D * SIDE_RANK;
 #pragma unroll
-    for (int pp = 0; pp < 4; ++pp)
+    for (int e = 0; e < 8; ++e) {
+      const float4* row = reinterpret_cast<const float4*>(w + (32 * warp + 8 * j + e) * SIDE_RANK);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const float4* row = reinterpret_cast<const float4*>(w + (32 * pp + 8 * j + e) * 16);
-#pragma unroll
-        for (int v = 0; v < 4; ++v) {
-          const float4 x = __ldg(row + v);
-          partial[4 * v] += q[pp][e] * x.x;
-          partial[4 * v + 1] += q[pp][e] * x.y;
-          partial[4 * v + 2] += q[pp][e] * x.z;
-          partial[4 * v + 3] += q[pp][e] * x.w;
-        }
+      for (int v = 0; v < 4; ++v) {
+        const float4 x = __ldg(row + v);
+        partial[4 * v] += own_q[e] * x.x;
+        partial[4 * v + 1] += own_q[e] * x.y;
+        partial[4 * v + 2] += own_q[e] * x.z;
+        partial[4 * v + 3] += own_q[e] * x.w;
       }
-    const int first = 8 * side_p + 4 * side_u;
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      float total = partial[k] + __shfl_xor_sync(0xffffffffu, partial[k], 1);
-      total += __shfl_xor_sync(0xffffffffu, total, 2);
-      norm = fmaxf(norm, fabsf(total));
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (k == first + e) qw[e] = total;
     }
+    // Sum over the 4 lanes of head r, each keeping the 4 directions its operand needs (8 + 4 shuffles).
+    float half_sum[8];
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float keep = side_p ? partial[8 + k] : partial[k], send = side_p ? partial[k] : partial[8 + k];
+      half_sum[k] = keep + __shfl_xor_sync(0xffffffffu, send, 1);
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float keep = side_u ? half_sum[4 + k] : half_sum[k], send = side_u ? half_sum[k] : half_sum[4 + k];
+      qw[k] = keep + __shfl_xor_sync(0xffffffffu, send, 2);
+    }
+    qw_shared[warp][r][j] = make_float4(qw[0], qw[1], qw[2], qw[3]);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) qw[k] = 0.f;
+#pragma unroll
+    for (int other = 0; other < WARPS; ++other) {
+      const float4 x = qw_shared[other][r][j];
+      qw[0] += x.x;
+      qw[1] += x.y;
+      qw[2] += x.z;
+      qw[3] += x.w;
+    }
+#pragma unroll
+    for (int e = 0; e < 4; ++e) norm = fmaxf(norm, fabsf(qw[e]));
   }
+  norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 1));
+  norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 2));
   norm = norm > 0.f ? norm : 1.f;
   const float inv_norm = __frcp_rn(norm);
   uint32_t q_pair[4][2][2];  // [pp][u][s]: channels 32pp + 8j + 4u + s and + 2
@@ -388,25 +540,26 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   uint32_t qw_pair[2] = {pack_half(qw[0] * inv_norm, qw[2] * inv_norm), pack_half(qw[1] * inv_norm, qw[3] * inv_norm)};
   // The accumulator columns of this lane are the heads 2j and 2j + 1: their norms live on lanes 8j, 8j + 4.
   const float col_norm[2] = {__shfl_sync(0xffffffffu, norm, 8 * j), __shfl_sync(0xffffffffu, norm, 8 * j + 4)};
-  const bool col_real[2] = {2 * j < G, 2 * j + 1 < G};
   const float logit_scale[2] = {p.scaling * col_norm[0], p.scaling * col_norm[1]};
   const float log2_scale[2] = {logit_scale[0] * LOG2E, logit_scale[1] * LOG2E};
   const float code_scale[2] = {log2_scale[0] * CODE_UNIT, log2_scale[1] * CODE_UNIT};
 
   // ---- Exact logits of the sink slots (the first n_sinks <= 16 stored tokens: m-tile 0 of tile 0), by one
   // 16-token product in the model dtype (as sdpa computes them).
-  float sink_logit[4] = {0.f, 0.f, 0.f, 0.f};
+  // Kept in shared memory until the first tile, not in 4 registers through the loop.
+  __shared__ float4 sink_logits[32];
   const bool has_sinks = p.n_sinks > 0 && start == 0 && end > 0 && warp == 0;
   if (has_sinks) {
     uint32_t q_exact[8][2];
     exact_query_operand<T>(q_exact, query, p.s_qh, G, r, j);
     const T* sinks = reinterpret_cast<const T*>(p.sink_keys) + b * p.s_sk_b + h * p.s_sk_h;
-    exact_key_product<T>(sink_logit, sinks, p.s_sk_t, 0, p.n_sinks, r, j, q_exact);
+    float logit[4];
+    exact_key_product<T>(logit, sinks, p.s_sk_t, 0, p.n_sinks, r, j, q_exact);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) sink_logit[i] = scaled_logit<SOFTCAP>(sink_logit[i], p.scaling, p.softcap);
+    for (int i = 0; i < 4; ++i) logit[i] = scaled_logit<SOFTCAP>(logit[i], p.scaling, p.softcap);
+    sink_logits[lane] = make_float4(logit[0], logit[1], logit[2], logit[3]);
   }
 
-  const uint8_t* valid = p.valid != nullptr ? p.valid + b * p.s_valid_b : nullptr;
 
   Softmax softmax;
   float acc[8][4];  // O^T rows (value channels, see SplitState), columns 2j + (i & 1)
@@ -417,37 +570,13 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   float value_bias[2] = {0.f, 0.f};  // this lane's share of sum_t p * zero
   float value_norm = 1e-30f;  // the largest value scale so far: p * scale / value_norm fits float16
 
-  int slot = 0;  // the stage of this tile; the one before it (done) takes the tile STAGES - 1 ahead
-  for (int tile = first_tile; tile < end; tile += STRIDE) {
+  // Step k computes the tile in stage k % STAGES; the stage before it (done) takes the tile STAGES - 1 ahead.
+  for (int tile = first_tile, step = 0; tile < end; tile += STRIDE, ++step) {
     const int ahead = tile + (STAGES - 1) * STRIDE;
-    const int ahead_slot = slot == 0 ? STAGES - 1 : slot - 1;
-    if (ahead < end) stored.fetch<SIDE>(own.stage[ahead_slot], ahead, ahead / p.block, lane);
-    copies_commit();
-    copies_wait<STAGES - 1>();  // this tile's copies have landed (the next tiles' are in flight)
-    __syncwarp();
-    const Stage& stage = own.stage[slot];
-    uint2 key_words[4][2];
-    uint32_t side_words[4][2];
-    float value_scale[4][2], value_zero[4][2];
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int token = 16 * mt + 8 * half + r;
-        key_words[mt][half] = *reinterpret_cast<const uint2*>(stage.keys + token * KEY_ROW + 8 * j);
-        if constexpr (SIDE)
-          side_words[mt][half] = *reinterpret_cast<const uint32_t*>(stage.side + token * SIDE_ROW + 4 * side_u);
-        value_scale[mt][half] = __half2float(stage.value_scale[token]);
-        value_zero[mt][half] = __half2float(stage.value_zero[token]);
-      }
-    uint32_t value_words[4][4];  // k-step kt: tokens 16kt + 2j + {0, 1, 8, 9}, word r
-#pragma unroll
-    for (int kt = 0; kt < 4; ++kt)
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const int token = 16 * kt + 2 * j + (t & 1) + 8 * (t >> 1);
-        value_words[kt][t] = *reinterpret_cast<const uint32_t*>(stage.values + token * KEY_ROW + 4 * r);
-      }
+    const int ahead_slot = (step + STAGES - 1) % STAGES;
+    copies.issue(stored, own.stage[ahead_slot], ahead_slot, ahead, block_row(ahead), ahead < end, lane);
+    copies.wait(step);  // this tile's copies have landed (the next tiles' are in flight)
+    const Stage& stage = own.stage[step % STAGES];
     uint4 scale_bits[4], zero_bits[4];
 #pragma unroll
     for (int pp = 0; pp < 4; ++pp) {
@@ -461,16 +590,18 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     }
 
     // ---- The block's scales fold into the query operands; its zeros give the logits' block bias, by products
-    // with the zeros as every row of A (exact float32 sums): bias[i] for columns 2j + (i & 1).
+    // with the zeros as A (exact float32 sums): rows r hold the zeros of slot u = 0 and rows r + 8 those of u = 1,
+    // each right against its own query operand (two products, as one a slot would need with the zeros in both
+    // halves, but no register copies to duplicate them): bias[col] for columns 2j + col.
     uint32_t key_operand[8][2];  // k-step 4u + pp, slot s
-    float bias[4] = {0.f, 0.f, 0.f, 0.f};
+    float bias_lo[4] = {0.f, 0.f, 0.f, 0.f}, bias_hi[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-    for (int pp = 0; pp < 4; ++pp)
+    for (int pp = 0; pp < 4; ++pp) {
+      uint32_t zero_pair[2][2];  // [u][s]
 #pragma unroll
       for (int u = 0; u < 2; ++u) {
         const uint32_t s0 = u ? scale_bits[pp].z : scale_bits[pp].x, s1 = u ? scale_bits[pp].w : scale_bits[pp].y;
         const uint32_t z0 = u ? zero_bits[pp].z : zero_bits[pp].x, z1 = u ? zero_bits[pp].w : zero_bits[pp].y;
-        uint32_t zero_pair[2];
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
           const uint32_t scale_pair = spread_pair(s0, s1, s);
@@ -478,10 +609,14 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
                                     *reinterpret_cast<const __half2*>(&scale_pair));
           if (pp > 0) product = __hmul2(product, __float2half2_rn(1.f / static_cast<float>(1 << (2 * pp))));
           key_operand[4 * u + pp][s] = *reinterpret_cast<uint32_t*>(&product);
-          zero_pair[s] = spread_pair(z0, z1, s);
+          zero_pair[u][s] = spread_pair(z0, z1, s);
         }
-        mma_f16(bias, zero_pair[0], zero_pair[0], zero_pair[1], zero_pair[1], q_pair[pp][u][0], q_pair[pp][u][1]);
       }
+      mma_f16(bias_lo, zero_pair[0][0], zero_pair[1][0], zero_pair[0][1], zero_pair[1][1], q_pair[pp][0][0],
+              q_pair[pp][0][1]);
+      mma_f16(bias_hi, zero_pair[0][0], zero_pair[1][0], zero_pair[0][1], zero_pair[1][1], q_pair[pp][1][0],
+              q_pair[pp][1][1]);
+    }
     uint32_t side_operand[2] = {0u, 0u};
     if constexpr (SIDE) {
       uint32_t zero_pair[2];
@@ -494,9 +629,22 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
         side_operand[s] = *reinterpret_cast<uint32_t*>(&product);
         zero_pair[s] = spread_pair(side_zero_bits.x, side_zero_bits.y, s);
       }
-      mma_f16(bias, zero_pair[0], zero_pair[0], zero_pair[1], zero_pair[1], qw_pair[0], qw_pair[1]);
+      mma_f16(bias_lo, zero_pair[0], zero_pair[0], zero_pair[1], zero_pair[1], qw_pair[0], qw_pair[1]);
     }
+    const float bias[2] = {bias_lo[0] + bias_hi[2], bias_lo[1] + bias_hi[3]};
 
+    // This tile's codes, read from shared memory where they are used (fewer registers live at once).
+    uint2 key_words[4][2];
+    uint32_t side_words[4][2];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int token = 16 * mt + 8 * half + r;
+        key_words[mt][half] = *reinterpret_cast<const uint2*>(stage.keys + token * KEY_ROW + 8 * j);
+        if constexpr (SIDE)
+          side_words[mt][half] = *reinterpret_cast<const uint32_t*>(stage.side + token * SIDE_ROW + 4 * side_u);
+      }
     // ---- Logits S^T[t, g]: keys (eight 16-deep steps) and the side code (one more), codes as subnormals.
     float s[4][4];
 #pragma unroll
@@ -525,30 +673,51 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int token = tile + 16 * mt + 8 * (i >> 1) + r;
         const int col = i & 1;
-        float logit;
         if constexpr (SOFTCAP)
-          logit = scaled_logit<true>(s[mt][i] * CODE_UNIT + bias[i], logit_scale[col], p.softcap);
+          s[mt][i] = scaled_logit<true>(s[mt][i] * CODE_UNIT + bias[col], logit_scale[col], p.softcap);
         else  // one multiply-add: (s * CODE_UNIT + bias) * scale * log2(e)
-          logit = fmaf(s[mt][i], code_scale[col], bias[i] * log2_scale[col]);
-        if (mt == 0 && has_sinks && tile == 0 && token < p.n_sinks) logit = sink_logit[i];
-        const bool keep = col_real[col] && (valid == nullptr || valid[token] != 0);
-        s[mt][i] = keep ? logit : -INFINITY;
+          s[mt][i] = fmaf(s[mt][i], code_scale[col], bias[col] * log2_scale[col]);
       }
+    if (has_sinks && tile == 0) {  // the sink slots: their exact logits (this warp wrote them)
+      const float4 sink = sink_logits[lane];
+      const float logit[4] = {sink.x, sink.y, sink.z, sink.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (8 * (i >> 1) + r < p.n_sinks) s[0][i] = logit[i];
+    }
+    if (p.valid != nullptr) mask_invalid(s, p.valid + b * p.s_valid_b + tile, r);  // from the parameters: no
+                                                                                    // registers through the loop
     float rescale[2];
     softmax.step(s, rescale);
 
     // ---- Values: p * scale / value_norm as float16, transposed into B operands.
+    float value_scale[4][2], value_zero[4][2];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int token = 16 * mt + 8 * half + r;
+        value_scale[mt][half] = __half2float(stage.value_scale[token]);
+        value_zero[mt][half] = __half2float(stage.value_zero[token]);
+      }
+    uint32_t value_words[4][4];  // k-step kt: tokens 16kt + 2j + {0, 1, 8, 9}, word r
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt)
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+        const int token = 16 * kt + 2 * j + (t & 1) + 8 * (t >> 1);
+        value_words[kt][t] = *reinterpret_cast<const uint32_t*>(stage.values + token * KEY_ROW + 4 * r);
+      }
     float tile_scale = 0.f;
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
       for (int half = 0; half < 2; ++half) tile_scale = fmaxf(tile_scale, value_scale[mt][half]);
     const float new_norm = fmaxf(value_norm, warp_max_rows(tile_scale));
-    const float norm_ratio = value_norm * __frcp_rn(new_norm);
+    const float inv_value_norm = rcp_fast(new_norm);
+    const float norm_ratio = value_norm * inv_value_norm;
     value_norm = new_norm;
-    const float inv_value_norm = __frcp_rn(new_norm);
     value_bias[0] *= rescale[0];
     value_bias[1] *= rescale[1];
     uint32_t p_operand[4][2];
@@ -585,10 +754,8 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
-    slot = slot + 1 == STAGES ? 0 : slot + 1;
   }
-  copies_wait<0>();
-  __syncwarp();
+  copies.drain();
 
   // ---- Back to plain sums of p * value.
   const float bias_total[2] = {warp_sum_rows(value_bias[0]), warp_sum_rows(value_bias[1])};
@@ -615,7 +782,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
         for (int i = 0; i < 4; ++i) {
           const int token = first + 16 * mt + 8 * (i >> 1) + r;
           const bool keep =
-              col_real[i & 1] && token < n_window && (valid == nullptr || valid[n_tokens + token] != 0);
+              token < n_window && (p.valid == nullptr || p.valid[b * p.s_valid_b + n_tokens + token] != 0);
           s[mt][i] = keep ? scaled_logit<SOFTCAP>(s[mt][i], p.scaling, p.softcap) : -INFINITY;
         }
       }
@@ -684,7 +851,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
-      const float weight = exp2f(space[w].state.m[g] - base);
+      const float weight = exp2_fast(space[w].state.m[g] - base);
       norm_sum += weight * space[w].state.l[g];
       const float4 x = *reinterpret_cast<const float4*>(&space[w].state.acc[g][4 * lane]);
       sum.x += weight * x.x;
@@ -739,7 +906,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       for (int k = 0; k < IN_FLIGHT; ++k) {
         const int sp = min(first + k, p.n_splits - 1);
         const int64_t row = first_row + sp * ROWS + g;
-        weight[k] = first + k < p.n_splits ? exp2f(__ldcg(p.part_m + row) - base) : 0.f;
+        weight[k] = first + k < p.n_splits ? exp2_fast(__ldcg(p.part_m + row) - base) : 0.f;
         x[k] = __ldcg(reinterpret_cast<const float4*>(p.part_acc + row * D) + lane);
       }
 #pragma unroll
@@ -772,7 +939,7 @@ void launch_kernel(const DecodeParams& params, cudaStream_t stream) {
     cudaFuncSetAttribute(decode_kernel<T, SIDE, SOFTCAP>, cudaFuncAttributeMaxDynamicSharedMemorySize, SHARED_BYTES);
     if (device < MAX_DEVICES) configured[device] = true;
   }
-  const dim3 grid(params.batch * params.kv_heads * params.n_splits), block(WARPS * 32);
+  const dim3 grid(params.batch * params.kv_heads, params.n_splits), block(WARPS * 32);
   decode_kernel<T, SIDE, SOFTCAP><<<grid, block, SHARED_BYTES, stream>>>(params);
 }
 

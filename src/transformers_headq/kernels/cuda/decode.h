@@ -41,6 +41,7 @@ struct DecodeParams {
   int* counters;  // [B*Hkv] splits finished (zero between launches)
   void* out;  // [B, 1, Hq, D] model dtype, contiguous
   int batch, kv_heads, groups, block, n_sinks;
+  uint32_t block_mul, block_shift;  // tile / block == umulhi(tile, block_mul) >> block_shift (block >= 2)
   int n_tokens, n_window, tokens_per_split, n_splits;
   float scaling, softcap;  // softcap <= 0: none
 };
