@@ -68,6 +68,16 @@ def test_splits_cover_the_tokens_in_one_wave(batch_heads, n_tokens, sms):
     assert batch_heads * n_splits <= max(LAUNCH["wave_blocks_per_sm"] * sms, batch_heads)
 
 
+def test_short_splits_take_one_block_an_sm_fewer():
+    """Splits of a few tiles a warp are lengthened by filling one block an SM fewer; long ones fill the wave."""
+    wave = LAUNCH["wave_blocks_per_sm"]
+    n_splits, per_split = splits(8, 32768, 132)  # a full wave would give 8 x 49 splits of 11 tiles
+    assert per_split // TILE >= LAUNCH["short_split_tiles"]
+    assert (wave - 2) * 132 < 8 * n_splits <= (wave - 1) * 132  # one wave of one block an SM fewer
+    n_splits, per_split = splits(64, 32768, 132)  # 6 splits of 86 tiles: kept
+    assert per_split // TILE >= LAUNCH["short_split_tiles"] and 64 * n_splits > (wave - 1) * 132
+
+
 def test_build_failure_warns_and_falls_back(monkeypatch):
     import torch.utils.cpp_extension
 

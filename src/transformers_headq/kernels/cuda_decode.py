@@ -33,10 +33,11 @@ SIDE_RANK = 16  # the side code the kernel reads: 16 directions of 4 bits
 MAX_SINKS = 16  # exact sink keys the kernel reads (its first 16-token product)
 # blocks_per_sm: thread blocks an SM holds at once, built into the kernel as its register cap (3: 168 registers a
 # thread); wave_blocks_per_sm: the thread blocks an SM gets from the splits of one launch (at most blocks_per_sm: one
-# wave); stages: the tiles a warp holds in shared memory (the one it computes and the rest in flight; 5.4 KB each,
-# 4 warps a block); min_split_tokens: the fewest tokens a split gets (each split loads the query and writes partials
-# that the merge reads).
-LAUNCH = {"blocks_per_sm": 3, "wave_blocks_per_sm": 3, "stages": 2, "min_split_tokens": 256}
+# wave); short_split_tiles: a split shorter than this (a few tiles a warp, where each split's fixed cost of query,
+# qW and merge weighs most) is lengthened by filling one block an SM fewer; stages: the tiles a warp holds in shared
+# memory (the one it computes and the rest in flight; 5.4 KB each, 4 warps a block); min_split_tokens: the fewest
+# tokens a split gets (each split loads the query and writes partials that the merge reads).
+LAUNCH = {"blocks_per_sm": 3, "wave_blocks_per_sm": 3, "short_split_tiles": 16, "stages": 2, "min_split_tokens": 256}
 _MODEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -126,12 +127,23 @@ def covers(settings: Any, query: torch.Tensor, values: QuantizedTokens | torch.T
 
 
 def splits(batch_heads: int, n_tokens: int, multiprocessors: int) -> tuple[int, int]:
-    """``(splits, tokens per split)``: as many splits as fill one wave of thread blocks, each a whole number of
-    tiles and at least ``min_split_tokens``."""
+    """``(splits, tokens per split)``: as many splits as fill one wave of ``wave_blocks_per_sm`` thread blocks an SM,
+    each a whole number of tiles and at least ``min_split_tokens``; where that leaves splits shorter than
+    ``short_split_tiles``, one block an SM fewer (on the H200: 12% faster at 32k tokens x 1 sequence and 8% at
+    4k x 8, where 3 blocks an SM gave each warp about 3 tiles; 5-8% slower where warps already had 20 and more:
+    ``benchmarks/records/cuda-decode-session10-h200.md``)."""
     tiles = max(1, -(-n_tokens // TILE))
-    fit = max(1, LAUNCH["wave_blocks_per_sm"] * multiprocessors // batch_heads)
-    per_split = max(-(-tiles // fit), -(-LAUNCH["min_split_tokens"] // TILE))
-    return -(-tiles // per_split), per_split * TILE
+    shortest = -(-LAUNCH["min_split_tokens"] // TILE)
+
+    def per_split(wave: int) -> int:
+        fit = max(1, wave * multiprocessors // batch_heads)
+        return max(-(-tiles // fit), shortest)
+
+    wave = LAUNCH["wave_blocks_per_sm"]
+    tiles_per_split = per_split(wave)
+    if tiles_per_split < LAUNCH["short_split_tiles"] and wave > 1:
+        tiles_per_split = per_split(wave - 1)
+    return -(-tiles // tiles_per_split), tiles_per_split * TILE
 
 
 _COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
