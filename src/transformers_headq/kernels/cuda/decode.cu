@@ -9,7 +9,8 @@
 // soft-capping, a full-precision window, lengths read from the device. Everything else runs the Triton kernel.
 //
 // Why it is fast: each warp copies its next STAGES - 1 tiles (codes, scales, zeros: 5.4 KB each) into shared memory
-// by cp.async while it computes the current one (the first copies start before the prologue), and the codes go from
+// while it computes the current one (Hopper: nine bulk copies a tile from one lane; before: cp.async from every lane;
+// the first copies start before the prologue, whose query and qW loads are shared by the block), and the codes go from
 // there straight into tensor-core operands. A byte of a packed row holds channels j, m+j, 2m+j, 3m+j (plane p at
 // bits 2p: ``quantize.pack_codes``); shifting a 32-bit
 // word by 8*b + 2*p and masking 0x00030003 leaves two codes as the bit patterns of two float16 subnormals (code
