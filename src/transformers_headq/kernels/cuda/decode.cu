@@ -348,7 +348,8 @@ struct StoredRows {
 // commit group a tile.
 template <bool SIDE>
 struct TileCopies {
-  static constexpr uint32_t BYTES = sizeof(Stage) - (SIDE ? 0 : sizeof(Stage::side) + 4 * SIDE_RANK);
+  static constexpr uint32_t BYTES =  // what a tile's copies bring (the barrier's transaction count)
+      sizeof(Stage) - (SIDE ? 0 : sizeof(Stage::side) + sizeof(Stage::side_scale) + sizeof(Stage::side_zero));
   uint32_t ready;  // shared-memory address of STAGES 8-byte mbarriers (bulk copies)
 
   __device__ __forceinline__ explicit TileCopies(uint64_t* barriers, int lane) : ready(shared_address(barriers)) {
