@@ -343,9 +343,9 @@ struct StoredRows {
 
 // A warp's tiles on their way from global to shared memory, STAGES - 1 tiles ahead of its products.
 // Hopper and newer: one lane issues a tile's bulk copies, which count their bytes on the stage's mbarrier, and the
-// warp waits for the barrier's phase; this spares each warp ~100 instructions a tile against cp.async (its 11
-// copies, their addresses, and the three NOPs ptxas sets beside each). Ampere: every lane's cp.async copies, one
-// commit group a tile.
+// warp waits for the barrier's phase. Against cp.async (11 copies a tile, each with its address and three NOPs ptxas
+// sets beside it) this takes 9 copies from one lane, each in the short loop ptxas makes to move its operands into
+// uniform registers. Ampere: every lane's cp.async copies, one commit group a tile.
 template <bool SIDE>
 struct TileCopies {
   static constexpr uint32_t BYTES =  // what a tile's copies bring (the barrier's transaction count)
