@@ -145,7 +145,6 @@ def cuda_launches(monkeypatch):
 @pytest.mark.parametrize(("tokens", "batch"), [(150, 3), (1000, 1), (3000, 2)])  # one split, several, a window
 @pytest.mark.parametrize("variant", ["plain", "padded", "softcap"])
 def test_cuda_kernel_matches_reference(monkeypatch, cuda_launches, dtype, config, tokens, batch, variant):
-    launches = cuda_launches
     gen = torch.Generator().manual_seed(tokens + batch)
     keys = torch.randn(batch, 8, tokens, 128, generator=gen) * torch.linspace(0.2, 3, 128)
     values = torch.randn(batch, 8, tokens, 128, generator=gen)
@@ -162,7 +161,7 @@ def test_cuda_kernel_matches_reference(monkeypatch, cuda_launches, dtype, config
     fused, _ = headq_attention_forward(MODULE, query, k, v, mask, softcap=softcap)
     monkeypatch.setenv("HEADQ_KERNELS", "0")
     reference, _ = headq_attention_forward(MODULE, query.float(), k, v, mask, softcap=softcap)
-    assert launches == [True], "the CUDA kernel did not run"
+    assert cuda_launches == [True], "the CUDA kernel did not run"
     error = ((fused.float() - reference).norm() / reference.norm()).item()
     assert error < (1e-2 if dtype == torch.bfloat16 else 2e-3), error
 

@@ -562,7 +562,6 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     sink_logits[lane] = make_float4(logit[0], logit[1], logit[2], logit[3]);
   }
 
-
   Softmax softmax;
   float acc[8][4];  // O^T rows (value channels, see SplitState), columns 2j + (i & 1)
 #pragma unroll
@@ -688,8 +687,8 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       for (int i = 0; i < 4; ++i)
         if (8 * (i >> 1) + r < p.n_sinks) s[0][i] = logit[i];
     }
-    if (p.valid != nullptr) mask_invalid(s, p.valid + b * p.s_valid_b + tile, r);  // from the parameters: no
-                                                                                    // registers through the loop
+    // The mask's row from the parameters, not a pointer held in registers through the loop.
+    if (p.valid != nullptr) mask_invalid(s, p.valid + b * p.s_valid_b + tile, r);
     float rescale[2];
     softmax.step(s, rescale);
 
