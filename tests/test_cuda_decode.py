@@ -7,9 +7,13 @@ rules, its fallback, and that ``nvcc`` (where installed) compiles it for Hopper 
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import re
 import shutil
 import subprocess
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
@@ -118,6 +122,35 @@ def test_kernel_compiles_for_hopper_without_spills(tmp_path):
             assert int(spilled.group(1)) == 0, (name, properties)
         elif "Lb0EEEv" in name:  # not SOFTCAP (soft-capping's tanh is the rare, slower case)
             assert int(spilled.group(1)) <= 8, (name, properties)
+
+
+def _cuda_headers() -> Path | None:
+    """A folder with the CUDA runtime's headers: the toolkit's, or the copy Triton's NVIDIA backend ships."""
+    folders = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"]
+    triton = importlib.util.find_spec("triton")
+    if triton is not None and triton.origin is not None:
+        folders.append(Path(triton.origin).parent / "backends" / "nvidia" / "include")
+    return next((folder for folder in folders if (folder / "cuda_runtime_api.h").is_file()), None)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or _cuda_headers() is None, reason="no g++ or CUDA runtime headers")
+def test_binding_compiles_against_torch_headers(tmp_path):
+    """The torch binding (``binding.cpp``) is C++ that only a GPU machine builds: check here that it compiles,
+    warnings included, against the installed torch's headers. (A CPU wheel of torch lacks one generated CUDA
+    header, which this test supplies empty: it only holds build macros.)"""
+    from torch.utils.cpp_extension import include_paths
+
+    generated = tmp_path / "c10" / "cuda" / "impl"
+    generated.mkdir(parents=True)
+    (generated / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    system = [*include_paths(), str(tmp_path), str(_cuda_headers()), sysconfig.get_paths()["include"]]
+    result = subprocess.run(
+        ["g++", "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror",
+         *(f"-isystem{folder}" for folder in system), f"-I{cuda_decode.SOURCES}", "-DTORCH_EXTENSION_NAME=headq",
+         str(cuda_decode.SOURCES / "binding.cpp")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
 
 
 # ---------------------------------------------------------------------------------------------- on a GPU

@@ -270,14 +270,12 @@ def decode_attention(
     batch, q_heads, _, head_dim = query.shape
     n_tokens = keys.codes.shape[2]
     valid = _key_validity(mask, batch, n_tokens + window_keys.shape[2])
-    if cuda_decode.covers(settings, query, values) and cuda_decode.extension() is not None:
+    if cuda_decode.covers(settings, query, values):
         assert isinstance(values, QuantizedTokens)
-        with launch_device(query.device):  # one launch, codes straight into tensor-core operands
-            out = cuda_decode.launch(
-                query, decoder, keys, side, values, window_keys, window_values, sink_keys, valid, None,
-                settings.block, scaling, softcap or 0.0, lambda rows: _partials(query.device, rows, head_dim),
-                _multiprocessors(query.device),
-            )  # fmt: skip
+        out = cuda_decode.launch(  # one launch on the query's device, codes straight into tensor-core operands
+            query, decoder, keys, side, values, window_keys, window_values, sink_keys, valid, None, settings.block,
+            scaling, softcap or 0.0, _multiprocessors(query.device),
+        )  # fmt: skip
         if out is not None:
             return out
     plan = _PLANS.get((settings, query.device))

@@ -146,18 +146,11 @@ def splits(batch_heads: int, n_tokens: int, multiprocessors: int) -> tuple[int, 
     return -(-tiles // tiles_per_split), tiles_per_split * TILE
 
 
-_COUNTERS: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """Per (sequence, KV head) counts of finished splits for the growing cache: zero between launches (the
-    merging split resets its own), kept per device and stream like the partials and made on first use (a
-    graph captured after an eager step replays it; fixed-capacity layers pass counters of their own)."""
-    stream = torch.cuda.current_stream(device).cuda_stream
-    buf = _COUNTERS.get((device, stream))
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[(device, stream)] = torch.zeros(max(n, 64), device=device, dtype=torch.int32)
-    return buf
+@functools.lru_cache(maxsize=256)
+def _step_splits(batch_heads: int, n_tokens: int, multiprocessors: int, launch: tuple[int, ...]) -> tuple[int, int]:
+    """:func:`splits` for ``launch`` (``LAUNCH``'s values, part of the key), remembered: an eager step asks at every
+    layer, and the stored tokens change once a block."""
+    return splits(batch_heads, n_tokens, multiprocessors)
 
 
 def fixed_covers(
@@ -191,33 +184,29 @@ def launch(
     block: int,
     scaling: float,
     softcap: float,
-    partials: Any,
     multiprocessors: int,
     counters: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
-    """Attention output ``[B, 1, Hq, D]`` in the query's dtype, one launch; ``None`` (nothing launched) where
-    the tensors' layout does not fit the kernel (``binding.cpp`` says what it needs).
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype, one launch on the query's device and current
+    stream; ``None`` (nothing launched) where the kernel is not built or the tensors' layout does not fit it
+    (``binding.cpp`` says what it needs).
 
     ``lengths``: ``None``, or a fixed-capacity layer's device state, whose first two entries count its stored
     and window tokens (then the splits cover the stores' capacity, and a CUDA graph can replay the launch).
-    ``partials(rows)`` gives the split partials' buffers ``(max, normaliser, output)`` for ``rows`` rows;
-    ``softcap`` 0: none.
-    ``counters``: int32 counts of finished splits, one a (sequence, KV head), zero between launches (the
-    kernel leaves them so); ``None``: a buffer kept here per device and stream (not for CUDA graphs: a
-    fixed-capacity layer passes its own, allocated with the layer)."""
+    ``softcap`` 0: none. ``counters``: a fixed-capacity layer's int32 counts of finished splits, one a
+    (sequence, KV head), zero between launches (the kernel leaves them so), with a fresh partials buffer a
+    launch (a CUDA graph holds both); ``None``: the extension's buffers for the device and stream (a growing
+    cache's eager steps: nothing allocated but the output, no Python work beyond this call)."""
     ext = extension()
-    assert ext is not None
-    batch, q_heads, _, head_dim = query.shape
-    kv_heads, n_tokens = keys.codes.shape[1], keys.codes.shape[2]
-    n_splits, per_split = splits(batch * kv_heads, n_tokens, multiprocessors)
-    m, norm, acc = partials(batch * kv_heads * n_splits * ROWS)
-    out = torch.empty(batch, 1, q_heads, head_dim, device=query.device, dtype=query.dtype)
-    launched = ext.decode(
+    if ext is None:
+        return None
+    batch_heads = query.shape[0] * keys.codes.shape[1]
+    n_splits, per_split = _step_splits(batch_heads, keys.codes.shape[2], multiprocessors, tuple(LAUNCH.values()))
+    return ext.decode(  # type: ignore[no-any-return]
         query, decoder, keys.codes, keys.scale, keys.zero,
         side.codes if side is not None else None, side.scale if side is not None else None,
         side.zero if side is not None else None,
         values.codes, values.scale, values.zero, window_keys, window_values, sink_keys, valid, lengths,
-        m, norm, acc, counters if counters is not None else _counters(query.device, batch * kv_heads), out,
-        q_heads // kv_heads, block, n_tokens, per_split, n_splits, scaling, softcap,
+        counters, counters is not None, query.shape[1] // keys.codes.shape[1], block, per_split, n_splits, scaling,
+        softcap,
     )  # fmt: skip
-    return out if launched else None

@@ -73,20 +73,16 @@ def fixed_decode_attention(
     sinks = window[:, :, block:, : query.shape[-1]]
 
     batch, q_heads, _, head_dim = query.shape
-    if (
-        cuda_decode.fixed_covers(
-            query, key_scale, key_bits, side_bits, side_per_token, value_bits, rank, sink_keys, block
-        )
-        and cuda_decode.extension() is not None
-    ):
-        with launch_device(query.device):
-            out = cuda_decode.launch(
-                query, stored.decoder, QuantizedTokens(*stored.keys),
-                QuantizedTokens(*stored.side) if rank else None, QuantizedTokens(*stored.values),
-                window_keys, window_values, sinks if sink_keys else None, validity, state, block, scaling, softcap,
-                _fixed_partials(query.device, head_dim), _multiprocessors(query.device),
-                state[STATE_COUNTS:].view(torch.int32),  # the layer's split counters
-            )  # fmt: skip
+    covered = cuda_decode.fixed_covers(
+        query, key_scale, key_bits, side_bits, side_per_token, value_bits, rank, sink_keys, block
+    )
+    if covered:
+        out = cuda_decode.launch(
+            query, stored.decoder, QuantizedTokens(*stored.keys), QuantizedTokens(*stored.side) if rank else None,
+            QuantizedTokens(*stored.values), window_keys, window_values, sinks if sink_keys else None, validity,
+            state, block, scaling, softcap, _multiprocessors(query.device),
+            state[STATE_COUNTS:].view(torch.int32),  # the layer's split counters
+        )  # fmt: skip
         if out is not None:
             return out
     kv_heads, capacity = key_codes.shape[1], key_codes.shape[2]
@@ -96,7 +92,8 @@ def fixed_decode_attention(
     with launch_device(query.device):  # a layer of a split model may live on another GPU
         n_splits, per_split = _splits(batch * kv_heads, capacity, block, query.device)
         rows = batch * kv_heads * n_splits * block_g
-        m, norm, acc = _fixed_partials(query.device, head_dim)(rows)
+        # fresh for each launch: the step's CUDA graph holds them
+        m, norm, acc = split_partials(torch.empty(rows * (head_dim + 2), device=query.device), rows, head_dim)
         valid = validity if validity is not None else m
         headq_decode_kernel[(batch * kv_heads, n_splits, 1)](
             query, decoder,
@@ -130,15 +127,6 @@ def fixed_decode_attention(
             G=groups, BLOCK_G=block_g, D=head_dim, S_PAD=splits_pad, CHUNK=min(splits_pad, 16),
         )  # fmt: skip
     return out
-
-
-def _fixed_partials(device: torch.device, head_dim: int):  # type: ignore[no-untyped-def]
-    """Split partials of ``rows`` rows, fresh for each launch (the step's CUDA graph holds them)."""
-
-    def partials(rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return split_partials(torch.empty(rows * (head_dim + 2), device=device, dtype=torch.float32), rows, head_dim)
-
-    return partials
 
 
 @fixed_decode_attention.register_fake

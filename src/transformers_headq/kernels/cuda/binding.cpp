@@ -1,8 +1,13 @@
 // torch binding of the fused decode kernel (decode.cu): tensors to a DecodeParams, on the current stream.
 // The Python side (kernels/cuda_decode.py) checks the settings once; this checks the tensors' layout each step.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
+
+#include <algorithm>
+#include <map>
+#include <utility>
 
 #include "decode.h"
 
@@ -61,16 +66,32 @@ bool layout_fits(const torch::Tensor& query, const c10::optional<torch::Tensor>&
   return true;
 }
 
-bool decode(const torch::Tensor& given_query, const c10::optional<torch::Tensor>& decoder, const torch::Tensor& key_codes,
-            const torch::Tensor& key_scale, const torch::Tensor& key_zero,
-            const c10::optional<torch::Tensor>& side_codes, const c10::optional<torch::Tensor>& side_scale,
-            const c10::optional<torch::Tensor>& side_zero, const torch::Tensor& value_codes,
-            const torch::Tensor& value_scale, const torch::Tensor& value_zero, const torch::Tensor& window_keys,
-            const torch::Tensor& window_values, const c10::optional<torch::Tensor>& sink_keys,
-            const c10::optional<torch::Tensor>& valid, const c10::optional<torch::Tensor>& lengths,
-            const torch::Tensor& part_m, const torch::Tensor& part_l, const torch::Tensor& part_acc,
-            const torch::Tensor& counters, const torch::Tensor& out, int64_t groups, int64_t block, int64_t n_tokens,
-            int64_t tokens_per_split, int64_t n_splits, double scaling, double softcap) {
+// Buffers a growing cache's launches share on one device and stream: the splits' partials (each launch writes
+// them and its merge reads them before the next launch on the stream) and the counts of finished splits (zero
+// between launches: the merging split resets its own). Kept here rather than in Python, where finding the current
+// stream alone costs microseconds of every eager step. Never freed: they live as long as the process (a static
+// destructor would run after CUDA is torn down).
+struct Workspace {
+  torch::Tensor partials, counters;
+};
+
+Workspace& stream_workspace(const torch::Device& device, cudaStream_t stream) {
+  static auto* spaces = new std::map<std::pair<c10::DeviceIndex, cudaStream_t>, Workspace>();
+  return (*spaces)[{device.index(), stream}];
+}
+
+// ``counters``: a fixed-capacity layer's own (a CUDA graph replays its launch), or none: the stream's.
+// ``fresh_partials``: a new partials buffer for this launch (a CUDA graph holds it), else the stream's.
+// Returns the output ``[B, 1, Hq, D]``, or none where the layout does not fit (nothing launched).
+c10::optional<torch::Tensor> decode(
+    const torch::Tensor& given_query, const c10::optional<torch::Tensor>& decoder, const torch::Tensor& key_codes,
+    const torch::Tensor& key_scale, const torch::Tensor& key_zero, const c10::optional<torch::Tensor>& side_codes,
+    const c10::optional<torch::Tensor>& side_scale, const c10::optional<torch::Tensor>& side_zero,
+    const torch::Tensor& value_codes, const torch::Tensor& value_scale, const torch::Tensor& value_zero,
+    const torch::Tensor& window_keys, const torch::Tensor& window_values, const c10::optional<torch::Tensor>& sink_keys,
+    const c10::optional<torch::Tensor>& valid, const c10::optional<torch::Tensor>& lengths,
+    const c10::optional<torch::Tensor>& counters, bool fresh_partials, int64_t groups, int64_t block,
+    int64_t tokens_per_split, int64_t n_splits, double scaling, double softcap) {
   // The kernel loads the query's rows 8 channels (16 bytes) at once; a query laid out otherwise (a view at an odd
   // offset, say) is copied: a few KB, against a fallback to the slower kernel.
   const torch::Tensor query = model_rows(given_query, given_query.scalar_type(), 8, 16)
@@ -78,8 +99,20 @@ bool decode(const torch::Tensor& given_query, const c10::optional<torch::Tensor>
                                   : given_query.clone(at::MemoryFormat::Contiguous);
   if (!layout_fits(query, decoder, key_codes, key_scale, key_zero, side_codes, side_scale, side_zero, value_codes,
                    value_scale, value_zero, window_keys, window_values, sink_keys, valid, query.size(-1)))
-    return false;
+    return c10::nullopt;
   const c10::cuda::CUDAGuard guard(query.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t batch = query.size(0), q_heads = query.size(1), head_dim = query.size(3);
+  const int64_t batch_heads = batch * key_codes.size(1);
+  const int64_t partial_floats = batch_heads * n_splits * 8 * (head_dim + 2);  // 8 query-head rows a split
+  Workspace& shared = stream_workspace(query.device(), stream);
+  if (!fresh_partials && (!shared.partials.defined() || shared.partials.numel() < partial_floats))
+    shared.partials = torch::empty({partial_floats}, query.options().dtype(at::kFloat));
+  if (!counters.has_value() && (!shared.counters.defined() || shared.counters.numel() < batch_heads))
+    shared.counters = torch::zeros({std::max<int64_t>(batch_heads, 64)}, query.options().dtype(at::kInt));
+  const torch::Tensor partials =
+      fresh_partials ? torch::empty({partial_floats}, query.options().dtype(at::kFloat)) : shared.partials;
+  const torch::Tensor out = torch::empty({batch, 1, q_heads, head_dim}, query.options());
   headq::DecodeParams p{};
   p.query = query.data_ptr();
   p.s_qb = query.stride(0);
@@ -122,10 +155,11 @@ bool decode(const torch::Tensor& given_query, const c10::optional<torch::Tensor>
   p.valid = data_or_null<uint8_t>(valid);
   p.s_valid_b = stride_or_zero(valid, 0);
   p.lengths = data_or_null<int64_t>(lengths);
-  p.part_m = part_m.data_ptr<float>();
-  p.part_l = part_l.data_ptr<float>();
-  p.part_acc = part_acc.data_ptr<float>();
-  p.counters = counters.data_ptr<int>();
+  const int64_t partial_rows = batch_heads * n_splits * 8;
+  p.part_m = partials.data_ptr<float>();
+  p.part_l = p.part_m + partial_rows;
+  p.part_acc = p.part_l + partial_rows;
+  p.counters = (counters.has_value() ? *counters : shared.counters).data_ptr<int>();
   p.out = out.data_ptr();
   p.batch = static_cast<int>(query.size(0));
   p.kv_heads = static_cast<int>(key_codes.size(1));
@@ -137,20 +171,19 @@ bool decode(const torch::Tensor& given_query, const c10::optional<torch::Tensor>
   while ((int64_t{1} << ceil_log2) < block) ++ceil_log2;
   p.block_shift = static_cast<uint32_t>(ceil_log2 - 1);
   p.block_mul = static_cast<uint32_t>(((uint64_t{1} << (32 + p.block_shift)) + block - 1) / block);
-  p.n_tokens = static_cast<int>(n_tokens);
+  p.n_tokens = static_cast<int>(key_codes.size(2));
   p.n_window = static_cast<int>(window_keys.size(2));
   p.tokens_per_split = static_cast<int>(tokens_per_split);
   p.n_splits = static_cast<int>(n_splits);
   p.scaling = static_cast<float>(scaling);
   p.softcap = static_cast<float>(softcap);
-  headq::launch_decode(p, query.scalar_type() == at::kBFloat16, side_codes.has_value(),
-                       at::cuda::getCurrentCUDAStream());
+  headq::launch_decode(p, query.scalar_type() == at::kBFloat16, side_codes.has_value(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return true;
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode", &decode, "HeadQ fused decode attention (CUDA); false: the layout does not fit, nothing launched");
+  m.def("decode", &decode, "HeadQ fused decode attention (CUDA); None: the layout does not fit, nothing launched");
 }
