@@ -9,9 +9,11 @@ wall time is the host's. This script times, for each cache on the same random Ll
   collector off; and the operations that synchronise with the GPU in a step (torch's sync debug mode);
 - the host time spent inside the cache's ``update`` and inside the attention function (the time the
   Python call takes, not the GPU's: nothing synchronises inside a step), summed over the layers;
-- for HeadQ, the host time per call of the pieces of one layer's fused attention (launches, buffers).
+- for HeadQ, the host time per call of one layer's fused attention and of its pieces, outermost first, beside
+  bf16 sdpa on the same shapes, and a profile of the call by Python function (``--pieces-only``: just these).
 
     python benchmarks/decode_host.py --context 32768 --batch 8 --markdown benchmarks/decode-host.md
+    python benchmarks/decode_host.py --context 4096 --batch 1 --pieces-only
 """
 
 from __future__ import annotations
@@ -149,7 +151,10 @@ def step_rows(batch: int, context: int, steps: int) -> list[dict[str, Any]]:
 
 
 def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, float]]:
-    """Host microseconds per call of the pieces of one layer's fused decode attention (no synchronisation)."""
+    """Host microseconds per call of one layer's fused decode attention and of its pieces, outermost first (no
+    synchronisation: launches are queued), beside bf16 sdpa on the same shapes; then a profile by function."""
+    from transformers_headq.kernels import _multiprocessors, cuda_decode, decode_attention, kernels_enabled
+
     cache = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
     layer = cache.layers[0]
     fill_headq_layer(layer, batch, context)
@@ -157,6 +162,7 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     scaling = HEAD_DIM**-0.5
     key = torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    dense = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
 
     def per_call(fn: Callable[[], Any]) -> float:
         for _ in range(10):
@@ -169,14 +175,31 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
         torch.cuda.synchronize()
         return host * 1e6
 
-    store = layer.key_store
+    settings = fused_decode._settings(layer, Q_HEADS)
+    assert settings is not None
+    keys, side, values = layer.key_store.packed(), layer.side_store.packed(), layer.value_store.packed()
+    stored = (layer.decoder, keys, side, values, layer.window_keys, layer.window_values)
+    launch = (*stored, layer.sink_keys, None, None, HEADQ.block_size, scaling, 0.0, _multiprocessors(q.device))
+    ext = cuda_decode.extension()
+    n_splits, per_split = cuda_decode.splits(batch * KV_HEADS, keys.codes.shape[2], _multiprocessors(q.device))
+    ext_args = (
+        q, layer.decoder, *keys, *side, *values, layer.window_keys, layer.window_values, layer.sink_keys, None, None,
+        None, False, Q_HEADS // KV_HEADS, HEADQ.block_size, per_split, n_splits, scaling, 0.0,
+    )  # fmt: skip
     pieces = [
+        ("bf16 sdpa, same shapes (torch's default backend)",
+         lambda: torch.nn.functional.scaled_dot_product_attention(q, dense, dense, enable_gqa=True)),
         ("fused_decode_attention (whole)", lambda: fused_decode.fused_decode_attention(layer, q, None, scaling, None)),
-        ("kernel_covers", lambda: fused_decode.kernel_covers(layer)),
-        ("key_store.packed()", store.packed),
-        ("torch.empty (one partials buffer)", lambda: torch.empty(batch * KV_HEADS, 8, 16, device="cuda")),
+        ("kernels.decode_attention (stores read)",
+         lambda: decode_attention(settings, q, *stored, None, scaling, None, layer.sink_keys)),
+        ("cuda_decode.launch", lambda: cuda_decode.launch(q, *launch)),
+        ("the extension's decode (arguments ready)", lambda: ext.decode(*ext_args)),
+        ("torch.empty (the output's shape)", lambda: torch.empty(batch, 1, Q_HEADS, HEAD_DIM, device="cuda")),
+        ("kernels_enabled", lambda: kernels_enabled(q.device)),
+        ("cuda_decode.covers", lambda: cuda_decode.covers(settings, q, values)),
+        ("key_store.packed()", layer.key_store.packed),
         ("torch.cat (window keys + 1 token)", lambda: torch.cat([layer.window_keys, key], dim=-2)),
-    ]
+    ]  # fmt: skip
     rows = [(name, per_call(fn)) for name, fn in pieces]
     profile = cProfile.Profile()  # where the whole call's host time goes, by Python function
     profile.enable()
@@ -194,10 +217,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--pieces-only", action="store_true", help="only one layer's attention call and its pieces")
     args = parser.parse_args()
     pieces = piece_rows(args.batch, args.context)
     for name, us in pieces:
         print(f"{name}: {us:.1f} us", flush=True)
+    if args.pieces_only:
+        return
     rows = step_rows(args.batch, args.context, args.steps)
     if args.markdown:
         keys = list(dict.fromkeys(k for row in rows for k in row))
