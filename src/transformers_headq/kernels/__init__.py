@@ -83,9 +83,9 @@ def _multiprocessors(device: torch.device) -> int:
 
 def kernels_enabled(device: torch.device) -> bool:
     """Whether fused kernels may run for tensors on ``device`` (checked at every decode step: kept cheap)."""
-    if os.environ.get("HEADQ_KERNELS", "1") == "0" or not _TRITON_INSTALLED:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return _TRITON_INSTALLED and os.environ.get("HEADQ_KERNELS", "1") != "0"
 
 
 @functools.cache
@@ -148,6 +148,11 @@ class DecodeSettings:
     head_dim: int
     q_heads: int
     dtype: torch.dtype
+
+    @functools.cached_property
+    def cuda_covered(self) -> bool:
+        """Whether the CUDA kernel reads stores of these settings (asked at every decode step: kept here)."""
+        return cuda_decode.settings_covered(self)
 
 
 class _DecodePlan:

@@ -120,7 +120,7 @@ def covers(settings: Any, query: torch.Tensor, values: QuantizedTokens | torch.T
     return (
         query.device.type == "cuda"
         and enabled()
-        and settings_covered(settings)
+        and settings.cuda_covered  # settings_covered, remembered on the settings
         and query.dtype == settings.dtype
         and isinstance(values, QuantizedTokens)
     )

@@ -15,12 +15,14 @@ namespace {
 
 template <typename T>
 const T* data_or_null(const c10::optional<torch::Tensor>& t) {
-  return t.has_value() ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
+  return t.has_value() ? reinterpret_cast<const T*>(t->const_data_ptr()) : nullptr;
 }
 
 int64_t stride_or_zero(const c10::optional<torch::Tensor>& t, int dim) { return t.has_value() ? t->stride(dim) : 0; }
 
-bool aligned(const torch::Tensor& t, int64_t bytes) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0; }
+bool aligned(const torch::Tensor& t, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % bytes == 0;
+}
 
 // [B, H, T, row] with rows back to back, 16-byte (sequence, head) strides and address: the kernel copies tiles in
 // 16-byte chunks and steps rows by a constant.
@@ -107,22 +109,22 @@ c10::optional<torch::Tensor> decode(
   const int64_t partial_floats = batch_heads * n_splits * 8 * (head_dim + 2);  // 8 query-head rows a split
   Workspace& shared = stream_workspace(query.device(), stream);
   if (!fresh_partials && (!shared.partials.defined() || shared.partials.numel() < partial_floats))
-    shared.partials = torch::empty({partial_floats}, query.options().dtype(at::kFloat));
+    shared.partials = at::empty({partial_floats}, query.options().dtype(at::kFloat));
   if (!counters.has_value() && (!shared.counters.defined() || shared.counters.numel() < batch_heads))
-    shared.counters = torch::zeros({std::max<int64_t>(batch_heads, 64)}, query.options().dtype(at::kInt));
+    shared.counters = at::zeros({std::max<int64_t>(batch_heads, 64)}, query.options().dtype(at::kInt));
   const torch::Tensor partials =
-      fresh_partials ? torch::empty({partial_floats}, query.options().dtype(at::kFloat)) : shared.partials;
-  const torch::Tensor out = torch::empty({batch, 1, q_heads, head_dim}, query.options());
+      fresh_partials ? at::empty({partial_floats}, query.options().dtype(at::kFloat)) : shared.partials;
+  const torch::Tensor out = at::empty({batch, 1, q_heads, head_dim}, query.options());
   headq::DecodeParams p{};
-  p.query = query.data_ptr();
+  p.query = query.const_data_ptr();
   p.s_qb = query.stride(0);
   p.s_qh = query.stride(1);
   p.decoder = data_or_null<float>(decoder);
-  p.key_codes = key_codes.data_ptr<uint8_t>();
+  p.key_codes = key_codes.const_data_ptr<uint8_t>();
   p.s_kc_b = key_codes.stride(0);
   p.s_kc_h = key_codes.stride(1);
-  p.key_scale = key_scale.data_ptr();
-  p.key_zero = key_zero.data_ptr();
+  p.key_scale = key_scale.const_data_ptr();
+  p.key_zero = key_zero.const_data_ptr();
   p.s_ks_b = key_scale.stride(0);
   p.s_ks_h = key_scale.stride(1);
   p.side_codes = data_or_null<uint8_t>(side_codes);
@@ -132,18 +134,18 @@ c10::optional<torch::Tensor> decode(
   p.side_zero = data_or_null<void>(side_zero);
   p.s_cs_b = stride_or_zero(side_scale, 0);
   p.s_cs_h = stride_or_zero(side_scale, 1);
-  p.value_codes = value_codes.data_ptr<uint8_t>();
+  p.value_codes = value_codes.const_data_ptr<uint8_t>();
   p.s_vc_b = value_codes.stride(0);
   p.s_vc_h = value_codes.stride(1);
-  p.value_scale = value_scale.data_ptr();
-  p.value_zero = value_zero.data_ptr();
+  p.value_scale = value_scale.const_data_ptr();
+  p.value_zero = value_zero.const_data_ptr();
   p.s_vs_b = value_scale.stride(0);
   p.s_vs_h = value_scale.stride(1);
-  p.window_keys = window_keys.data_ptr();
+  p.window_keys = window_keys.const_data_ptr();
   p.s_wk_b = window_keys.stride(0);
   p.s_wk_h = window_keys.stride(1);
   p.s_wk_t = window_keys.stride(2);
-  p.window_values = window_values.data_ptr();
+  p.window_values = window_values.const_data_ptr();
   p.s_wv_b = window_values.stride(0);
   p.s_wv_h = window_values.stride(1);
   p.s_wv_t = window_values.stride(2);
