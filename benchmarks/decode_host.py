@@ -150,6 +150,10 @@ def step_rows(batch: int, context: int, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _parts(tokens: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tokens.codes, tokens.scale, tokens.zero
+
+
 def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, float]]:
     """Host microseconds per call of one layer's fused decode attention and of its pieces, outermost first (no
     synchronisation: launches are queued), beside bf16 sdpa on the same shapes; then a profile by function."""
@@ -183,8 +187,9 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
     ext = cuda_decode.extension()
     n_splits, per_split = cuda_decode.splits(batch * KV_HEADS, keys.codes.shape[2], _multiprocessors(q.device))
     ext_args = (
-        q, layer.decoder, *keys, *side, *values, layer.window_keys, layer.window_values, layer.sink_keys, None, None,
-        None, False, Q_HEADS // KV_HEADS, HEADQ.block_size, per_split, n_splits, scaling, 0.0,
+        q, layer.decoder, *_parts(keys), *_parts(side), *_parts(values), layer.window_keys, layer.window_values,
+        layer.sink_keys, None, None, None, False, Q_HEADS // KV_HEADS, HEADQ.block_size, per_split, n_splits, scaling,
+        0.0,
     )  # fmt: skip
     pieces = [
         ("bf16 sdpa, same shapes (torch's default backend)",
