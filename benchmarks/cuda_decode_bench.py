@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from decode_bench import (
     _Module,
     bench,
     fill_headq_layer,
+    host_us,
     random_basis,
 )
 
@@ -111,20 +111,6 @@ def check(contexts=(200, 1000, 4100), batches=(1, 3), only: str = "") -> list[di
                             flush=True,
                         )
     return rows
-
-
-def host_us(fn: Callable[[], Any], calls: int = 200) -> float:
-    """Host microseconds a call of ``fn`` takes to return (launches queued, nothing waited for): what an eager
-    step pays before the GPU has its work, whatever the GPU's time."""
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - started) / calls
-    torch.cuda.synchronize()
-    return host * 1e6
 
 
 def _times(fn: Callable[[], Any]) -> dict[str, float]:

@@ -24,6 +24,8 @@ import io
 import json
 import os
 import pstats
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,20 @@ def bench(fn, warmup: int = 25, rep: int = 100) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def host_us(fn: Callable[[], Any], calls: int = 200) -> float:
+    """Host microseconds a call of ``fn`` takes to return (launches queued, nothing waited for): what an eager
+    step pays before the GPU has its work, whatever the GPU's time."""
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - started) / calls
+    torch.cuda.synchronize()
+    return host * 1e6
 
 
 def _graph_ms(fn) -> float:

@@ -39,6 +39,7 @@ from decode_bench import (  # noqa: I001 (a script beside it, not a package)
     Q_HEADS,
     fill_headq_layer,
     filled_model_cache,
+    host_us,
     llama_3_8b_model,
     random_basis,
 )
@@ -168,17 +169,6 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
     key = torch.randn(batch, KV_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     dense = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
 
-    def per_call(fn: Callable[[], Any]) -> float:
-        for _ in range(10):
-            fn()
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = (time.perf_counter() - started) / calls
-        torch.cuda.synchronize()
-        return host * 1e6
-
     settings = fused_decode._settings(layer, Q_HEADS)
     assert settings is not None
     keys, side, values = layer.key_store.packed(), layer.side_store.packed(), layer.value_store.packed()
@@ -205,7 +195,7 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
         ("key_store.packed()", layer.key_store.packed),
         ("torch.cat (window keys + 1 token)", lambda: torch.cat([layer.window_keys, key], dim=-2)),
     ]  # fmt: skip
-    rows = [(name, per_call(fn)) for name, fn in pieces]
+    rows = [(name, host_us(fn, calls)) for name, fn in pieces]
     profile = cProfile.Profile()  # where the whole call's host time goes, by Python function
     profile.enable()
     for _ in range(calls):
