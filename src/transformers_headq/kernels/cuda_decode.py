@@ -94,10 +94,10 @@ def _reads(
     )
 
 
-@functools.cache
 def settings_covered(settings: Any) -> bool:
-    """Whether the kernel reads stores of these :class:`DecodeSettings` (decided once per settings): keys grouped
-    by channel over a block, values by token over the head, a block-scaled side code."""
+    """Whether the kernel reads stores of these :class:`DecodeSettings` (remembered on them, as ``cuda_covered``,
+    for the decode steps): keys grouped by channel over a block, values by token over the head, a block-scaled
+    side code."""
     key_q, side_q, value_q = settings.quantizers
     if key_q is None or value_q is None or (settings.rank and side_q is None):
         return False

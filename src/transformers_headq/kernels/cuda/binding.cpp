@@ -106,7 +106,8 @@ c10::optional<torch::Tensor> decode(
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t batch = query.size(0), q_heads = query.size(1), head_dim = query.size(3);
   const int64_t batch_heads = batch * key_codes.size(1);
-  const int64_t partial_floats = batch_heads * n_splits * 8 * (head_dim + 2);  // 8 query-head rows a split
+  const int64_t partial_rows = batch_heads * n_splits * headq::ROWS;
+  const int64_t partial_floats = partial_rows * (head_dim + 2);  // running max, normaliser, output row
   Workspace& shared = stream_workspace(query.device(), stream);
   if (!fresh_partials && (!shared.partials.defined() || shared.partials.numel() < partial_floats))
     shared.partials = at::empty({partial_floats}, query.options().dtype(at::kFloat));
@@ -157,7 +158,6 @@ c10::optional<torch::Tensor> decode(
   p.valid = data_or_null<uint8_t>(valid);
   p.s_valid_b = stride_or_zero(valid, 0);
   p.lengths = data_or_null<int64_t>(lengths);
-  const int64_t partial_rows = batch_heads * n_splits * 8;
   p.part_m = partials.data_ptr<float>();
   p.part_l = p.part_m + partial_rows;
   p.part_acc = p.part_l + partial_rows;

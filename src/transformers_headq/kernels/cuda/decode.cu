@@ -41,7 +41,6 @@ namespace {
 
 constexpr int D = 128;
 constexpr int TILE = 64;  // tokens a loop step: four 16-row products
-constexpr int ROWS = 8;  // query heads a product holds (its n side)
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float CODE_UNIT = 16777216.0f;  // a code k read as a float16 subnormal is k * 2^-24
 constexpr int KEY_ROW = D / 4;  // bytes of a packed 2-bit row (keys and values): rows are contiguous

@@ -6,6 +6,9 @@
 
 namespace headq {
 
+// Query-head rows a split's partials hold (a product's n side: the most query heads a KV head may have).
+constexpr int ROWS = 8;
+
 // Every pointer is a device address; strides are in elements of the tensor they step through.
 struct DecodeParams {
   const void* query;  // [B, Hq, 1, D] model dtype, unit channel stride
