@@ -151,14 +151,10 @@ def step_rows(batch: int, context: int, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def _parts(tokens: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return tokens.codes, tokens.scale, tokens.zero
-
-
 def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, float]]:
     """Host microseconds per call of one layer's fused decode attention and of its pieces, outermost first (no
     synchronisation: launches are queued), beside bf16 sdpa on the same shapes; then a profile by function."""
-    from transformers_headq.kernels import _multiprocessors, cuda_decode, decode_attention, kernels_enabled
+    from transformers_headq.kernels import cuda_decode, kernels_enabled, triton_decode_attention
 
     cache = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ)
     layer = cache.layers[0]
@@ -172,23 +168,19 @@ def piece_rows(batch: int, context: int, calls: int = 200) -> list[tuple[str, fl
     settings = fused_decode._settings(layer, Q_HEADS)
     assert settings is not None
     keys, side, values = layer.key_store.packed(), layer.side_store.packed(), layer.value_store.packed()
-    stored = (layer.decoder, keys, side, values, layer.window_keys, layer.window_values)
-    launch = (*stored, layer.sink_keys, None, None, HEADQ.block_size, scaling, 0.0, _multiprocessors(q.device))
-    ext = cuda_decode.extension()
-    n_splits, per_split = cuda_decode.splits(batch * KV_HEADS, keys.codes.shape[2], _multiprocessors(q.device))
-    ext_args = (
-        q, layer.decoder, *_parts(keys), *_parts(side), *_parts(values), layer.window_keys, layer.window_values,
-        layer.sink_keys, None, None, None, False, Q_HEADS // KV_HEADS, HEADQ.block_size, per_split, n_splits, scaling,
-        0.0,
-    )  # fmt: skip
+    stores = (q, layer.decoder, keys, side, values, layer.sink_keys, HEADQ.block_size)
+    launch = cuda_decode.store_launch(*stores)
+    assert launch is not None, "the CUDA kernel does not take these stores"
+    window = (layer.window_keys, layer.window_values)
     pieces = [
         ("bf16 sdpa, same shapes (torch's default backend)",
          lambda: torch.nn.functional.scaled_dot_product_attention(q, dense, dense, enable_gqa=True)),
         ("fused_decode_attention (whole)", lambda: fused_decode.fused_decode_attention(layer, q, None, scaling, None)),
-        ("kernels.decode_attention (stores read)",
-         lambda: decode_attention(settings, q, *stored, None, scaling, None, layer.sink_keys)),
-        ("cuda_decode.launch", lambda: cuda_decode.launch(q, *launch)),
-        ("the extension's decode (arguments ready)", lambda: ext.decode(*ext_args)),
+        ("a layer's kept StoreLaunch, one step", lambda: launch(q, *window, None, scaling, 0.0)),
+        ("cuda_decode.store_launch (a new launch: once a layer and block)", lambda: cuda_decode.store_launch(*stores)),
+        ("kernels.triton_decode_attention (the Triton kernels)",
+         lambda: triton_decode_attention(settings, q, layer.decoder, keys, side, values, *window, None, scaling, None,
+                                         layer.sink_keys)),
         ("torch.empty (the output's shape)", lambda: torch.empty(batch, 1, Q_HEADS, HEAD_DIM, device="cuda")),
         ("kernels_enabled", lambda: kernels_enabled(q.device)),
         ("cuda_decode.covers", lambda: cuda_decode.covers(settings, q, values)),

@@ -159,16 +159,25 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA kernel 
 
 @pytest.fixture
 def cuda_launches(monkeypatch):
-    """Whether each CUDA kernel launch ran (False: the layout did not fit, the Triton kernel ran instead)."""
+    """Whether each step given to the CUDA kernel ran on it (False: the layout did not fit, the Triton kernel ran
+    instead): the launches ``store_launch`` makes, counted when they run."""
     launches: list[bool] = []
-    real = cuda_decode.launch
+    real = cuda_decode.store_launch
 
     def counted(*args, **kwargs):
-        out = real(*args, **kwargs)
-        launches.append(out is not None)
-        return out
+        made = real(*args, **kwargs)
+        if made is None:
+            launches.append(False)
+            return None
 
-    monkeypatch.setattr(cuda_decode, "launch", counted)
+        def step(*step_args):
+            out = made(*step_args)
+            launches.append(out is not None)
+            return out
+
+        return step
+
+    monkeypatch.setattr(cuda_decode, "store_launch", counted)
     return launches
 
 

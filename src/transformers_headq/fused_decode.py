@@ -8,11 +8,21 @@ caller falls back to the reference path (the oracle the kernel is tested against
 from __future__ import annotations
 
 import weakref
+from typing import Any, NamedTuple
 
 import torch
 
-from .kernels import DecodeSettings, decode_attention, decode_supports, kernels_enabled, mask_covered
+from .kernels import (
+    DecodeSettings,
+    cuda_decode,
+    decode_supports,
+    kernels_enabled,
+    key_validity,
+    mask_covered,
+    triton_decode_attention,
+)
 from .layer import HeadQLayer
+from .quantize import QuantizedTokens
 from .store import QuantizedStore
 
 
@@ -48,10 +58,57 @@ def _settings(layer: HeadQLayer, q_heads: int) -> DecodeSettings | None:
     return known[2]
 
 
+class _CudaLaunch(NamedTuple):
+    """A layer's launch of the CUDA kernel (``cuda_decode.store_launch``; ``None``: its stores do not fit the
+    kernel) and what it was made for: the stores' tensors (the same objects while no block is flushed) and the
+    step's query shape, dtype and launch settings."""
+
+    stores: tuple[torch.Tensor | None, ...]
+    step: tuple[object, ...]
+    launch: Any
+
+
+# Per layer: its CUDA kernel launch, made again when the stores change, so that a decode step passes only the
+# query and the window. Kept outside the layer (copying a cache copies none of it), as _SETTINGS.
+_CUDA_LAUNCHES: weakref.WeakKeyDictionary[HeadQLayer, _CudaLaunch] = weakref.WeakKeyDictionary()
+
+
+def _cuda_launch(
+    layer: HeadQLayer, settings: DecodeSettings, query: torch.Tensor, keys: QuantizedTokens,
+    side: QuantizedTokens | None, values: QuantizedTokens,
+) -> Any | None:  # fmt: skip
+    """The layer's launch of the CUDA kernel over its stores as they are now (the one kept, or a new one)."""
+    stores: tuple[torch.Tensor | None, ...] = (
+        keys.codes,
+        keys.scale,
+        keys.zero,
+        values.codes,
+        values.scale,
+        values.zero,
+        layer.sink_keys,
+        layer.decoder,
+    )
+    if side is not None:
+        stores += (side.codes, side.scale, side.zero)
+    step = (query.shape, query.dtype, tuple(cuda_decode.LAUNCH.values()))
+    known = _CUDA_LAUNCHES.get(layer)
+    if (
+        known is None
+        or known.step != step
+        or len(known.stores) != len(stores)
+        or any(kept is not now for kept, now in zip(known.stores, stores, strict=True))
+    ):
+        launch = cuda_decode.store_launch(query, layer.decoder, keys, side, values, layer.sink_keys, settings.block)
+        known = _CUDA_LAUNCHES[layer] = _CudaLaunch(stores, step, launch)
+    return known.launch
+
+
 def fused_decode_attention(
     layer: HeadQLayer, query: torch.Tensor, mask: torch.Tensor | None, scaling: float, softcap: float | None
 ) -> torch.Tensor | None:
-    """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step, or ``None`` if not covered."""
+    """Attention output ``[B, 1, Hq, D]`` in the query's dtype for one decode step, or ``None`` if not covered:
+    the CUDA kernel where it covers the settings (``cuda_decode.covers``) and the tensors fit it, else the Triton
+    kernels."""
     batch, q_heads, q_len, head_dim = query.shape
     if q_len != 1 or not kernels_enabled(query.device):
         return None
@@ -59,12 +116,19 @@ def fused_decode_attention(
     if settings is None or layer.quantized_length == 0 or not mask_covered(mask, layer.stored_length):
         return None
     assert isinstance(layer.key_store, QuantizedStore)
-    side = None
+    keys, side = layer.key_store.packed(), None
     if layer.rank:
         assert isinstance(layer.side_store, QuantizedStore)
         side = layer.side_store.packed()
     values = layer.value_store.packed() if isinstance(layer.value_store, QuantizedStore) else layer.value_store.rows()  # type: ignore[attr-defined]
-    return decode_attention(
-        settings, query, layer.decoder, layer.key_store.packed(), side, values,
+    valid = key_validity(mask, batch, layer.stored_length)
+    if cuda_decode.covers(settings, query, values):
+        launch = _cuda_launch(layer, settings, query, keys, side, values)
+        out = None if launch is None else launch(query, layer.window_keys, layer.window_values, valid, scaling,
+                                                 softcap or 0.0)  # fmt: skip
+        if out is not None:
+            return out  # type: ignore[no-any-return]
+    return triton_decode_attention(
+        settings, query, layer.decoder, keys, side, values,
         layer.window_keys, layer.window_values, mask, scaling, softcap, layer.sink_keys,
     )  # fmt: skip

@@ -1,10 +1,10 @@
 """Fused GPU kernels (Triton, and one in CUDA C++) for the ``headq`` cache and attention, with the torch path
 as their oracle.
 
-:func:`decode_attention` handles decode steps (one query token per sequence) over packed stores whose
-settings :func:`decode_supports` says the kernels cover: the CUDA kernel (``cuda_decode``) where it applies
-(the default settings on head dim 128), else the Triton kernel. These are leaves: they take tensors and
-settings, and know nothing of caches (``fused_decode.py`` reads a layer's stores for them).
+Decode steps (one query token per sequence) over packed stores whose settings :func:`decode_supports` says
+the kernels cover run the CUDA kernel (``cuda_decode``) where it applies (the default settings on head dim 128),
+else the Triton kernels (:func:`triton_decode_attention`). These are leaves: they take tensors and settings,
+and know nothing of caches (``fused_decode.py`` reads a layer's stores for them and picks the kernel).
 :func:`encode_blocks` and :func:`commit_block` (its predicated, in-place form) encode whole blocks of
 keys, side code and values in one launch; :func:`quantize_pack` quantizes and packs one stream, for
 settings the block kernel does not cover. Key and value codes are bit for bit the torch
@@ -123,7 +123,7 @@ def decode_supports(quantizers: Quantizers, rank: int, block: int, head_dim: int
     )
 
 
-def _key_validity(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
+def key_validity(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
     """``[B, K]`` key validity (uint8) from a decode mask ``[B, 1, 1, K]`` (bool); ``mask`` must be covered."""
     if mask is None:
         return None
@@ -245,7 +245,7 @@ def _partials(device: torch.device, rows: int, head_dim: int) -> tuple[torch.Ten
     return split_partials(buf, rows, head_dim)
 
 
-def decode_attention(
+def triton_decode_attention(
     settings: DecodeSettings,
     query: torch.Tensor,
     decoder: torch.Tensor | None,
@@ -266,23 +266,14 @@ def decode_attention(
     recent tokens after them; ``mask``: ``None`` or a boolean key mask ``[B, 1, 1, T + window]``;
     ``sink_keys``: ``None`` or the exact keys ``[B, H, S, D]`` that the first ``S`` stored slots read
     (no side code there).
-    Settings the CUDA kernel covers (``cuda_decode.covers``: the defaults on head dim 128) take one launch
-    of it. Others take two Triton launches: the split kernel (stored tokens, and the window in the last
-    split) and the merge of the splits' partial softmaxes, which writes the output in the layout and dtype
-    the model's attention returns (no transpose or cast after it). The caller checks
-    :func:`decode_supports` first.
+    Two Triton launches: the split kernel (stored tokens, and the window in the last split) and the merge of
+    the splits' partial softmaxes, which writes the output in the layout and dtype the model's attention
+    returns (no transpose or cast after it). The caller checks :func:`decode_supports` first (and takes the
+    CUDA kernel, ``cuda_decode``, where it covers the settings).
     """
     batch, q_heads, _, head_dim = query.shape
     n_tokens = keys.codes.shape[2]
-    valid = _key_validity(mask, batch, n_tokens + window_keys.shape[2])
-    if cuda_decode.covers(settings, query, values):
-        assert isinstance(values, QuantizedTokens)
-        out = cuda_decode.launch(  # one launch on the query's device, codes straight into tensor-core operands
-            query, decoder, keys, side, values, window_keys, window_values, sink_keys, valid, None, settings.block,
-            scaling, softcap or 0.0, _multiprocessors(query.device),
-        )  # fmt: skip
-        if out is not None:
-            return out
+    valid = key_validity(mask, batch, n_tokens + window_keys.shape[2])
     plan = _PLANS.get((settings, query.device))
     if plan is None or plan.launch != tuple(LAUNCH.values()):
         plan = _PLANS[(settings, query.device)] = _DecodePlan(settings, query.device)

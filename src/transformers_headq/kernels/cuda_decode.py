@@ -146,13 +146,6 @@ def splits(batch_heads: int, n_tokens: int, multiprocessors: int) -> tuple[int, 
     return -(-tiles // tiles_per_split), tiles_per_split * TILE
 
 
-@functools.lru_cache(maxsize=256)
-def _step_splits(batch_heads: int, n_tokens: int, multiprocessors: int, launch: tuple[int, ...]) -> tuple[int, int]:
-    """:func:`splits` for ``launch`` (``LAUNCH``'s values, part of the key), remembered: an eager step asks at every
-    layer, and the stored tokens change once a block."""
-    return splits(batch_heads, n_tokens, multiprocessors)
-
-
 def fixed_covers(
     query: torch.Tensor, key_scale: torch.Tensor, key_bits: int, side_bits: int, side_per_token: bool, value_bits: int,
     rank: int, sink_keys: int, block: int,
@@ -170,6 +163,45 @@ def fixed_covers(
     )  # fmt: skip
 
 
+def store_launch(
+    query: torch.Tensor,
+    decoder: torch.Tensor | None,
+    keys: QuantizedTokens,
+    side: QuantizedTokens | None,
+    values: QuantizedTokens,
+    sink_keys: torch.Tensor | None,
+    block: int,
+    lengths: torch.Tensor | None = None,
+    counters: torch.Tensor | None = None,
+) -> Any | None:
+    """The kernel's launch over these stores, for steps with queries shaped as ``query``: the extension's
+    ``StoreLaunch``, which checks the stores' layout and keeps their addresses once, so that a step
+    (``launch(query, window_keys, window_values, valid, scaling, softcap)``, returning the output or ``None``
+    where the step's tensors do not fit) passes only what changes. ``None`` (nothing to launch) where the kernel is
+    not built or the stores' layout does not fit it (``binding.cpp`` says what it needs). A caller keeps it while
+    the stores stay the same tensors (a growing cache: one a layer and block of tokens).
+
+    ``lengths``: ``None``, or a fixed-capacity layer's device state, whose first two entries count its stored
+    and window tokens (then the splits cover the stores' capacity, and a CUDA graph can replay the launch).
+    ``counters``: a fixed-capacity layer's int32 counts of finished splits, one a (sequence, KV head), zero between
+    launches (the kernel leaves them so), with a fresh partials buffer a launch (a CUDA graph holds both);
+    ``None``: the extension's buffers for the device and current stream."""
+    ext = extension()
+    if ext is None:
+        return None
+    batch_heads = query.shape[0] * keys.codes.shape[1]
+    multiprocessors = torch.cuda.get_device_properties(query.device).multi_processor_count
+    n_splits, per_split = splits(batch_heads, keys.codes.shape[2], multiprocessors)
+    made = ext.StoreLaunch(
+        query, decoder, keys.codes, keys.scale, keys.zero,
+        side.codes if side is not None else None, side.scale if side is not None else None,
+        side.zero if side is not None else None,
+        values.codes, values.scale, values.zero, sink_keys, lengths, counters, counters is not None,
+        query.shape[1] // keys.codes.shape[1], block, per_split, n_splits,
+    )  # fmt: skip
+    return made if made.fits else None
+
+
 def launch(
     query: torch.Tensor,
     decoder: torch.Tensor | None,
@@ -180,33 +212,16 @@ def launch(
     window_values: torch.Tensor,
     sink_keys: torch.Tensor | None,
     valid: torch.Tensor | None,
-    lengths: torch.Tensor | None,
     block: int,
     scaling: float,
     softcap: float,
-    multiprocessors: int,
+    lengths: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Attention output ``[B, 1, Hq, D]`` in the query's dtype, one launch on the query's device and current
-    stream; ``None`` (nothing launched) where the kernel is not built or the tensors' layout does not fit it
-    (``binding.cpp`` says what it needs).
-
-    ``lengths``: ``None``, or a fixed-capacity layer's device state, whose first two entries count its stored
-    and window tokens (then the splits cover the stores' capacity, and a CUDA graph can replay the launch).
-    ``softcap`` 0: none. ``counters``: a fixed-capacity layer's int32 counts of finished splits, one a
-    (sequence, KV head), zero between launches (the kernel leaves them so), with a fresh partials buffer a
-    launch (a CUDA graph holds both); ``None``: the extension's buffers for the device and stream (a growing
-    cache's eager steps: nothing allocated but the output, no Python work beyond this call)."""
-    ext = extension()
-    if ext is None:
+    stream (:func:`store_launch` made for this one step); ``None`` (nothing launched) where the kernel is not built
+    or the tensors' layout does not fit it. ``softcap`` 0: none."""
+    made = store_launch(query, decoder, keys, side, values, sink_keys, block, lengths, counters)
+    if made is None:
         return None
-    batch_heads = query.shape[0] * keys.codes.shape[1]
-    n_splits, per_split = _step_splits(batch_heads, keys.codes.shape[2], multiprocessors, tuple(LAUNCH.values()))
-    return ext.decode(  # type: ignore[no-any-return]
-        query, decoder, keys.codes, keys.scale, keys.zero,
-        side.codes if side is not None else None, side.scale if side is not None else None,
-        side.zero if side is not None else None,
-        values.codes, values.scale, values.zero, window_keys, window_values, sink_keys, valid, lengths,
-        counters, counters is not None, query.shape[1] // keys.codes.shape[1], block, per_split, n_splits, scaling,
-        softcap,
-    )  # fmt: skip
+    return made(query, window_keys, window_values, valid, scaling, softcap)  # type: ignore[no-any-return]

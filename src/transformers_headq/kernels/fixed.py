@@ -21,7 +21,6 @@ from . import (
     LAUNCH,
     STATE_COUNTS,
     _bht,
-    _multiprocessors,
     _smallest_dot_rows,
     _splits,
     cuda_decode,
@@ -80,8 +79,8 @@ def fixed_decode_attention(
         out = cuda_decode.launch(
             query, stored.decoder, QuantizedTokens(*stored.keys), QuantizedTokens(*stored.side) if rank else None,
             QuantizedTokens(*stored.values), window_keys, window_values, sinks if sink_keys else None, validity,
-            state, block, scaling, softcap, _multiprocessors(query.device),
-            state[STATE_COUNTS:].view(torch.int32),  # the layer's split counters
+            block, scaling, softcap,
+            lengths=state, counters=state[STATE_COUNTS:].view(torch.int32),  # the layer's split counters
         )  # fmt: skip
         if out is not None:
             return out
