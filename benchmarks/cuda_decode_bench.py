@@ -224,9 +224,17 @@ def main() -> None:
     parser.add_argument("--check-only", default="", help="check only the configurations whose name holds this")
     parser.add_argument("--caches", default=",".join(CACHES), help="grid rows to time (sdpa rows give the ratios)")
     parser.add_argument("--launch", help="CUDA kernel launch settings as JSON (cuda_decode.LAUNCH keys)")
+    parser.add_argument(
+        "--sources",
+        type=Path,
+        help="build the CUDA kernel from this folder (binding.cpp, decode.cu, "
+        "decode.h) instead of the package's: to A/B a variant (give it its own TORCH_EXTENSIONS_DIR)",
+    )
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
+    if args.sources:
+        cuda_decode.SOURCES = args.sources.resolve()
     if args.launch:
         cuda_decode.LAUNCH.update(json.loads(args.launch))
     gpu = torch.cuda.get_device_name()

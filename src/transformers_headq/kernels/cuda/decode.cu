@@ -220,12 +220,12 @@ __device__ __forceinline__ uint32_t spread_pair(uint32_t w0, uint32_t w1, int s)
   return __byte_perm(w0, w1, s ? 0x7632 : 0x5410);
 }
 
-// Folds a softmax partial (its max m in log2 units and normaliser l) into the running (top, total); -inf and 0: none.
-__device__ __forceinline__ void merge_partial(float& top, float& total, float m, float l) {
-  const float m_new = fmaxf(top, m);
-  if (m_new == -INFINITY) return;  // nothing seen yet on either side
-  total = total * exp2_fast(top - m_new) + l * exp2_fast(m - m_new);
-  top = m_new;
+// Counts one more finished split of a (sequence, KV head) and returns the count before it: an acquire-release atomic
+// at GPU scope (the caller's barrier before it makes the block's writes its own, so they are released with it).
+__device__ __forceinline__ int count_split(int* counter) {
+  int before;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;\n" : "=r"(before) : "l"(counter) : "memory");
+  return before;
 }
 
 constexpr int WARPS = 4;  // a thread block: one split, its tiles dealt round-robin to the warps
@@ -428,7 +428,6 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   const T* query = reinterpret_cast<const T*>(p.query) + b * p.s_qb + h * G * p.s_qh;
   const int start = split * p.tokens_per_split;
   const int end = min(start + p.tokens_per_split, n_tokens);
-
   // ---- The first tiles' copies start now: they fly while the prologue reads the query and computes qW. The
   // rows' addresses live in shared memory (read at each fetch), not in 18 registers through the loop.
   __shared__ StoredRows rows_shared;
@@ -876,46 +875,50 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   }
   if (p.n_splits == 1) return;
 
-  // ---- The last split of this (sequence, KV head) to finish merges them all.
-  __threadfence();
+  // ---- The last split of this (sequence, KV head) to finish merges them all. One thread counts the block's split
+  // as done with an acquire-release atomic: release, after the barrier, publishes every warp's partials (the
+  // barrier orders them before it); acquire, before the next barrier, lets the merging block read all the others'.
   __syncthreads();
-  if (threadIdx.x == 0) last_split = atomicAdd(p.counters + bh, 1) == p.n_splits - 1;
+  if (threadIdx.x == 0) last_split = count_split(p.counters + bh) == p.n_splits - 1;
   __syncthreads();
   if (!last_split) return;
-  __threadfence();
-  constexpr int IN_FLIGHT = 16;  // splits' outputs a lane reads at once (each an L2 round trip: keep them few)
+  constexpr int IN_FLIGHT = 16;  // splits a lane reads at once (each an L2 round trip: one round trip a chunk)
 #pragma unroll 1
   for (int g = warp; g < G; g += WARPS) {
-    // One pass over the splits' maxima and normalisers: a lane's running pair, then the warp's.
+    // Chunks of splits, each read in one go (maxima, normalisers, this lane's 4 output channels), folded into a
+    // running maximum as flash attention's online softmax does.
     float top = -INFINITY, norm_sum = 0.f;
-    for (int sp = lane; sp < p.n_splits; sp += 32) {
-      const int64_t row = first_row + sp * ROWS + g;
-      merge_partial(top, norm_sum, __ldcg(p.part_m + row), __ldcg(p.part_l + row));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) {
-      const float m = __shfl_xor_sync(0xffffffffu, top, o), l = __shfl_xor_sync(0xffffffffu, norm_sum, o);
-      merge_partial(top, norm_sum, m, l);
-    }
-    const float base = top == -INFINITY ? 0.f : top;
     float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
     for (int first = 0; first < p.n_splits; first += IN_FLIGHT) {
-      float weight[IN_FLIGHT];
+      float m[IN_FLIGHT], l[IN_FLIGHT];
       float4 x[IN_FLIGHT];
 #pragma unroll
       for (int k = 0; k < IN_FLIGHT; ++k) {
-        const int sp = min(first + k, p.n_splits - 1);
-        const int64_t row = first_row + sp * ROWS + g;
-        weight[k] = first + k < p.n_splits ? exp2_fast(__ldcg(p.part_m + row) - base) : 0.f;
+        const int64_t row = first_row + min(first + k, p.n_splits - 1) * ROWS + g;
+        m[k] = first + k < p.n_splits ? __ldcg(p.part_m + row) : -INFINITY;
+        l[k] = __ldcg(p.part_l + row);
         x[k] = __ldcg(reinterpret_cast<const float4*>(p.part_acc + row * D) + lane);
       }
+      float chunk_top = top;
+#pragma unroll
+      for (int k = 0; k < IN_FLIGHT; ++k) chunk_top = fmaxf(chunk_top, m[k]);
+      if (chunk_top == -INFINITY) continue;  // nothing but fully masked splits so far
+      const float carried = exp2_fast(top - chunk_top);  // 0 while top is -inf
+      norm_sum *= carried;
+      sum.x *= carried;
+      sum.y *= carried;
+      sum.z *= carried;
+      sum.w *= carried;
 #pragma unroll
       for (int k = 0; k < IN_FLIGHT; ++k) {
-        sum.x += weight[k] * x[k].x;
-        sum.y += weight[k] * x[k].y;
-        sum.z += weight[k] * x[k].z;
-        sum.w += weight[k] * x[k].w;
+        const float weight = exp2_fast(m[k] - chunk_top);  // 0 for a fully masked split and past the last
+        norm_sum += weight * l[k];
+        sum.x += weight * x[k].x;
+        sum.y += weight * x[k].y;
+        sum.z += weight * x[k].z;
+        sum.w += weight * x[k].w;
       }
+      top = chunk_top;
     }
     const float inv = norm_sum > 0.f ? __frcp_rn(norm_sum) : 0.f;
     uint2 packed;
