@@ -175,6 +175,7 @@ def test_a_layers_launch_is_made_again_exactly_when_its_stores_change(monkeypatc
 
     monkeypatch.setattr(cuda_decode, "store_launch", fake_store_launch)
     monkeypatch.setattr(cuda_decode, "covers", lambda *args: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # fused kernels enabled for CPU tensors (also on a GPU machine)
     gen = torch.Generator().manual_seed(3)
     cache = HeadQCache(basis_from_tensors_for(16, 0, 128, kv_heads=8), DEFAULT)
     cache.update(*(torch.randn(1, 8, 100, 128, generator=gen).bfloat16() for _ in "kv"), 0)
