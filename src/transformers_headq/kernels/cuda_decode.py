@@ -45,27 +45,28 @@ def enabled() -> bool:
     return os.environ.get("HEADQ_CUDA_DECODE", "1") != "0"
 
 
-def extension() -> Any | None:
+def extension(timeline: bool = False) -> Any | None:
     """The compiled extension for :data:`LAUNCH` (built on first use, then loaded from torch's cache), or ``None``
-    with a warning."""
-    return _build(LAUNCH["blocks_per_sm"], LAUNCH["stages"])
+    with a warning. ``timeline``: a build whose warps stamp their phases (``benchmarks/cuda_decode_timeline.py``)."""
+    return _build(LAUNCH["blocks_per_sm"], LAUNCH["stages"], timeline)
 
 
-def build_flags(blocks_per_sm: int, stages: int) -> list[str]:
+def build_flags(blocks_per_sm: int, stages: int, timeline: bool = False) -> list[str]:
     """nvcc's flags for the kernel (``-lineinfo``: profilers map time to source lines; no cost at run time)."""
-    return ["-O3", "-std=c++17", "-lineinfo", f"-DHEADQ_BLOCKS_PER_SM={blocks_per_sm}", f"-DHEADQ_STAGES={stages}"]
+    flags = ["-O3", "-std=c++17", "-lineinfo", f"-DHEADQ_BLOCKS_PER_SM={blocks_per_sm}", f"-DHEADQ_STAGES={stages}"]
+    return flags + (["-DHEADQ_TIMELINE=1"] if timeline else [])
 
 
 @functools.cache
-def _build(blocks_per_sm: int, stages: int) -> Any | None:
+def _build(blocks_per_sm: int, stages: int, timeline: bool = False) -> Any | None:
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=f"headq_decode_cuda_{blocks_per_sm}_{stages}",
+            name=f"headq_decode_cuda_{blocks_per_sm}_{stages}" + ("_timeline" if timeline else ""),
             sources=[str(SOURCES / "binding.cpp"), str(SOURCES / "decode.cu")],
             extra_include_paths=[str(SOURCES)],
-            extra_cuda_cflags=build_flags(blocks_per_sm, stages),
+            extra_cuda_cflags=build_flags(blocks_per_sm, stages, timeline),
             verbose=False,
         )
     except Exception as error:  # noqa: BLE001 (any build failure: fall back, say why)
@@ -173,6 +174,7 @@ def store_launch(
     block: int,
     lengths: torch.Tensor | None = None,
     counters: torch.Tensor | None = None,
+    timeline: bool = False,
 ) -> Any | None:
     """The kernel's launch over these stores, for steps with queries shaped as ``query``: the extension's
     ``StoreLaunch``, which checks the stores' layout and keeps their addresses once, so that a step
@@ -185,8 +187,9 @@ def store_launch(
     and window tokens (then the splits cover the stores' capacity, and a CUDA graph can replay the launch).
     ``counters``: a fixed-capacity layer's int32 counts of finished splits, one a (sequence, KV head), zero between
     launches (the kernel leaves them so), with a fresh partials buffer a launch (a CUDA graph holds both);
-    ``None``: the extension's buffers for the device and current stream."""
-    ext = extension()
+    ``None``: the extension's buffers for the device and current stream. ``timeline``: from the build whose warps
+    stamp their phases (``record_timeline``)."""
+    ext = extension(timeline)
     if ext is None:
         return None
     batch_heads = query.shape[0] * keys.codes.shape[1]

@@ -158,6 +158,16 @@ class StoreLaunch {
   // Whether the stores' layout fits the kernel (else no step launches).
   bool fits() const { return fits_; }
 
+  // Where the next steps' warps write their phase stamps (decode.h says the layout; only a build with
+  // HEADQ_TIMELINE writes them): int64, contiguous, on the stores' device.
+  void record_timeline(const torch::Tensor& timeline) {
+    TORCH_CHECK(timeline.scalar_type() == at::kLong && timeline.is_contiguous() && timeline.device() == device_ &&
+                    timeline.numel() >= static_cast<int64_t>(params_.n_splits) * batch_ * kv_heads_ * 4 * 16,
+                "the timeline must be a contiguous int64 tensor of [splits, B*Hkv, 4, 16] on the stores' device");
+    held_.push_back(timeline);
+    params_.timeline = timeline.data_ptr<int64_t>();
+  }
+
   // The output ``[B, 1, Hq, D]``, or none where the step's tensors do not fit (nothing launched).
   OptionalTensor operator()(const torch::Tensor& given_query, const torch::Tensor& window_keys,
                             const torch::Tensor& window_values, const OptionalTensor& valid, double scaling,
@@ -258,5 +268,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           const torch::Tensor&, const torch::Tensor&, const torch::Tensor&, const OptionalTensor&,
                           const OptionalTensor&, const OptionalTensor&, bool, int64_t, int64_t, int64_t, int64_t>())
       .def_property_readonly("fits", &StoreLaunch::fits)
+      .def("record_timeline", &StoreLaunch::record_timeline, "where the steps' phase stamps go (HEADQ_TIMELINE builds)")
       .def("__call__", &StoreLaunch::operator(), "one step's output, or None: the step's tensors do not fit");
 }

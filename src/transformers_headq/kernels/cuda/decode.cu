@@ -409,6 +409,29 @@ struct TileCopies {
 #define HEADQ_BLOCKS_PER_SM 3  // thread blocks an SM holds: caps registers (3: 168 a thread), sets the splits
 #endif
 
+// Phase stamps of each warp (a HEADQ_TIMELINE build only): where a launch's time goes between its blocks' start,
+// prologue, tile loop, window, combine and merge. 0: entry, 1: loop starts, 2: loop done, 3: window done, 4: partials
+// written, 5: merge starts (the last split), 6: merge done.
+#if HEADQ_TIMELINE
+#define HEADQ_STAMP(k) stamp(p, warp, lane, k)
+__device__ __forceinline__ void stamp(const DecodeParams& p, int warp, int lane, int k) {
+  if (p.timeline == nullptr || lane != 0) return;
+  int64_t* slot = p.timeline + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * WARPS + warp) * 16;
+  uint64_t now, cycles;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles));
+  slot[k] = static_cast<int64_t>(now);
+  slot[8 + k] = static_cast<int64_t>(cycles);
+  if (k == 0) {
+    uint32_t sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    slot[7] = sm;
+  }
+}
+#else
+#define HEADQ_STAMP(k)
+#endif
+
 template <typename T, bool SIDE, bool SOFTCAP>
 __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel(const DecodeParams p) {
   using M = ModelType<T>;
@@ -416,6 +439,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   WarpSpace* space = reinterpret_cast<WarpSpace*>(shared_bytes);
   __shared__ int last_split;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  HEADQ_STAMP(0);
   const int bh = blockIdx.x, split = blockIdx.y;  // (sequence, KV head), split: read again where needed, never spilled
   const int b = bh / p.kv_heads, h = bh - b * p.kv_heads;
   const int r = lane >> 2, j = lane & 3;
@@ -569,6 +593,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   float value_bias[2] = {0.f, 0.f};  // this lane's share of sum_t p * zero
   float value_norm = 1e-30f;  // the largest value scale so far: p * scale / value_norm fits float16
 
+  HEADQ_STAMP(1);
   // Step k computes the tile in stage k % STAGES; the stage before it (done) takes the tile STAGES - 1 ahead.
   for (int tile = first_tile, step = 0; tile < end; tile += STRIDE, ++step) {
     const int ahead = tile + (STAGES - 1) * STRIDE;
@@ -755,6 +780,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   copies.drain();
+  HEADQ_STAMP(2);
 
   // ---- Back to plain sums of p * value.
   const float bias_total[2] = {warp_sum_rows(value_bias[0]), warp_sum_rows(value_bias[1])};
@@ -821,6 +847,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     }
   }
 
+  HEADQ_STAMP(3);
   // ---- The warps of this split combine through shared memory: warp w then holds query heads w and w + 4.
   SplitState& mine = own.state;
   const float total[2] = {warp_sum_rows(softmax.total[0]), warp_sum_rows(softmax.total[1])};
@@ -873,6 +900,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       reinterpret_cast<float4*>(p.part_acc + row * D)[lane] = sum;
     }
   }
+  HEADQ_STAMP(4);
   if (p.n_splits == 1) return;
 
   // ---- The last split of this (sequence, KV head) to finish merges them all. One thread counts the block's split
@@ -882,6 +910,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   if (threadIdx.x == 0) last_split = count_split(p.counters + bh) == p.n_splits - 1;
   __syncthreads();
   if (!last_split) return;
+  HEADQ_STAMP(5);
   constexpr int IN_FLIGHT = 16;  // splits a lane reads at once (each an L2 round trip: one round trip a chunk)
 #pragma unroll 1
   for (int g = warp; g < G; g += WARPS) {
@@ -926,6 +955,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     packed.y = M::pack(sum.z * inv, sum.w * inv);
     *reinterpret_cast<uint2*>(out + g * D + 4 * lane) = packed;
   }
+  HEADQ_STAMP(6);
   if (threadIdx.x == 0) p.counters[bh] = 0;  // ready for the next launch
 }
 

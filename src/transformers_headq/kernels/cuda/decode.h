@@ -43,6 +43,9 @@ struct DecodeParams {
   float* part_acc;  // [B*Hkv*splits*8, D] unnormalised output
   int* counters;  // [B*Hkv] splits finished (zero between launches)
   void* out;  // [B, 1, Hq, D] model dtype, contiguous
+  // [splits, B*Hkv, 4 warps, 16] each warp's phase stamps (globaltimer ns in 0-6, its SM in 7, clock64 in 8-14), or
+  // null; written only by a HEADQ_TIMELINE build (benchmarks/cuda_decode_timeline.py)
+  int64_t* timeline;
   int batch, kv_heads, groups, block, n_sinks;
   uint32_t block_mul, block_shift;  // tile / block == umulhi(tile, block_mul) >> block_shift (block >= 2)
   int n_tokens, n_window, tokens_per_split, n_splits;
