@@ -26,7 +26,11 @@ from transformers_headq import HeadQCache
 from transformers_headq.kernels import cuda_decode
 
 # A phase: from decode.cu's HEADQ_STAMP k to stamp k + 1; the last two only in the splits that merged.
-PHASES = {"prologue": 0, "tile loop": 1, "window": 2, "combine": 3, "count": 4, "merge": 5}
+PHASES = {
+    "rows": 0, "first copies": 1, "query": 2, "qW": 3, "to loop": 4, "tile loop": 5, "window": 6, "combine": 7,
+    "count": 8, "merge": 9,
+}  # fmt: skip
+STAMPS = 32  # a warp's slots (decode.cu): globaltimer ns of stamp k in k, its SM in 15, clock64 in 16 + k
 MERGING_PHASES = ("count", "merge")
 WARPS = 4
 
@@ -47,7 +51,7 @@ def point(context: int, batch: int) -> dict[str, Any]:
     assert plain is not None and stamped is not None, "the CUDA kernel does not take these stores"
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     n_splits, per_split = cuda_decode.splits(batch * KV_HEADS, keys.codes.shape[2], sms)
-    stamps = torch.zeros(n_splits, batch * KV_HEADS, WARPS, 16, dtype=torch.int64, device="cuda")
+    stamps = torch.zeros(n_splits, batch * KV_HEADS, WARPS, STAMPS, dtype=torch.int64, device="cuda")
     stamped.record_timeline(stamps)
     step_args = (q, layer.window_keys, layer.window_values, None, HEAD_DIM**-0.5, 0.0)
     graph_plain, graph_stamped = _graph_ms(lambda: plain(*step_args)), _graph_ms(lambda: stamped(*step_args))
@@ -58,21 +62,21 @@ def point(context: int, batch: int) -> dict[str, Any]:
     torch.cuda.synchronize()
     stamped(*step_args)
     torch.cuda.synchronize()
-    s = stamps.cpu().reshape(-1, 16)
-    ns, cycles, sm = s[:, :7], s[:, 8:15], s[:, 7]
-    merged = ns[:, 5] > 0  # the warps of the splits that merged
-    span_ns = torch.where(merged, ns[:, 6], ns[:, 4]) - ns[:, 0]
-    span_cycles = torch.where(merged, cycles[:, 6], cycles[:, 4]) - cycles[:, 0]
+    s = stamps.cpu().reshape(-1, STAMPS)
+    ns, cycles, sm = s[:, :15], s[:, 16:31], s[:, 15]
+    merged = ns[:, 9] > 0  # the warps of the splits that merged
+    span_ns = torch.where(merged, ns[:, 10], ns[:, 8]) - ns[:, 0]
+    span_cycles = torch.where(merged, cycles[:, 10], cycles[:, 8]) - cycles[:, 0]
     ns_per_cycle = float(span_ns.sum() / span_cycles.sum())
     first = int(ns[:, 0].min())
-    end = torch.where(merged, ns[:, 6], ns[:, 4])
+    end = torch.where(merged, ns[:, 10], ns[:, 8])
     phases = {}
     for name, k in PHASES.items():
         rows = merged if name in MERGING_PHASES else torch.ones_like(merged)
         if rows.any():
             phases[name] = _percentiles((cycles[rows, k + 1] - cycles[rows, k]) * ns_per_cycle)
     block_start = ns[:, 0].reshape(-1, WARPS).min(1).values - first
-    loop_end = ns[:, 2] - first
+    loop_end = ns[:, 6] - first
     result = {
         "context": context, "batch": batch, "splits": n_splits, "tiles_per_split": per_split // 64,
         "blocks": n_splits * batch * KV_HEADS, "sms_used": int(sm.unique().numel()),
@@ -94,8 +98,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "One launch of the stamping build (HEADQ_TIMELINE) after an L2 flush; us from the first warp's start.",
         "Phases, us: median / max over the warps (count and merge: the merging splits' warps only).", "",
         "| point | splits x tiles | graph ms (stamped) | span us | block starts med / max | loop ends min / med / max "
-        "| last end | prologue | tile loop | window | combine | count | merge |",
-        "|---|---|---|---:|---|---|---:|---|---|---|---|---|---|",
+        "| last end | " + " | ".join(PHASES) + " |",
+        "|---|---|---|---:|---|---|---:|" + "---|" * len(PHASES),
     ]  # fmt: skip
     for r in rows:
         ph = r["phase_us"]

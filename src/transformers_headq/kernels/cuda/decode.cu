@@ -410,26 +410,30 @@ struct TileCopies {
 #endif
 
 // Phase stamps of each warp (a HEADQ_TIMELINE build only): where a launch's time goes between its blocks' start,
-// prologue, tile loop, window, combine and merge. 0: entry, 1: loop starts, 2: loop done, 3: window done, 4: partials
-// written, 5: merge starts (the last split), 6: merge done.
+// prologue, tile loop, window, combine and merge. 0: entry, 1: the rows' barrier passed, 2: the first copies issued,
+// 3: the query loaded, 4: qW done, 5: the loop starts (sinks done), 6: loop done, 7: window done, 8: partials written,
+// 9: merge starts (the last split), 10: merge done. HEADQ_STAMP_AFTER(k, x): once x is computed.
 #if HEADQ_TIMELINE
-#define HEADQ_STAMP(k) stamp(p, warp, lane, k)
-__device__ __forceinline__ void stamp(const DecodeParams& p, int warp, int lane, int k) {
+#define HEADQ_STAMP(k) stamp(p, warp, lane, k, 0.f)
+#define HEADQ_STAMP_AFTER(k, x) stamp(p, warp, lane, k, x)
+constexpr int STAMPS = 32;  // a warp's slots: globaltimer ns of stamp k in k, its SM in 15, clock64 in 16 + k
+__device__ __forceinline__ void stamp(const DecodeParams& p, int warp, int lane, int k, float after) {
   if (p.timeline == nullptr || lane != 0) return;
-  int64_t* slot = p.timeline + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * WARPS + warp) * 16;
+  int64_t* slot = p.timeline + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * WARPS + warp) * STAMPS;
   uint64_t now, cycles;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now) : "f"(after));
   asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles));
   slot[k] = static_cast<int64_t>(now);
-  slot[8 + k] = static_cast<int64_t>(cycles);
+  slot[16 + k] = static_cast<int64_t>(cycles);
   if (k == 0) {
     uint32_t sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    slot[7] = sm;
+    slot[15] = sm;
   }
 }
 #else
 #define HEADQ_STAMP(k)
+#define HEADQ_STAMP_AFTER(k, x)
 #endif
 
 template <typename T, bool SIDE, bool SOFTCAP>
@@ -468,6 +472,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   };
   __syncthreads();
   const StoredRows& stored = rows_shared;
+  HEADQ_STAMP(1);
   const auto block_row = [&p](int tile) { return static_cast<int>(__umulhi(tile, p.block_mul) >> p.block_shift); };
   WarpSpace& own = space[warp];
   __shared__ uint64_t stage_ready[WARPS][STAGES];
@@ -480,6 +485,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     copies.issue(stored, own.stage[k], k, tile, block_row(tile), tile < end, lane);
   }
 
+  HEADQ_STAMP(2);
   // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold
   // (16-byte loads), over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
   float q[4][8];
@@ -496,6 +502,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   for (int pp = 0; pp < 4; ++pp)
 #pragma unroll
     for (int e = 0; e < 8; ++e) norm = fmaxf(norm, fabsf(q[pp][e]));
+  HEADQ_STAMP_AFTER(3, norm);
   // The side code's directions 8ps + 4u + e (e < 4) of this lane's operand (ps = j & 1, u = j >> 1), and qW there:
   // once a block, each warp a quarter of the channels (32 warp + 8j + e), summed through shared memory.
   const int side_u = j >> 1, side_p = j & 1;
@@ -551,6 +558,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   }
   norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 1));
   norm = fmaxf(norm, __shfl_xor_sync(0xffffffffu, norm, 2));
+  HEADQ_STAMP_AFTER(4, norm);
   norm = norm > 0.f ? norm : 1.f;
   const float inv_norm = __frcp_rn(norm);
   uint32_t q_pair[4][2][2];  // [pp][u][s]: channels 32pp + 8j + 4u + s and + 2
@@ -593,7 +601,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   float value_bias[2] = {0.f, 0.f};  // this lane's share of sum_t p * zero
   float value_norm = 1e-30f;  // the largest value scale so far: p * scale / value_norm fits float16
 
-  HEADQ_STAMP(1);
+  HEADQ_STAMP(5);
   // Step k computes the tile in stage k % STAGES; the stage before it (done) takes the tile STAGES - 1 ahead.
   for (int tile = first_tile, step = 0; tile < end; tile += STRIDE, ++step) {
     const int ahead = tile + (STAGES - 1) * STRIDE;
@@ -780,7 +788,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   copies.drain();
-  HEADQ_STAMP(2);
+  HEADQ_STAMP(6);
 
   // ---- Back to plain sums of p * value.
   const float bias_total[2] = {warp_sum_rows(value_bias[0]), warp_sum_rows(value_bias[1])};
@@ -847,7 +855,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     }
   }
 
-  HEADQ_STAMP(3);
+  HEADQ_STAMP(7);
   // ---- The warps of this split combine through shared memory: warp w then holds query heads w and w + 4.
   SplitState& mine = own.state;
   const float total[2] = {warp_sum_rows(softmax.total[0]), warp_sum_rows(softmax.total[1])};
@@ -900,7 +908,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       reinterpret_cast<float4*>(p.part_acc + row * D)[lane] = sum;
     }
   }
-  HEADQ_STAMP(4);
+  HEADQ_STAMP(8);
   if (p.n_splits == 1) return;
 
   // ---- The last split of this (sequence, KV head) to finish merges them all. One thread counts the block's split
@@ -910,7 +918,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   if (threadIdx.x == 0) last_split = count_split(p.counters + bh) == p.n_splits - 1;
   __syncthreads();
   if (!last_split) return;
-  HEADQ_STAMP(5);
+  HEADQ_STAMP(9);
   constexpr int IN_FLIGHT = 16;  // splits a lane reads at once (each an L2 round trip: one round trip a chunk)
 #pragma unroll 1
   for (int g = warp; g < G; g += WARPS) {
@@ -955,7 +963,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     packed.y = M::pack(sum.z * inv, sum.w * inv);
     *reinterpret_cast<uint2*>(out + g * D + 4 * lane) = packed;
   }
-  HEADQ_STAMP(6);
+  HEADQ_STAMP(10);
   if (threadIdx.x == 0) p.counters[bh] = 0;  // ready for the next launch
 }
 

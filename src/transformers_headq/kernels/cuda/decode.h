@@ -43,8 +43,8 @@ struct DecodeParams {
   float* part_acc;  // [B*Hkv*splits*8, D] unnormalised output
   int* counters;  // [B*Hkv] splits finished (zero between launches)
   void* out;  // [B, 1, Hq, D] model dtype, contiguous
-  // [splits, B*Hkv, 4 warps, 16] each warp's phase stamps (globaltimer ns in 0-6, its SM in 7, clock64 in 8-14), or
-  // null; written only by a HEADQ_TIMELINE build (benchmarks/cuda_decode_timeline.py)
+  // [splits, B*Hkv, 4 warps, 32] each warp's phase stamps (globaltimer ns in 0-14, its SM in 15, clock64 in 16-30),
+  // or null; written only by a HEADQ_TIMELINE build (decode.cu says the phases; benchmarks/cuda_decode_timeline.py)
   int64_t* timeline;
   int batch, kv_heads, groups, block, n_sinks;
   uint32_t block_mul, block_shift;  // tile / block == umulhi(tile, block_mul) >> block_shift (block >= 2)
