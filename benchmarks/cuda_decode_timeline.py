@@ -40,8 +40,9 @@ def _percentiles(x: torch.Tensor) -> dict[str, float]:
     return dict(zip(("min", "median", "p90", "max"), values, strict=True))
 
 
-def point(context: int, batch: int) -> dict[str, Any]:
-    """One point's graph times (plain, stamping) and phase summary of one stamped launch."""
+def point(context: int, batch: int, raw: bool = False) -> dict[str, Any]:
+    """One point's graph times (plain, stamping) and phase summary of one stamped launch; ``raw``: every warp's SM and
+    stamps too (which SMs run late)."""
     layer = HeadQCache(random_basis(HEADQ.rank or 0), HEADQ).layers[0]
     fill_headq_layer(layer, batch, context)
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -88,6 +89,9 @@ def point(context: int, batch: int) -> dict[str, Any]:
         "phase_us": {name: {k: v / 1e3 for k, v in p.items()} for name, p in phases.items()},
         "globaltimer_step_ns": int(torch.diff(ns[:, 0].unique()).min()) if ns[:, 0].unique().numel() > 1 else 0,
     }  # fmt: skip
+    if raw:  # per warp, in launch order (split, sequence x KV head, warp): its SM and stamps in ns from the first
+        taken = torch.where(ns > 0, ns - first, torch.full_like(ns, -1))
+        result["warps"] = {"sm": sm.tolist(), "stamps_ns": taken.tolist()}
     return result
 
 
@@ -118,12 +122,13 @@ def main() -> None:
     parser.add_argument("--points", default="32768x8,131072x8,32768x1,4096x1")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path)
+    parser.add_argument("--raw", action="store_true", help="keep every warp's SM and stamps in the JSON")
     args = parser.parse_args()
     rows = []
     for spec in args.points.split(","):
         context, batch = map(int, spec.split("x"))
-        rows.append(point(context, batch))
-        print(json.dumps(rows[-1]), flush=True)
+        rows.append(point(context, batch, args.raw))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "warps"}), flush=True)
         args.json.write_text(json.dumps(rows, indent=2))  # written as points come
         torch.cuda.empty_cache()
     if args.markdown:
