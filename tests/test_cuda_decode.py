@@ -156,15 +156,17 @@ def test_binding_compiles_against_torch_headers(tmp_path):
 def test_a_layers_launch_is_made_again_exactly_when_its_stores_change(monkeypatch):
     """A growing layer keeps its CUDA launch (``store_launch``: the stores' addresses, checked once) from step to
     step and makes a new one when a block flush gives its stores new tensors: a kept launch must never read stores
-    that moved. Each step passes the layer's current window. (On CPU: the launch is a stand-in that records what
-    it was made for and given; the kernel itself runs only on a GPU.)"""
+    that moved, nor keep the old ones in memory. Each step passes the layer's current window. (On CPU: the launch is
+    a stand-in that records, weakly, what it was made for and what it was given; the kernel runs only on a GPU.)"""
+    import weakref
+
     from transformers_headq import fused_decode
 
-    made: list[tuple[torch.Tensor, ...]] = []
+    made: list[tuple[weakref.ref, ...]] = []
     steps: list[tuple[int, torch.Tensor]] = []
 
     def fake_store_launch(query, decoder, keys, side, values, sink_keys, block, lengths=None, counters=None):
-        made.append((keys.codes, side.codes, values.codes))
+        made.append(tuple(weakref.ref(t) for t in (keys.codes, side.codes, values.codes)))
         index = len(made) - 1
 
         def step(q, window_keys, window_values, valid, scaling, softcap):
@@ -180,18 +182,22 @@ def test_a_layers_launch_is_made_again_exactly_when_its_stores_change(monkeypatc
     cache = HeadQCache(basis_from_tensors_for(16, 0, 128, kv_heads=8), DEFAULT)
     cache.update(*(torch.randn(1, 8, 100, 128, generator=gen).bfloat16() for _ in "kv"), 0)
     layer = cache.layers[0]
-    views_seen = []
+    store_states = 0
     for _ in range(2 * DEFAULT.block_size):
+        before = None if not made else tuple(ref() for ref in made[-1])
         cache.update(*(torch.randn(1, 8, 1, 128, generator=gen).bfloat16() for _ in "kv"), 0)
+        views = (layer.key_store.packed().codes, layer.side_store.packed().codes, layer.value_store.packed().codes)
+        store_states += before is None or any(a is not b for a, b in zip(before, views, strict=True))
+        del before
         query = torch.randn(1, 32, 1, 128, generator=gen).bfloat16()
         assert fused_decode.fused_decode_attention(layer, query, None, 128**-0.5, None) is not None
-        views = (layer.key_store.packed().codes, layer.side_store.packed().codes, layer.value_store.packed().codes)
-        if not views_seen or any(a is not b for a, b in zip(views_seen[-1], views, strict=True)):
-            views_seen.append(views)
         index, window = steps[-1]
-        assert all(a is b for a, b in zip(made[index], views, strict=True)), "a launch read stores that moved"
+        assert all(ref() is view for ref, view in zip(made[index], views, strict=True)), "read stores that moved"
         assert window is layer.window_keys
-    assert 2 <= len(views_seen) == len(made)  # one launch for each state of the stores, made when it changed
+    assert 2 <= store_states == len(made)  # one launch for each state of the stores, made when it changed
+    del views
+    layer.reset()  # the layer lives on, its stores go: nothing kept beside it may hold them
+    assert all(ref() is None for refs in made for ref in refs), "a kept launch holds a layer's old stores"
 
 
 # ---------------------------------------------------------------------------------------------- on a GPU

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 import weakref
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -61,16 +62,23 @@ def _settings(layer: HeadQLayer, q_heads: int) -> DecodeSettings | None:
 
 class _CudaLaunch(NamedTuple):
     """A layer's launch of the CUDA kernel (``cuda_decode.store_launch``; ``None``: its stores do not fit the
-    kernel) and what it was made for: the stores' tensors (the same objects while no block is flushed) and the
-    step's query shape, dtype and launch settings."""
+    kernel) and what it was made for: the stores' tensors (the same objects while no block is flushed), held weakly,
+    and the step's query shape, dtype and launch settings."""
 
-    stores: tuple[torch.Tensor | None, ...]
+    stores: tuple[Callable[[], torch.Tensor | None], ...]
     step: tuple[object, ...]
     launch: Any
 
 
+def _absent() -> None:
+    """The weak reference of a store the layer does not have (no sinks, no side code)."""
+    return None
+
+
 # Per layer: its CUDA kernel launch, made again when the stores change, so that a decode step passes only the
-# query and the window. Kept outside the layer (copying a cache copies none of it), as _SETTINGS.
+# query and the window. Kept outside the layer (copying a cache copies none of it), as _SETTINGS. The launch keeps
+# the stores' addresses and this their weak references: neither keeps a layer's old buffers alive (a reset or crop
+# frees them); a store that died or was replaced makes a new launch, so no launch reads memory that moved.
 _CUDA_LAUNCHES: weakref.WeakKeyDictionary[HeadQLayer, _CudaLaunch] = weakref.WeakKeyDictionary()
 
 
@@ -97,10 +105,11 @@ def _cuda_launch(
         known is None
         or known.step != step
         or len(known.stores) != len(stores)
-        or not all(map(operator.is_, known.stores, stores))  # the same tensors (map: no Python loop a step)
+        or not all(map(operator.is_, map(operator.call, known.stores), stores))  # the very tensors, all alive
     ):
         launch = cuda_decode.store_launch(query, layer.decoder, keys, side, values, layer.sink_keys, settings.block)
-        known = _CUDA_LAUNCHES[layer] = _CudaLaunch(stores, step, launch)
+        refs = tuple(_absent if t is None else weakref.ref(t) for t in stores)
+        known = _CUDA_LAUNCHES[layer] = _CudaLaunch(refs, step, launch)
     return known.launch
 
 

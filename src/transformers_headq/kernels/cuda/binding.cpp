@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <map>
 #include <utility>
-#include <vector>
 
 #include "decode.h"
 
@@ -84,8 +83,10 @@ Workspace& stream_workspace(c10::DeviceIndex device, cudaStream_t stream) {
 // The kernel's launch over one layer's stores as they stand. Their pointers, strides and layout are checked and
 // written into a DecodeParams once (a growing cache's stores change once a block of tokens, so it makes one a
 // layer at most once a block); each step then passes only what changes: the query, the window, the padding mask.
-// That is most of an eager step's host time saved (host_us in the decode benchmarks). Holds the stores' tensors,
-// so that the addresses it keeps stay valid.
+// That is most of an eager step's host time saved (host_us in the decode benchmarks). It keeps the stores'
+// addresses, not the tensors: its caller keeps them alive while it launches (fused_decode checks before each step
+// that the layer's stores are still the very tensors it was made for), so that a launch kept beside a layer never
+// holds the layer's old buffers in memory.
 class StoreLaunch {
  public:
   // ``query``: a query of the steps to come (its shape, dtype and device). ``lengths``: a fixed-capacity layer's
@@ -101,9 +102,6 @@ class StoreLaunch {
     fits_ = stores_fit(query, decoder, key_codes, key_scale, key_zero, side_codes, side_scale, side_zero,
                        value_codes, value_scale, value_zero, sink_keys);
     if (!fits_) return;
-    for (const auto& t : {decoder, side_codes, side_scale, side_zero, sink_keys, lengths, counters})
-      if (t.has_value()) held_.push_back(*t);
-    held_.insert(held_.end(), {key_codes, key_scale, key_zero, value_codes, value_scale, value_zero});
     if (counters.has_value()) counters_ = *counters;
     batch_ = query.size(0);
     q_heads_ = query.size(1);
@@ -164,7 +162,7 @@ class StoreLaunch {
     TORCH_CHECK(timeline.scalar_type() == at::kLong && timeline.is_contiguous() && timeline.device() == device_ &&
                     timeline.numel() >= static_cast<int64_t>(params_.n_splits) * batch_ * kv_heads_ * 4 * 32,
                 "the timeline must be a contiguous int64 tensor of [splits, B*Hkv, 4, 32] on the stores' device");
-    held_.push_back(timeline);
+    timeline_ = timeline;
     params_.timeline = timeline.data_ptr<int64_t>();
   }
 
@@ -252,8 +250,7 @@ class StoreLaunch {
   bool fits_ = false;
   bool side_code_ = false;
   int64_t batch_ = 0, q_heads_ = 0, head_dim_ = 0, kv_heads_ = 0, partial_rows_ = 0;
-  std::vector<torch::Tensor> held_;
-  torch::Tensor counters_;
+  torch::Tensor counters_, timeline_;
   headq::DecodeParams params_{};
   cudaStream_t stream_ = nullptr;
   Workspace* workspace_ = nullptr;
