@@ -186,10 +186,13 @@ def grid_rows(
     return rows
 
 
-def markdown(rows: list[dict[str, Any]], checks: list[dict[str, Any]], gpu: str, command: str) -> str:
+def markdown(
+    rows: list[dict[str, Any]], checks: list[dict[str, Any]], gpu: str, command: str, commit: str | None = None
+) -> str:
+    made_at = f" at commit {commit}" if commit else ""
     lines = [
         "# CUDA decode kernel: one layer's decode attention (issue 16)", "",
-        f"Made on one {gpu} ({torch.__version__}) by", "", f"    {command}", "",
+        f"Made{made_at} on one {gpu} ({torch.__version__}) by", "", f"    {command}", "",
         "Llama-3-8B shapes (32 query heads, 8 KV heads, head dim 128), random bf16 states; HeadQ: the library's",
         "defaults (2-bit keys on blocks of 64, rank-16 side code of 4 bits with block scales, 2-bit values, one",
         "exact sink key). Median ms of CUDA-event timings by `triton.testing.do_bench`, launched eagerly from",
@@ -230,6 +233,7 @@ def main() -> None:
         help="build the CUDA kernel from this folder (binding.cpp, decode.cu, "
         "decode.h) instead of the package's: to A/B a variant (give it its own TORCH_EXTENSIONS_DIR)",
     )
+    parser.add_argument("--commit", help="the commit the run is made at, for the markdown (a device copy has no git)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path)
     args = parser.parse_args()
@@ -242,7 +246,8 @@ def main() -> None:
     assert cuda_decode.extension() is not None, "the CUDA kernel did not build"
     checks = [] if args.no_check else check(only=args.check_only)
     rows: list[dict[str, Any]] = []
-    results: dict[str, Any] = {"gpu": gpu, "launch": cuda_decode.LAUNCH, "checks": checks, "attention": rows}
+    results: dict[str, Any] = {"gpu": gpu, "commit": args.commit, "launch": cuda_decode.LAUNCH, "checks": checks,
+                               "attention": rows}  # fmt: skip
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             rows += grid_rows(context, batch, gpu, peak, tuple(args.caches.split(",")))
@@ -250,7 +255,7 @@ def main() -> None:
             args.json.write_text(json.dumps(results, indent=2))  # written as rows come
     command = "python cuda_decode_bench.py " + " ".join(sys.argv[1:])
     if args.markdown:
-        args.markdown.write_text(markdown(rows, checks, gpu, command) + "\n")
+        args.markdown.write_text(markdown(rows, checks, gpu, command, args.commit) + "\n")
 
 
 if __name__ == "__main__":
