@@ -105,7 +105,7 @@ def _cuda_launch(
         known is None
         or known.step != step
         or len(known.stores) != len(stores)
-        or not all(map(operator.is_, map(operator.call, known.stores), stores))  # the very tensors, all alive
+        or not all(map(operator.is_, [ref() for ref in known.stores], stores))  # the very tensors, all alive
     ):
         launch = cuda_decode.store_launch(query, layer.decoder, keys, side, values, layer.sink_keys, settings.block)
         refs = tuple(_absent if t is None else weakref.ref(t) for t in stores)
