@@ -123,7 +123,8 @@ def fused_decode_attention(
     if q_len != 1 or not kernels_enabled(query.device):
         return None
     settings = _settings(layer, q_heads)
-    if settings is None or layer.quantized_length == 0 or not mask_covered(mask, layer.stored_length):
+    kv_len = layer.stored_length
+    if settings is None or layer.quantized_length == 0 or not mask_covered(mask, kv_len):
         return None
     assert isinstance(layer.key_store, QuantizedStore)
     keys, side = layer.key_store.packed(), None
@@ -131,7 +132,7 @@ def fused_decode_attention(
         assert isinstance(layer.side_store, QuantizedStore)
         side = layer.side_store.packed()
     values = layer.value_store.packed() if isinstance(layer.value_store, QuantizedStore) else layer.value_store.rows()  # type: ignore[attr-defined]
-    valid = key_validity(mask, batch, layer.stored_length)
+    valid = key_validity(mask, batch, kv_len)
     if cuda_decode.covers(settings, query, values):
         launch = _cuda_launch(layer, settings, query, keys, side, values)
         out = None if launch is None else launch(query, layer.window_keys, layer.window_values, valid, scaling,

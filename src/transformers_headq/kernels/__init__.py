@@ -25,7 +25,7 @@ import torch
 
 from ..quantize import GroupQuantizer, QuantizedTokens, packed_row_bytes
 from . import cuda_decode
-from .launch import CachedLauncher, LaunchSite, launch_device
+from .launch import CachedLauncher, LaunchSite, launch_device, sm_count
 
 # A layer's key, side-code and value quantizers (``None``: that stream is stored dense).
 Quantizers = tuple[GroupQuantizer | None, GroupQuantizer | None, GroupQuantizer | None]
@@ -74,11 +74,6 @@ last_compiled = None  # the most recent compiled split kernel (registers, spills
 
 # Looked up once, at import: kernels_enabled runs inside compiled decode steps, where a lookup cannot.
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def kernels_enabled(device: torch.device) -> bool:
@@ -325,7 +320,7 @@ def triton_decode_attention(
 
 def _splits(batch_heads: int, n_tokens: int, block: int, device: torch.device) -> tuple[int, int]:
     """``(splits, tokens per split)``: enough programs to fill the GPU a few times over (flash-decoding)."""
-    sms = _multiprocessors(device)
+    sms = sm_count(device)
     blocks = -(-n_tokens // block)
     wanted = max(1, min(blocks, -(-LAUNCH["programs_per_sm"] * sms // batch_heads)))
     # each split also loads the query and writes partials: give it enough tokens to amortise that

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..quantize import QuantizedTokens
+from .launch import sm_count
 
 SOURCES = Path(__file__).parent / "cuda"
 HEAD_DIM = 128
@@ -193,8 +194,7 @@ def store_launch(
     if ext is None:
         return None
     batch_heads = query.shape[0] * keys.codes.shape[1]
-    multiprocessors = torch.cuda.get_device_properties(query.device).multi_processor_count
-    n_splits, per_split = splits(batch_heads, keys.codes.shape[2], multiprocessors)
+    n_splits, per_split = splits(batch_heads, keys.codes.shape[2], sm_count(query.device))
     made = ext.StoreLaunch(
         query, decoder, keys.codes, keys.scale, keys.zero,
         side.codes if side is not None else None, side.scale if side is not None else None,

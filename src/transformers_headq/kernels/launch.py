@@ -21,6 +21,7 @@ check the two launches agree for aligned and misaligned operands.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -107,3 +108,9 @@ def launch_device(device: torch.device) -> contextlib.AbstractContextManager[obj
     Triton launches on the *current* CUDA device; a model split over GPUs (``device_map``) runs a
     layer on ``cuda:1`` while ``cuda:0`` is current, so every launch site enters this first."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """The SMs of ``device``, which size both decode kernels' splits (4 off a GPU: the interpreter's tests)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
