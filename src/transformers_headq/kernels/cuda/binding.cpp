@@ -160,8 +160,10 @@ class StoreLaunch {
   // HEADQ_TIMELINE writes them): int64, contiguous, on the stores' device.
   void record_timeline(const torch::Tensor& timeline) {
     TORCH_CHECK(timeline.scalar_type() == at::kLong && timeline.is_contiguous() && timeline.device() == device_ &&
-                    timeline.numel() >= static_cast<int64_t>(params_.n_splits) * batch_ * kv_heads_ * 4 * 32,
-                "the timeline must be a contiguous int64 tensor of [splits, B*Hkv, 4, 32] on the stores' device");
+                    timeline.numel() >= static_cast<int64_t>(params_.n_splits) * batch_ * kv_heads_ * headq::WARPS *
+                                           headq::STAMPS,
+                "the timeline must be a contiguous int64 tensor of [splits, B*Hkv, WARPS, STAMPS] (decode.h) on the "
+                "stores' device");
     timeline_ = timeline;
     params_.timeline = timeline.data_ptr<int64_t>();
   }

@@ -228,8 +228,6 @@ __device__ __forceinline__ int count_split(int* counter) {
   return before;
 }
 
-constexpr int WARPS = 4;  // a thread block: one split, its tiles dealt round-robin to the warps
-
 // One tile's stored bytes as global memory holds them, staged in shared memory by asynchronous 16-byte
 // copies (cp.async) STAGES - 1 tiles ahead of the products, so that a warp always has loads in flight.
 struct Stage {
@@ -416,10 +414,10 @@ struct TileCopies {
 #if HEADQ_TIMELINE
 #define HEADQ_STAMP(k) stamp(p, warp, lane, k, 0.f)
 #define HEADQ_STAMP_AFTER(k, x) stamp(p, warp, lane, k, x)
-constexpr int STAMPS = 32;  // a warp's slots: globaltimer ns of stamp k in k, its SM in 15, clock64 in 16 + k
 __device__ __forceinline__ void stamp(const DecodeParams& p, int warp, int lane, int k, float after) {
   if (p.timeline == nullptr || lane != 0) return;
-  int64_t* slot = p.timeline + ((static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * WARPS + warp) * STAMPS;
+  const int64_t block = static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+  int64_t* slot = p.timeline + (block * WARPS + warp) * STAMPS;
   uint64_t now, cycles;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now) : "f"(after));
   asm volatile("mov.u64 %0, %%clock64;" : "=l"(cycles));

@@ -9,6 +9,12 @@ namespace headq {
 // Query-head rows a split's partials hold (a product's n side: the most query heads a KV head may have).
 constexpr int ROWS = 8;
 
+// Warps a thread block: one split, its tiles dealt round-robin to the warps.
+constexpr int WARPS = 4;
+
+// A warp's slots in a HEADQ_TIMELINE build's timeline: globaltimer ns of stamp k in k, its SM in 15, clock64 in 16 + k.
+constexpr int STAMPS = 32;
+
 // Every pointer is a device address; strides are in elements of the tensor they step through.
 struct DecodeParams {
   const void* query;  // [B, Hq, 1, D] model dtype, unit channel stride
@@ -43,8 +49,8 @@ struct DecodeParams {
   float* part_acc;  // [B*Hkv*splits*8, D] unnormalised output
   int* counters;  // [B*Hkv] splits finished (zero between launches)
   void* out;  // [B, 1, Hq, D] model dtype, contiguous
-  // [splits, B*Hkv, 4 warps, 32] each warp's phase stamps (globaltimer ns in 0-14, its SM in 15, clock64 in 16-30),
-  // or null; written only by a HEADQ_TIMELINE build (decode.cu says the phases; benchmarks/cuda_decode_timeline.py)
+  // [splits, B*Hkv, WARPS, STAMPS] each warp's phase stamps, or null; written only by a HEADQ_TIMELINE build
+  // (decode.cu says the phases; benchmarks/cuda_decode_timeline.py reads them)
   int64_t* timeline;
   int batch, kv_heads, groups, block, n_sinks;
   uint32_t block_mul, block_shift;  // tile / block == umulhi(tile, block_mul) >> block_shift (block >= 2)
