@@ -646,13 +646,14 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
 
   HEADQ_STAMP(5);
   // Step k computes the tile in stage k % STAGES; the stage before it (done) takes the tile STAGES - 1 ahead, whose
-  // claim was made a step ago (its atomic's round trip hidden behind that step's products).
+  // claim was made a step ago (its atomic's round trip hidden behind that step's products). The next claim goes
+  // after the copies: their proxy fence would otherwise wait for the atomic to return.
   for (int step = 0; upcoming[0] < schedule.limit; ++step) {
     const int tile = upcoming[0];
     const int ahead = upcoming[STAGES - 1] = schedule.after(upcoming[STAGES - 2], ticket);
-    ticket = schedule.claim(p, bh, ahead, lane);
     const int ahead_slot = (step + STAGES - 1) % STAGES;
     copies.issue(stored, own.stage[ahead_slot], ahead_slot, ahead, block_row(ahead), ahead < schedule.limit, lane);
+    ticket = schedule.claim(p, bh, ahead, lane);
     copies.wait(step);  // this tile's copies have landed (the next tiles' are in flight)
     const Stage& stage = own.stage[step % STAGES];
     uint4 scale_bits[4], zero_bits[4];
