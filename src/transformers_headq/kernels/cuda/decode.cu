@@ -348,13 +348,13 @@ template <bool SIDE>
 struct TileCopies {
   static constexpr uint32_t BYTES =  // what a tile's copies bring (the barrier's transaction count)
       sizeof(Stage) - (SIDE ? 0 : sizeof(Stage::side) + sizeof(Stage::side_scale) + sizeof(Stage::side_zero));
-  uint32_t ready;  // shared-memory address of STAGES 8-byte mbarriers (bulk copies)
+  uint32_t ready;  // shared-memory address of STAGES + 1 8-byte mbarriers (bulk copies; the last the prologue's)
 
   __device__ __forceinline__ explicit TileCopies(uint64_t* barriers, int lane) : ready(shared_address(barriers)) {
 #if HEADQ_BULK_COPIES
     if (lane == 0) {
 #pragma unroll
-      for (int s = 0; s < STAGES; ++s)
+      for (int s = 0; s <= STAGES; ++s)
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(ready + 8 * s) : "memory");
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // seen by the copy engine
     }
@@ -395,6 +395,24 @@ struct TileCopies {
     __syncwarp();
   }
 
+#if HEADQ_BULK_COPIES
+  // One bulk copy of ``bytes`` the prologue reads once (by lane 0; counted on barrier STAGES), and its wait.
+  __device__ __forceinline__ void issue_once(void* dst, const void* src, uint32_t bytes, int lane) {
+    if (lane == 0) {
+      const uint32_t barrier = ready + 8 * STAGES;
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier), "r"(bytes) : "memory");
+      bulk_copy(dst, src, bytes, barrier);
+    }
+  }
+  __device__ __forceinline__ void wait_once() {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_ONCE:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n@!done bra "
+        "WAIT_ONCE;\n}\n" ::"r"(ready + 8 * STAGES)
+        : "memory");
+    __syncwarp();
+  }
+#endif
+
   // No copies are in flight after this (the stages' memory is reused).
   __device__ __forceinline__ void drain() {
 #if !HEADQ_BULK_COPIES
@@ -410,15 +428,16 @@ struct TileCopies {
 // H200 an SM's three blocks of equal splits end at 57, 64 and 70 us of 75: records/cuda-decode-session13-h200.md),
 // so fixed splits leave the early ones idle at the end; claimed tiles keep every warp busy until the last tile, and a
 // fixed-capacity cache holding fewer tokens than its capacity spreads them over all splits. Which warp sums a tile
-// then changes between launches, and the output's last bits with it. Dealt (torch.use_deterministic_algorithms):
-// the split's own tiles round-robin to its warps, the same sums every launch.
+// then changes between launches, and the output's last bits with it. Dealt (torch.use_deterministic_algorithms, and
+// launches of one split a (sequence, KV head), where only one block's warps would share tiles: 2% slower claimed at
+// 32k x 32): the split's own tiles round-robin to its warps, the same sums every launch.
 struct TileSchedule {
   int limit;  // tiles starting at or past this token are not computed
   int start;  // the first tile (first token) of the block's warp 0
   int claimed_from;  // claimed: the first token of claim 0; dealt: -1
 
   __device__ __forceinline__ TileSchedule(const DecodeParams& p, int split, int n_tokens) {
-    if (p.claim_tiles) {
+    if (p.claim_tiles && p.n_splits > 1) {
       limit = n_tokens;
       start = split * WARPS * TILE;
       claimed_from = p.n_splits * WARPS * TILE;
@@ -524,8 +543,27 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   HEADQ_STAMP(1);
   const auto block_row = [&p](int tile) { return static_cast<int>(__umulhi(tile, p.block_mul) >> p.block_shift); };
   WarpSpace& own = space[warp];
-  __shared__ uint64_t stage_ready[WARPS][STAGES];
+  __shared__ uint64_t stage_ready[WARPS][STAGES + 1];
   TileCopies<SIDE> copies(stage_ready[warp], lane);
+  // ---- The prologue's own reads go first, so that their round trips overlap each other and do not queue behind
+  // the tiles': the rows of W this warp multiplies the query by (channels 32 warp ... + 31, 2 KB: Hopper copies them
+  // into the warp's last stage, which no tile fills before loop step 0), and the query of head g = r (this lane's
+  // operand column) at the channels 32pp + 8j + e its key bytes hold (16-byte loads).
+  const float* w_rows = nullptr;
+  if constexpr (SIDE) {
+    const float* global_rows = p.decoder + (static_cast<int64_t>(h) * D + 32 * warp) * SIDE_RANK;
+#if HEADQ_BULK_COPIES
+    w_rows = reinterpret_cast<const float*>(&own.stage[STAGES - 1]);
+    copies.issue_once(&own.stage[STAGES - 1], global_rows, 32 * SIDE_RANK * sizeof(float), lane);
+#else
+    w_rows = global_rows;
+#endif
+  }
+  uint4 query_bits[4];
+#pragma unroll
+  for (int pp = 0; pp < 4; ++pp)
+    query_bits[pp] =
+        r < G ? *reinterpret_cast<const uint4*>(query + r * p.s_qh + 32 * pp + 8 * j) : make_uint4(0u, 0u, 0u, 0u);
   int upcoming[STAGES];  // the tiles (first tokens) of loop steps step .. step + STAGES - 1, the last not yet issued
   upcoming[0] = schedule.first(warp);
 #pragma unroll
@@ -537,14 +575,11 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   int ticket = schedule.claim(p, bh, upcoming[STAGES - 2], lane);  // the tile after them, read a step later
 
   HEADQ_STAMP(2);
-  // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold
-  // (16-byte loads), over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
+  // ---- The query over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
   float q[4][8];
 #pragma unroll
   for (int pp = 0; pp < 4; ++pp) {
-    const uint4 bits =
-        r < G ? *reinterpret_cast<const uint4*>(query + r * p.s_qh + 32 * pp + 8 * j) : make_uint4(0u, 0u, 0u, 0u);
-    const T* x = reinterpret_cast<const T*>(&bits);
+    const T* x = reinterpret_cast<const T*>(&query_bits[pp]);
 #pragma unroll
     for (int e = 0; e < 8; ++e) q[pp][e] = M::to_float(x[e]);
   }
@@ -567,13 +602,15 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     float partial[16];
 #pragma unroll
     for (int k = 0; k < 16; ++k) partial[k] = 0.f;
-    const float* w = p.decoder + static_cast<int64_t>(h) * D * SIDE_RANK;
+#if HEADQ_BULK_COPIES
+    copies.wait_once();
+#endif
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const float4* row = reinterpret_cast<const float4*>(w + (32 * warp + 8 * j + e) * SIDE_RANK);
+      const float4* row = reinterpret_cast<const float4*>(w_rows + (8 * j + e) * SIDE_RANK);
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
-        const float4 x = __ldg(row + v);
+        const float4 x = row[v];
         partial[4 * v] += own_q[e] * x.x;
         partial[4 * v + 1] += own_q[e] * x.y;
         partial[4 * v + 2] += own_q[e] * x.z;
