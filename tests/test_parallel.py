@@ -196,6 +196,77 @@ def test_a_fixed_capacity_layer_allocates_on_the_device_of_its_keys():
     assert len(held) > 8 and {t.device.type for t in held} == {"meta"}
 
 
+# ------------------------------------------------- decode speed on split models
+@pytest.mark.parametrize("rank", [0, 1])
+def test_speed_fills_a_rank_cache_with_its_share_of_the_kv_heads(rank):
+    """``headq bench`` on a tensor-parallel rank: the random prefill has the rank's KV heads (a HeadQ cache
+    holding the rank's share of the basis would refuse the full count), and its bytes are the rank's."""
+    from transformers import DynamicCache
+
+    from transformers_headq.factory import HeadQCacheFactory
+    from transformers_headq.speed import fill_with_random_states
+
+    model = _split_model(2, rank)
+    dense = DynamicCache()
+    fill_with_random_states(model, dense, batch=2, context=11)
+    assert all(layer.keys.shape == (2, 1, 11, 16) for layer in dense.layers)
+    factory = HeadQCacheFactory.from_pretrained(random_basis(tiny_model("llama"), 4), model, rank=4, block_size=8)
+    cache = factory()
+    fill_with_random_states(model, cache, batch=2, context=11)
+    assert cache.get_seq_length() == 11 and cache.basis is not None and cache.basis.kv_heads == (rank, rank + 1)
+
+
+def test_speed_fills_each_layer_on_the_device_of_its_weights():
+    """A model spread by ``device_map``: each cache layer is filled on its model layer's device, where the
+    layer's attention will read it (``meta`` stands in for a second GPU)."""
+    from transformers import DynamicCache
+
+    from transformers_headq.speed import fill_with_random_states, layer_devices
+
+    model = tiny_model("llama")
+    model.model.layers[1].to("meta")
+    assert [d.type for d in layer_devices(model)] == ["cpu", "meta"]
+    dense = DynamicCache()
+    fill_with_random_states(model, dense, batch=1, context=5)
+    assert [layer.keys.device.type for layer in dense.layers] == ["cpu", "meta"]
+    cache = HeadQCache(random_basis(model, 4), HeadQConfig(rank=4, side_bits=3, block_size=8))
+    fill_with_random_states(model, cache, batch=1, context=19)
+    for layer, device in zip(cache.layers, ("cpu", "meta"), strict=True):
+        assert {t.device.type for t in _tensors(layer)} == {device}
+
+
+@pytest.mark.slow
+def test_bench_under_torchrun_tensor_parallel_times_each_rank_share(tmp_path):
+    """``torchrun -m transformers_headq.cli bench --tensor-parallel`` over 2 gloo processes: rank 0 reports
+    every cache, and the KV bytes a token its cache holds are half of one process's (its share of the heads)."""
+    text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(400))
+    save_tiny_model_folder(tmp_path / "llama", text)
+    basis = random_basis(tiny_model("llama"), 4)
+    basis.quantizer = HeadQConfig(rank=4, side_bits=3, value_bits=2, block_size=8).to_dict()
+    basis.save_pretrained(tmp_path / "basis")
+    rows = {}
+    for tensor_parallel in (False, True):
+        out = tmp_path / f"bench-{tensor_parallel}.json"
+        args = ["-m", "transformers_headq.cli", "bench", "--model", str(tmp_path / "llama"), "--basis"]
+        args += [str(tmp_path / "basis"), "--context", "40", "--batch", "2", "--steps", "2"]
+        _run_worker([*args, "--caches", "dynamic,headq", "--json", str(out)], tensor_parallel)
+        rows[tensor_parallel] = {r["cache"]: r for r in json.loads(out.read_text())}
+    assert list(rows[True]) == list(rows[False]) == ["dynamic", "headq"]
+    for cache in ("dynamic", "headq"):
+        assert rows[True][cache]["kv_bytes_per_token"] == rows[False][cache]["kv_bytes_per_token"] / 2
+        assert rows[True][cache]["tokens_per_s"] > 0
+
+
+def test_bench_refuses_several_processes_without_tensor_parallel(monkeypatch):
+    from typer.testing import CliRunner
+
+    from transformers_headq.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["bench", "--context", "64"])
+    assert result.exit_code == 2 and "--tensor-parallel" in result.output
+
+
 @pytest.mark.slow
 def test_calibration_under_tensor_parallelism_gathers_the_full_basis(tmp_path):
     """Each rank adds the statistics of its own KV heads; the all-reduce assembles the whole model's

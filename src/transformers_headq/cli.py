@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -85,13 +86,17 @@ CorpusOption = Annotated[str, typer.Option(help="'shakespeare', 'pydoc', 'hf:NAM
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _load(model: str, device: str, dtype: str = "float32", tensor_parallel: bool = False):  # type: ignore[no-untyped-def]
+def _load(
+    model: str, device: str, dtype: str = "float32", tensor_parallel: bool = False, device_map: str | None = None
+):  # type: ignore[no-untyped-def]
     from .loading import load_model
 
     if dtype not in DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     with console.status(f"loading {model}"):
-        return load_model(model, dtype=DTYPES[dtype], device=device, tensor_parallel=tensor_parallel)
+        return load_model(
+            model, dtype=DTYPES[dtype], device=device, tensor_parallel=tensor_parallel, device_map=device_map
+        )
 
 
 def _windows(tokenizer, corpus: str, split: str, seq_len: int, windows: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -289,6 +294,12 @@ def bench(
     settings: Annotated[
         list[str] | None, typer.Option("--set", help="a HeadQ setting over the basis's: key=value, e.g. value_bits=2")
     ] = None,
+    tensor_parallel: Annotated[
+        bool, typer.Option("--tensor-parallel", help="under torchrun: split the model by its tp_plan (all ranks)")
+    ] = False,
+    device_map: Annotated[
+        str | None, typer.Option(help="spread the model's layers over the GPUs (accelerate): 'auto', 'balanced', ...")
+    ] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the rows as a JSON list")] = None,
     markdown: Annotated[Path | None, typer.Option(help="write the markdown table here too")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG: tokens/s against context, and KV bytes per cache")] = None,
@@ -296,7 +307,9 @@ def bench(
     """Whole-model decode speed of HeadQ against DynamicCache (sdpa, flash) and quanto 2-bit, on this device.
 
     Caches hold random states (the speed does not depend on them); on CUDA the GPU's busy time a step
-    and peak memory are reported too. The timed steps come after block_size + 2 warm-up steps."""
+    and peak memory are reported too. The timed steps come after block_size + 2 warm-up steps. Under
+    `torchrun --nproc-per-node N -m transformers_headq.cli bench --tensor-parallel ...` the ranks decode
+    together and rank 0 reports (its own share of the cache's bytes)."""
     from .factory import HeadQCacheFactory
     from .shipped import resolve_basis
     from .speed import check_cache_kinds, compare_decode_speed, markdown_table, plot_decode_speed
@@ -309,7 +322,14 @@ def bench(
         check_cache_kinds(names)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--caches") from exc
-    loaded = _load(model, device, dtype)
+    rank_id, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if not tensor_parallel:
+            raise typer.BadParameter(
+                "several processes time one model only with --tensor-parallel", param_hint="--tensor-parallel"
+            )
+        rank_id, device = _join_process_group(world)
+    loaded = _load(model, device, dtype, tensor_parallel, device_map)
     try:
         factory = HeadQCacheFactory.from_pretrained(resolve_basis(basis), loaded.model, **overrides)
     except (TypeError, ValueError) as exc:  # unknown or invalid settings
@@ -318,6 +338,8 @@ def bench(
     rows: list[Any] = []
 
     def save() -> None:  # after every grid point: an interrupted run keeps what it measured
+        if rank_id != 0:
+            return
         if markdown is not None:
             markdown.write_text(markdown_table(rows) + "\n")
         if json_path is not None:
@@ -325,16 +347,22 @@ def bench(
 
     for n_tokens in contexts:
         for n_seqs in batches:
-            with console.status(f"timing decode steps at {n_tokens} tokens x batch {n_seqs}"):
+            message = f"timing decode steps at {n_tokens} tokens x batch {n_seqs}"
+            with console.status(message) if rank_id == 0 else contextlib.nullcontext():
                 rows += compare_decode_speed(
                     loaded.model, factory, batch=n_seqs, context=n_tokens, steps=steps, caches=names,
                     block_size=factory.config.block_size, on_skip=skipped.__setitem__,
                 )  # fmt: skip
             save()
+    if rank_id != 0:
+        return
     for name, why in skipped.items():
         console.print(f"[yellow]{name} left out: {why}[/yellow]")  # not run here, or did not fit
     where = torch.cuda.get_device_name(loaded.model.device) if loaded.model.device.type == "cuda" else "CPU"
-    console.print(f"\n{loaded.name}, {dtype}, on {where}: random states, {steps} timed steps a cache\n")
+    split = (
+        f", {world} tensor-parallel ranks" if tensor_parallel else f", device_map={device_map}" if device_map else ""
+    )
+    console.print(f"\n{loaded.name}, {dtype}, on {where}{split}: random states, {steps} timed steps a cache\n")
     typer.echo(markdown_table(rows))
     if plot is not None:
         plot_decode_speed(rows, str(plot))

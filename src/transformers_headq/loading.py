@@ -67,7 +67,11 @@ def resolve_model(spec: str) -> tuple[str, dict[str, Any], str]:
 
 
 def load_model(
-    spec: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu", tensor_parallel: bool = False
+    spec: str = DEFAULT_MODEL,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    tensor_parallel: bool = False,
+    device_map: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM in eval mode with its tokenizer.
 
@@ -75,7 +79,11 @@ def load_model(
     ``.gguf`` file. Hub ids honour ``HF_HUB_OFFLINE`` and the local cache like transformers does.
     ``tensor_parallel``: split the model over the processes of a torchrun launch with its own
     tensor-parallel plan (transformers places each rank's share; ``device`` is not used).
+    ``device_map`` (``"auto"``, ``"balanced"``, ...): let accelerate spread the layers over the GPUs
+    instead of placing the model on ``device``; a HeadQ cache's layers follow their model layers.
     """
+    if tensor_parallel and device_map is not None:
+        raise ModelLoadError("choose tensor_parallel or device_map, not both: they split a model two different ways")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, kwargs, name = resolve_model(spec)
@@ -83,16 +91,20 @@ def load_model(
         from transformers import DistributedConfig
 
         kwargs = {**kwargs, "distributed_config": DistributedConfig(tp_plan="auto")}
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise ModelLoadError("device_map needs the 'accelerate' package: pip install accelerate")
+        kwargs = {**kwargs, "device_map": device_map}
     if "gguf_file" in kwargs and importlib.util.find_spec("gguf") is None:
         raise ModelLoadError("loading a GGUF model needs the 'gguf' package: pip install gguf")
-    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "distributed_config"}
+    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k not in ("distributed_config", "device_map")}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"could not load model {spec!r}: {exc}") from exc
     placed: Any = model  # PreTrainedModel.to's decorator confuses mypy about its argument
-    if not tensor_parallel:
+    if not tensor_parallel and device_map is None:
         placed = placed.to(device)
     return LoadedModel(placed.eval(), tokenizer, name)
 

@@ -5,7 +5,8 @@ not depend on their values, and a real prefill of a long batch would only measur
 model decodes one token a sequence per step. Reported per cache: wall time per step (mean and median,
 each step followed by a synchronisation, as a generation loop waits for its token), tokens per second,
 the GPU's busy time in one step (CUDA only: the sum of its kernel times, which is what the step costs the
-device where the host keeps up), peak GPU memory and KV bytes per token.
+device where the host keeps up), peak GPU memory (of the fullest GPU, where ``device_map`` spreads the model)
+and KV bytes per token (a tensor-parallel rank's: its share of the KV heads).
 
 Caches: ``dynamic`` (``DynamicCache`` with the model's sdpa attention, the backend torch picks),
 ``dynamic-flash`` (the same, sdpa limited to its flash backend; CUDA only), ``quanto`` (transformers'
@@ -31,6 +32,7 @@ import torch
 
 from .fingerprint import model_fingerprint, text_config
 from .loading import cache_kwargs
+from .parallel import tensor_parallel_kv_heads
 
 CACHE_KINDS = ("dynamic", "dynamic-flash", "static-compiled", "quanto", "headq", "headq-compiled")
 COMPILED_KINDS = ("static-compiled", "headq-compiled")
@@ -51,7 +53,7 @@ class DecodeSpeed:
     slowest_warmup_ms: float
     kv_bytes_per_token: float  # all layers, keys and values, everything stored counted
     gpu_busy_ms: float | None = None
-    peak_gib: float | None = None
+    peak_gib: float | None = None  # the fullest of the model's GPUs: what must fit on one
     cache_gib: float | None = None  # bytes the cache's tensors take (allocated: spare capacity included)
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,14 +84,17 @@ def measure_decode_speed(
     """
     device = model.device
     cuda = device.type == "cuda"
-    if cuda:
+    gpus = list(dict.fromkeys(d for d in [device, *layer_devices(model)] if d.type == "cuda"))  # device_map: several
+    if gpus:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    for gpu in gpus:
+        torch.cuda.reset_peak_memory_stats(gpu)
     cache = make_cache()
     fill_with_random_states(model, cache, batch, context)
     kv_bytes = _kv_bytes_per_token(cache, model, batch * context)
     cache_gib = _allocated_bytes(cache) / 2**30
-    token = torch.randint(0, text_config(model.config).vocab_size, (batch, 1), device=device)
+    seeded = torch.Generator().manual_seed(0)  # every tensor-parallel rank must feed the same tokens
+    token = torch.randint(0, text_config(model.config).vocab_size, (batch, 1), generator=seeded).to(device)
 
     cache_kwarg = cache_kwargs(model, cache)
     forward = model
@@ -103,8 +108,8 @@ def measure_decode_speed(
         positions = torch.full((batch, 1), position[0], device=device, dtype=torch.long)
         forward(input_ids=token, position_ids=positions, use_cache=True, **cache_kwarg)
         position[0] += 1
-        if cuda:
-            torch.cuda.synchronize(device)
+        for gpu in gpus:  # a step ends when its last layer's GPU is done
+            torch.cuda.synchronize(gpu)
 
     with torch.no_grad(), sdpa_backend(sdpa_flash):
         warm = [_seconds(step) for _ in range(warmup)]
@@ -124,7 +129,7 @@ def measure_decode_speed(
         slowest_warmup_ms=max(warm, default=0.0) * 1e3,
         kv_bytes_per_token=kv_bytes,
         gpu_busy_ms=busy,
-        peak_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+        peak_gib=max(torch.cuda.max_memory_allocated(gpu) for gpu in gpus) / 2**30 if gpus else None,
         cache_gib=cache_gib,
     )
 
@@ -195,17 +200,37 @@ def fill_with_random_states(model: Any, cache: Any, batch: int, context: int) ->
     """Append ``context`` random tokens a sequence to every layer of ``cache``, in chunks, as a prefill would.
 
     Keys get per-channel scales from 0.3 to 4 (the channel outliers real keys have), values are standard
-    normal; both in the model's dtype.
+    normal; both in the model's dtype. Each layer's states are made where its attention runs: on its own
+    device (``device_map`` spreads layers over GPUs) and with this process's KV heads (a tensor-parallel
+    rank computes a share of them), so the cache holds what a real prefill would have given it.
     """
     fp = model_fingerprint(model.config)
-    shape = (batch, fp["num_key_value_heads"], fp["head_dim"])
-    dtype, device = model.dtype, model.device
-    channel_scale = torch.linspace(0.3, 4.0, shape[2], device=device, dtype=dtype)
-    for layer in range(fp["num_hidden_layers"]):
+    shape = (batch, local_kv_heads(model), fp["head_dim"])
+    dtype = model.dtype
+    for layer, device in enumerate(layer_devices(model)):
+        channel_scale = torch.linspace(0.3, 4.0, shape[2], device=device, dtype=dtype)
         for n in _chunks(context):
             keys = torch.randn(shape[0], shape[1], n, shape[2], device=device, dtype=dtype) * channel_scale
             values = torch.randn(shape[0], shape[1], n, shape[2], device=device, dtype=dtype)
             cache.update(keys, values, layer)
+
+
+def layer_devices(model: Any) -> list[torch.device]:
+    """The device of each decoder layer's weights, in layer order (``device_map`` may spread them).
+
+    Models whose decoder holds no ``layers`` list of one module a layer fall back to ``model.device``."""
+    count = model_fingerprint(model.config)["num_hidden_layers"]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) != count:
+        return [model.device] * count
+    return [next(layer.parameters()).device for layer in layers]
+
+
+def local_kv_heads(model: Any) -> int:
+    """KV heads this process's attention computes: all of them, or a tensor-parallel rank's share."""
+    heads = tensor_parallel_kv_heads(model)
+    return model_fingerprint(model.config)["num_key_value_heads"] if heads is None else heads.stop - heads.start
 
 
 def markdown_table(rows: list[DecodeSpeed]) -> str:
@@ -291,7 +316,7 @@ def _kv_bytes_per_token(cache: Any, model: Any, tokens: int) -> float:
         return cache.memory_bytes() / tokens
     if type(cache).__name__ == "StaticCache":  # allocated for its capacity; count the filled tokens
         fp = model_fingerprint(model.config)
-        return 2 * fp["num_hidden_layers"] * fp["num_key_value_heads"] * fp["head_dim"] * model.dtype.itemsize
+        return 2 * fp["num_hidden_layers"] * local_kv_heads(model) * fp["head_dim"] * model.dtype.itemsize
     if hasattr(cache.layers[0], "_quantized_keys"):  # quanto: codes, group scales and shifts, residual
         from .evaluate import quanto_bits_per_element
 
