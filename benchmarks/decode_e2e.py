@@ -24,7 +24,7 @@ import torch
 from decode_bench import HEADQ, LAYERS, llama_3_8b_model, random_basis
 
 from transformers_headq import HeadQCacheFactory
-from transformers_headq.speed import compare_decode_speed
+from transformers_headq.speed import DecodeSpeed, compare_decode_speed
 
 NAMES = {"dynamic-flash": "dynamic-bf16-flash", "static-compiled": "static-bf16-compiled", "dynamic": "dynamic-bf16"}
 
@@ -71,6 +71,25 @@ def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int) -> dic
             "first_difference": first_difference}  # fmt: skip
 
 
+def software_versions() -> dict[str, str]:
+    """The versions a GPU row depends on, recorded beside it."""
+    import transformers
+    import triton
+
+    return {"torch": torch.__version__, "python": platform.python_version(), "transformers": transformers.__version__,
+            "triton": triton.__version__}  # fmt: skip
+
+
+def speed_fields(speed: DecodeSpeed, weights_gib: float, layers: int) -> dict[str, Any]:
+    """One measured decode speed in the fields of ``decode-e2e-*.json`` rows."""
+    return {
+        "decode_tokens_per_s": speed.tokens_per_s, "decode_ms_per_step": speed.ms_per_step,
+        "decode_ms_median": speed.ms_median, "gpu_busy_ms_per_step": speed.gpu_busy_ms, "peak_gib": speed.peak_gib,
+        "kv_bytes_per_token": speed.kv_bytes_per_token, "cache_gib": speed.cache_gib, "weights_gib": weights_gib,
+        "slowest_warmup_ms": speed.slowest_warmup_ms, "layers": layers,
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="CACHE@CONTEXTxBATCH rows, ',' separated")
@@ -85,11 +104,7 @@ def main() -> None:
     basis = random_basis(HEADQ.rank or 0)
     factory = HeadQCacheFactory(basis, HEADQ.replace(sink_keys=args.sink_keys), model.config)
     gpu = torch.cuda.get_device_name()
-    versions = {"torch": torch.__version__, "python": platform.python_version()}
-    import transformers
-    import triton
-
-    versions |= {"transformers": transformers.__version__, "triton": triton.__version__}
+    versions = software_versions()
     rows: list[dict[str, Any]] = []
 
     def save() -> None:
@@ -114,13 +129,7 @@ def main() -> None:
         if not speeds:
             row["skipped"] = "; ".join(skipped.values())
         else:
-            s = speeds[0]
-            row |= {
-                "decode_tokens_per_s": s.tokens_per_s, "decode_ms_per_step": s.ms_per_step,
-                "decode_ms_median": s.ms_median, "gpu_busy_ms_per_step": s.gpu_busy_ms, "peak_gib": s.peak_gib,
-                "kv_bytes_per_token": s.kv_bytes_per_token, "cache_gib": s.cache_gib, "weights_gib": weights_gib,
-                "slowest_warmup_ms": s.slowest_warmup_ms, "layers": LAYERS, **versions,
-            }  # fmt: skip
+            row |= speed_fields(speeds[0], weights_gib, LAYERS) | versions
         rows.append(row)
         print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         save()

@@ -106,11 +106,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_worker(worker: list[str], tensor_parallel: bool) -> None:
+def _run_worker(worker: list[str], tensor_parallel: bool, flag: list[str] | None = None) -> None:
+    """``worker`` in one process, or under torchrun in 2 with ``flag`` (default ``--tensor-parallel``) added."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if tensor_parallel:
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        launch += ["--master_port", str(_free_port()), *worker, "--tensor-parallel"]
+        launch += ["--master_port", str(_free_port()), *worker, *(["--tensor-parallel"] if flag is None else flag)]
     else:
         launch = [sys.executable, *worker]
     subprocess.run(launch, check=True, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -255,6 +256,35 @@ def test_bench_under_torchrun_tensor_parallel_times_each_rank_share(tmp_path):
     for cache in ("dynamic", "headq"):
         assert rows[True][cache]["kv_bytes_per_token"] == rows[False][cache]["kv_bytes_per_token"] / 2
         assert rows[True][cache]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_multigpu_decode_benchmark_compares_each_split_with_one_process(tmp_path):
+    """``benchmarks/decode_multigpu.py`` (the 2-GPU record of issue 19) on CPU: one process, then 2 gloo
+    tensor-parallel ranks, then device_map; each split's greedy tokens are compared with one process's
+    (identical in float32 on CPU) and its rows land in one JSON beside the reference's."""
+    text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(400))
+    save_tiny_model_folder(tmp_path / "llama", text)
+    out = tmp_path / "multigpu.json"
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "decode_multigpu.py")
+    common = ["--model", str(tmp_path / "llama"), "--json", str(out), "--check-tokens", "12", "--steps", "2"]
+    for parallel in ("one", "tp", "device_map"):
+        _run_worker(
+            [script, *common, "--rows", "headq@160x2,dynamic@160x2", "--parallel", parallel], parallel == "tp", []
+        )
+    rows = json.loads(out.read_text())
+    checks = {r["parallel"]: r for r in rows if "check" in r}
+    speeds = {(r["parallel"], r["cache"]): r for r in rows if "cache" in r}
+    assert set(checks) == {"one", "tp", "device_map"} and len(speeds) == 6
+    assert len(checks["one"]["headq_tokens"]) == 12 and "same_tokens_as_one_gpu" not in checks["one"]
+    for parallel in ("tp", "device_map"):
+        assert checks[parallel]["same_tokens_as_one_gpu"] and checks[parallel]["dynamic_same_tokens_as_one_gpu"]
+        assert speeds[parallel, "headq"]["same_tokens_as_one_gpu"] is True
+    assert speeds["one", "headq"]["same_tokens_as_one_gpu"] is None  # the reference itself
+    assert checks["tp"]["processes"] == 2 and checks["device_map"]["processes"] == 1
+    for cache in ("headq", "dynamic"):
+        assert speeds["tp", cache]["kv_bytes_per_token"] == speeds["one", cache]["kv_bytes_per_token"] / 2
+        assert speeds["device_map", cache]["kv_bytes_per_token"] == speeds["one", cache]["kv_bytes_per_token"]
 
 
 def test_bench_refuses_several_processes_without_tensor_parallel(monkeypatch):

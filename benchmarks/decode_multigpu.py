@@ -1,0 +1,215 @@
+"""HeadQ decode on a model split over GPUs, against the same model on one GPU (issue 19).
+
+Two ways transformers splits a model, each through its own machinery:
+
+- ``--parallel tp``: ``from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))`` under
+  ``torchrun``; each rank computes a share of the KV heads and its cache holds that share of the basis.
+- ``--parallel device_map``: ``from_pretrained(..., device_map="balanced")`` (accelerate): layers spread
+  over the GPUs, each cache layer on its layer's device. ("auto" would put an 8B model on the first GPU.)
+- ``--parallel one``: the reference, the whole model on one device.
+
+Each run first decodes ``--check-tokens`` greedy tokens from a fixed prompt with HeadQ and, as the control,
+with a ``DynamicCache`` (sdpa), and compares them with the ``one`` run's tokens found in ``--json``
+(run ``one`` first): tensor parallelism sums partial products in another order, so with random weights
+(near-uniform logits) even the control may change tokens; the control says whether a difference is the
+split's or HeadQ's. Then each ``--rows CACHE@CONTEXTxBATCH`` row is timed (``transformers_headq.speed``).
+Rows go into ``--json`` as they finish (rows of the same run, cache and shape are replaced), in the fields of
+``decode-e2e-h200.json`` plus ``gpus``, ``parallel`` and ``same_tokens_as_one_gpu``.
+
+    python decode_multigpu.py --make-model /tmp/llama3-8b-random          # Llama-3-8B shapes, random bf16
+    python decode_multigpu.py --model /tmp/llama3-8b-random --parallel one --json decode-multigpu.json \\
+        --check-tokens 64 --rows headq-compiled@32768x8,dynamic-flash@32768x8
+    torchrun --nproc-per-node 2 decode_multigpu.py --model /tmp/llama3-8b-random --parallel tp ...
+    python decode_multigpu.py --model /tmp/llama3-8b-random --parallel device_map ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from decode_e2e import NAMES, parse_runs, software_versions, speed_fields
+
+from transformers_headq import HeadQCacheFactory, HeadQConfig, enable_headq_attention
+from transformers_headq.basis import LayerBasis, QueryBasis
+from transformers_headq.fingerprint import model_fingerprint
+from transformers_headq.loading import cache_kwargs
+from transformers_headq.speed import compare_decode_speed, layer_devices
+
+# The library's GPU defaults (decode_bench.HEADQ); the fixed-capacity compiled rows need sink keys = 1.
+HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=4, side_scale="block", sink_keys=1)
+PROMPT_TOKENS = 96
+
+
+def make_model(folder: Path) -> None:
+    """Save a Llama-3-8B-shaped model with seeded random bf16 weights (timing needs no trained weights;
+    every process loads the same file, as a split needs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+
+
+def load(folder: str, parallel: str, device_map: str) -> Any:
+    """The model, split the way ``parallel`` says."""
+    from transformers import AutoModelForCausalLM, DistributedConfig
+
+    if parallel == "tp":
+        kwargs: dict[str, Any] = {"distributed_config": DistributedConfig(tp_plan="auto")}
+    elif parallel == "device_map":
+        kwargs = {"device_map": device_map}
+    else:
+        kwargs = {}
+    model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    if parallel == "one" and torch.cuda.is_available():
+        model = model.to("cuda")
+    return model.eval()
+
+
+def random_basis(model: Any, rank: int) -> QueryBasis:
+    """Seeded random orthonormal directions for every layer and KV head of the whole model (a rank's cache
+    takes its share): the same basis in every process."""
+    fp = model_fingerprint(model.config)
+    heads, dim = fp["num_key_value_heads"], fp["head_dim"]
+    layers = []
+    for i in range(fp["num_hidden_layers"]):
+        gen = torch.Generator().manual_seed(i)
+        u, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))
+        layers.append(LayerBasis(u[..., :rank].float(), torch.ones(heads, dim), torch.zeros(heads, dim)))
+    return QueryBasis(layers, fp)
+
+
+def greedy_tokens(model: Any, cache: Any, new_tokens: int) -> list[int]:
+    """Greedy continuation of a fixed seeded prompt (the same in every process)."""
+    vocab = model.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model.generate(
+            prompt.to(model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=0, **cache_kwargs(model, cache),
+        )  # fmt: skip
+    return [int(t) for t in out[0, PROMPT_TOKENS:]]
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+
+
+def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, reference: dict | None) -> dict[str, Any]:
+    """HeadQ's and the bf16 control's greedy tokens, and how they compare with the one-GPU run's."""
+    from transformers import DynamicCache
+
+    model.set_attn_implementation("sdpa")
+    control = greedy_tokens(model, DynamicCache(), new_tokens)
+    enable_headq_attention(model)
+    headq = greedy_tokens(model, factory(), new_tokens)
+    row: dict[str, Any] = {"check": "greedy tokens, HeadQ and DynamicCache", "new_tokens": new_tokens,
+                           "headq_tokens": headq, "dynamic_tokens": control}  # fmt: skip
+    if reference is not None:
+        row |= {
+            "same_tokens_as_one_gpu": headq == reference["headq_tokens"],
+            "first_difference": first_difference(headq, reference["headq_tokens"]),
+            "dynamic_same_tokens_as_one_gpu": control == reference["dynamic_tokens"],
+            "dynamic_first_difference": first_difference(control, reference["dynamic_tokens"]),
+        }
+    return row
+
+
+def gpus_used(model: Any, parallel: str) -> int:
+    """GPUs the model runs on (0 on a CPU, where tensor-parallel ranks are processes)."""
+    if parallel == "tp":
+        return dist.get_world_size() if torch.cuda.is_available() else 0
+    return len({d for d in layer_devices(model) if d.type == "cuda"})
+
+
+def merge(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` into the JSON list at ``path``, replacing earlier rows of the same run and shape."""
+
+    def key(row: dict[str, Any]) -> tuple:
+        return tuple(row.get(k) for k in ("parallel", "gpus", "check", "cache", "context", "batch"))
+
+    kept = json.loads(path.read_text()) if path.exists() else []
+    new = {key(r) for r in rows}
+    path.write_text(json.dumps([r for r in kept if key(r) not in new] + rows, indent=1) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--make-model", type=Path, help="save the random Llama-3-8B-shaped model here and stop")
+    parser.add_argument("--model", help="model folder (from --make-model, or any causal LM folder)")
+    parser.add_argument("--parallel", choices=("one", "tp", "device_map"), default="one")
+    parser.add_argument("--device-map", default="balanced", help="accelerate's device_map for --parallel device_map")
+    parser.add_argument("--rows", default="", help="CACHE@CONTEXTxBATCH, ',' separated (caches of headq bench)")
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--check-tokens", type=int, default=0)
+    parser.add_argument("--commit", help="the commit the run is made at (a device copy has no git)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.make_model:
+        make_model(args.make_model)
+        return
+    if not args.model or not args.json:
+        parser.error("--model and --json are needed (or --make-model)")
+    if args.parallel == "tp" and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    model = load(args.model, args.parallel, args.device_map)
+    factory = HeadQCacheFactory.from_pretrained(random_basis(model, HEADQ.rank or 0), model, **HEADQ.to_dict())
+    weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    processes = dist.get_world_size() if dist.is_initialized() else 1
+    common = {"parallel": args.parallel, "gpus": gpus_used(model, args.parallel), "processes": processes,
+              "commit": args.commit,
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+              "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
+              **software_versions()}  # fmt: skip
+    same: bool | None = None
+
+    def save(row: dict[str, Any]) -> None:
+        shown = {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items() if not isinstance(v, list)}
+        if writer:
+            print(shown, flush=True)
+            merge(args.json, [row])
+
+    if args.check_tokens:
+        rows = json.loads(args.json.read_text()) if args.json.exists() else []
+        reference = next((r for r in rows if r["parallel"] == "one" and "check" in r), None)
+        if args.parallel != "one" and reference is None:
+            print(f"no one-GPU tokens in {args.json} to compare with: run --parallel one first", file=sys.stderr)
+        check = check_tokens(model, factory, args.check_tokens, None if args.parallel == "one" else reference)
+        same = check.get("same_tokens_as_one_gpu")
+        save(common | check)
+    for cache, context, batch in parse_runs(args.rows) if args.rows else []:
+        skipped: dict[str, str] = {}
+        speeds = compare_decode_speed(
+            model, factory, batch=batch, context=context, steps=args.steps, caches=(cache,),
+            block_size=HEADQ.block_size, on_skip=skipped.__setitem__,
+        )  # fmt: skip
+        name = NAMES.get(cache, cache) if model.dtype == torch.bfloat16 else cache  # NAMES say bf16
+        row = common | {"cache": name, "context": context, "batch": batch}
+        if cache.startswith("headq"):
+            row["same_tokens_as_one_gpu"] = None if args.parallel == "one" else same  # the reference itself
+        if speeds:
+            row |= speed_fields(speeds[0], weights_gib, model.config.num_hidden_layers)
+        else:
+            row["skipped"] = "; ".join(skipped.values())
+        save(row)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
