@@ -262,27 +262,28 @@ def test_bench_under_torchrun_tensor_parallel_times_each_rank_share(tmp_path):
 def test_multigpu_decode_benchmark_compares_each_split_with_one_process(tmp_path):
     """``benchmarks/decode_multigpu.py`` (the 2-GPU record of issue 19) on CPU: one process, then 2 gloo
     tensor-parallel ranks, then device_map; each split's greedy tokens are compared with one process's
-    (identical in float32 on CPU) and its rows land in one JSON beside the reference's."""
+    (identical in float32 on CPU) and its rows, the compiled fixed-capacity decode's included, land in one
+    JSON beside the reference's."""
     text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(400))
     save_tiny_model_folder(tmp_path / "llama", text)
     out = tmp_path / "multigpu.json"
     script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks", "decode_multigpu.py")
     common = ["--model", str(tmp_path / "llama"), "--json", str(out), "--check-tokens", "12", "--steps", "2"]
+    timed = "headq@160x2,headq-compiled@160x2,dynamic@160x2"
     for parallel in ("one", "tp", "device_map"):
-        _run_worker(
-            [script, *common, "--rows", "headq@160x2,dynamic@160x2", "--parallel", parallel], parallel == "tp", []
-        )
+        _run_worker([script, *common, "--rows", timed, "--parallel", parallel], parallel == "tp", [])
     rows = json.loads(out.read_text())
     checks = {r["parallel"]: r for r in rows if "check" in r}
     speeds = {(r["parallel"], r["cache"]): r for r in rows if "cache" in r}
-    assert set(checks) == {"one", "tp", "device_map"} and len(speeds) == 6
+    assert set(checks) == {"one", "tp", "device_map"} and len(speeds) == 9
+    assert not [r for r in rows if "skipped" in r]  # the compiled decode runs on every split too
     assert len(checks["one"]["headq_tokens"]) == 12 and "same_tokens_as_one_gpu" not in checks["one"]
     for parallel in ("tp", "device_map"):
         assert checks[parallel]["same_tokens_as_one_gpu"] and checks[parallel]["dynamic_same_tokens_as_one_gpu"]
         assert speeds[parallel, "headq"]["same_tokens_as_one_gpu"] is True
     assert speeds["one", "headq"]["same_tokens_as_one_gpu"] is None  # the reference itself
     assert checks["tp"]["processes"] == 2 and checks["device_map"]["processes"] == 1
-    for cache in ("headq", "dynamic"):
+    for cache in ("headq", "headq-compiled", "dynamic"):
         assert speeds["tp", cache]["kv_bytes_per_token"] == speeds["one", cache]["kv_bytes_per_token"] / 2
         assert speeds["device_map", cache]["kv_bytes_per_token"] == speeds["one", cache]["kv_bytes_per_token"]
 
