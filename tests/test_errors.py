@@ -140,3 +140,24 @@ def test_bad_settings_are_refused():
         HeadQCache(config=HeadQConfig(rank=4), num_layers=1)
     with pytest.raises(ValueError, match="cannot raise"):
         HeadQCache(random_basis(tiny_model(), 4), rank=8)
+
+
+@pytest.mark.parametrize("case", ["missing basis", "basis of another model"])
+def test_the_command_line_ends_bad_input_with_its_message_not_a_traceback(tmp_path, case):
+    """``headq``: a library error on bad input prints one clear message on stderr and exits with status 2."""
+    import subprocess
+    import sys
+
+    from .helpers import save_tiny_model_folder
+
+    save_tiny_model_folder(tmp_path / "llama", "a b c d e f")
+    basis = tmp_path / "nothing-here"
+    if case == "basis of another model":
+        basis = random_basis(tiny_model("qwen3"), 4).save_pretrained(tmp_path / "qwen3-basis")
+    args = ["bench", "--model", str(tmp_path / "llama"), "--basis", str(basis), "--context", "8", "--caches", "headq"]
+    done = subprocess.run([sys.executable, "-m", "transformers_headq.cli", *args], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "error:" in done.stderr and "Traceback" not in done.stderr  # (after the model's loading bar, if any)
+    message = " ".join(done.stderr.split("error:", 1)[1].split())
+    expect = "neither a local basis folder" if case == "missing basis" else "calibrate one with `headq calibrate`"
+    assert expect in message

@@ -17,6 +17,7 @@ from rich.table import Table
 from .basis import OBLIQUE, QueryBasis
 from .config import HeadQConfig, bits_per_element
 from .corpus import DEFAULT_CORPUS
+from .errors import HeadQError
 from .fingerprint import model_fingerprint
 from .loading import DEFAULT_MODEL
 
@@ -329,9 +330,12 @@ def bench(
                 "several processes time one model only with --tensor-parallel", param_hint="--tensor-parallel"
             )
         rank_id, device = _join_process_group(world)
+    query_basis = resolve_basis(basis)  # its errors (missing, corrupt) say what to do themselves
     loaded = _load(model, device, dtype, tensor_parallel, device_map)
     try:
-        factory = HeadQCacheFactory.from_pretrained(resolve_basis(basis), loaded.model, **overrides)
+        factory = HeadQCacheFactory.from_pretrained(query_basis, loaded.model, **overrides)
+    except HeadQError:
+        raise
     except (TypeError, ValueError) as exc:  # unknown or invalid settings
         raise typer.BadParameter(str(exc), param_hint="--set") from exc
     skipped: dict[str, str] = {}
@@ -526,5 +530,16 @@ def pull(
     )
 
 
+def main() -> None:
+    """The ``headq`` command: bad input the library recognises (a missing or corrupt basis, a basis of another
+    model, an unsupported model, a model that does not load) ends with its one-paragraph message and exit
+    status 2, not a traceback; anything else is a bug and keeps its traceback."""
+    try:
+        app()
+    except HeadQError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()
