@@ -231,8 +231,8 @@ def evaluate(
     profile = "full" if full else profile
     if profile not in ("core", "quick", "full", "long"):
         raise typer.BadParameter(f"--profile must be 'core', 'quick', 'full' or 'long', not {profile!r}")
+    query_basis = resolve_basis(basis)  # before the model loads: a wrong --basis fails at once
     loaded = _load(model, device)
-    query_basis = resolve_basis(basis)
     query_basis.check_model(loaded.model)
     key_pca, oblique = _beside(basis, "key-pca"), _beside(basis, OBLIQUE)
     if seq_len is None:
