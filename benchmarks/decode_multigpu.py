@@ -163,6 +163,8 @@ def main() -> None:
     if not args.model or not args.json:
         parser.error("--model and --json are needed (or --make-model)")
     if args.parallel == "tp" and not dist.is_initialized():
+        if torch.cuda.is_available():  # NCCL binds a rank to the GPU current when it starts
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     writer = not dist.is_initialized() or dist.get_rank() == 0
     model = load(args.model, args.parallel, args.device_map)
