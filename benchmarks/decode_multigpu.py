@@ -8,11 +8,12 @@ Two ways transformers splits a model, each through its own machinery:
   over the GPUs, each cache layer on its layer's device. ("auto" would put an 8B model on the first GPU.)
 - ``--parallel one``: the reference, the whole model on one device.
 
-Each run first decodes ``--check-tokens`` greedy tokens from a fixed prompt with HeadQ and, as the control,
-with a ``DynamicCache`` (sdpa), and compares them with the ``one`` run's tokens found in ``--json``
-(run ``one`` first): tensor parallelism sums partial products in another order, so with random weights
-(near-uniform logits) even the control may change tokens; the control says whether a difference is the
-split's or HeadQ's. Then each ``--rows CACHE@CONTEXTxBATCH`` row is timed (``transformers_headq.speed``).
+The ``one`` run first decodes ``--check-tokens`` greedy tokens from a fixed prompt with HeadQ and, as the control,
+with a ``DynamicCache`` (sdpa); a split run feeds those tokens (found in ``--json``: run ``one`` first) and compares
+its argmax at every step with them: all equal exactly when its greedy tokens would be the same, and a flip does not
+carry into the later steps. Tensor parallelism sums partial products in another order, so with random weights
+(near-tied logits) even the control may flip a token; the control says whether a difference is the split's or
+HeadQ's. Then each ``--rows CACHE@CONTEXTxBATCH`` row is timed (``transformers_headq.speed``).
 Rows go into ``--json`` as they finish (rows of the same run, cache and shape are replaced), in the fields of
 ``decode-e2e-h200.json`` plus ``gpus``, ``parallel`` and ``same_tokens_as_one_gpu``.
 
@@ -91,39 +92,49 @@ def random_basis(model: Any, rank: int) -> QueryBasis:
     return QueryBasis(layers, fp)
 
 
-def greedy_tokens(model: Any, cache: Any, new_tokens: int) -> list[int]:
-    """Greedy continuation of a fixed seeded prompt (the same in every process)."""
-    vocab = model.config.vocab_size
-    prompt = torch.randint(0, vocab, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+def next_tokens(model: Any, cache: Any, new_tokens: int, forced: list[int] | None = None) -> list[int]:
+    """The argmax token after a fixed seeded prompt (the same in every process) and after each token fed since.
+
+    ``forced`` ``None``: greedy decoding (each argmax is fed back). Otherwise ``forced`` (the one-GPU run's greedy
+    tokens) is fed, so that one flipped argmax does not change every later step: all argmaxes equal ``forced`` exactly
+    when greedy decoding would give the same tokens, and otherwise their share says how often the split disagrees.
+    """
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
+    ids, out = prompt.to(model.device), []
     with torch.no_grad():
-        out = model.generate(
-            prompt.to(model.device), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            pad_token_id=0, **cache_kwargs(model, cache),
-        )  # fmt: skip
-    return [int(t) for t in out[0, PROMPT_TOKENS:]]
+        for step in range(new_tokens):
+            logits = model(input_ids=ids, use_cache=True, **cache_kwargs(model, cache)).logits
+            out.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1] if forced is None else forced[step]]], device=ids.device)
+    return out
 
 
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), None)
+def compared(argmax: list[int], reference: list[int]) -> dict[str, Any]:
+    """How the argmaxes of a split, fed the one-GPU run's tokens, compare with those tokens."""
+    differ = [i for i, (x, y) in enumerate(zip(argmax, reference, strict=True)) if x != y]
+    return {"same_tokens_as_one_gpu": not differ, "first_difference": differ[0] if differ else None,
+            "argmax_agreement": 1 - len(differ) / len(reference)}  # fmt: skip
 
 
 def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, reference: dict | None) -> dict[str, Any]:
-    """HeadQ's and the bf16 control's greedy tokens, and how they compare with the one-GPU run's."""
+    """HeadQ's and the control's (``DynamicCache``, sdpa) tokens: greedy on the one-GPU run; on a split, its argmaxes
+    fed the one-GPU run's greedy tokens, compared with them."""
     from transformers import DynamicCache
 
+    forced: dict[str, list[int] | None] = {"headq": None, "dynamic": None}
+    if reference is not None:
+        if reference["new_tokens"] < new_tokens:
+            raise SystemExit(f"the one-GPU run decoded {reference['new_tokens']} tokens: check at most that many")
+        forced = {name: reference[f"{name}_tokens"][:new_tokens] for name in forced}
     model.set_attn_implementation("sdpa")
-    control = greedy_tokens(model, DynamicCache(), new_tokens)
+    control = next_tokens(model, DynamicCache(), new_tokens, forced["dynamic"])
     enable_headq_attention(model)
-    headq = greedy_tokens(model, factory(), new_tokens)
-    row: dict[str, Any] = {"check": "greedy tokens, HeadQ and DynamicCache", "new_tokens": new_tokens,
+    headq = next_tokens(model, factory(), new_tokens, forced["headq"])
+    row: dict[str, Any] = {"check": "next tokens, HeadQ and DynamicCache", "new_tokens": new_tokens,
                            "headq_tokens": headq, "dynamic_tokens": control}  # fmt: skip
     if reference is not None:
-        row |= {
-            "same_tokens_as_one_gpu": headq == reference["headq_tokens"],
-            "first_difference": first_difference(headq, reference["headq_tokens"]),
-            "dynamic_same_tokens_as_one_gpu": control == reference["dynamic_tokens"],
-            "dynamic_first_difference": first_difference(control, reference["dynamic_tokens"]),
-        }
+        row |= compared(headq, reference["headq_tokens"][:new_tokens])
+        row |= {f"dynamic_{k}": v for k, v in compared(control, reference["dynamic_tokens"][:new_tokens]).items()}
     return row
 
 

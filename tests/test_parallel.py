@@ -261,9 +261,9 @@ def test_bench_under_torchrun_tensor_parallel_times_each_rank_share(tmp_path):
 @pytest.mark.slow
 def test_multigpu_decode_benchmark_compares_each_split_with_one_process(tmp_path):
     """``benchmarks/decode_multigpu.py`` (the 2-GPU record of issue 19) on CPU: one process, then 2 gloo
-    tensor-parallel ranks, then device_map; each split's greedy tokens are compared with one process's
-    (identical in float32 on CPU) and its rows, the compiled fixed-capacity decode's included, land in one
-    JSON beside the reference's."""
+    tensor-parallel ranks, then device_map; each split's next-token argmaxes, fed one process's greedy tokens, are
+    compared with them (identical in float32 on CPU), and its rows, the compiled fixed-capacity decode's included,
+    land in one JSON beside the reference's."""
     text = " ".join(f"w{i % 89} w{(i * 7) % 83}" for i in range(400))
     save_tiny_model_folder(tmp_path / "llama", text)
     out = tmp_path / "multigpu.json"
