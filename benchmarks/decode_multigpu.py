@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from decode_e2e import NAMES, parse_runs, software_versions, speed_fields
+from decode_e2e import NAMES, agreement, parse_runs, software_versions, speed_fields
 
 from transformers_headq import HeadQCacheFactory, HeadQConfig, enable_headq_attention
 from transformers_headq.basis import LayerBasis, QueryBasis
@@ -110,10 +110,9 @@ def next_tokens(model: Any, cache: Any, new_tokens: int, forced: list[int] | Non
 
 
 def compared(argmax: list[int], reference: list[int]) -> dict[str, Any]:
-    """How the argmaxes of a split, fed the one-GPU run's tokens, compare with those tokens."""
-    differ = [i for i, (x, y) in enumerate(zip(argmax, reference, strict=True)) if x != y]
-    return {"same_tokens_as_one_gpu": not differ, "first_difference": differ[0] if differ else None,
-            "argmax_agreement": 1 - len(differ) / len(reference)}  # fmt: skip
+    """How a split's argmaxes, fed the one-GPU run's tokens, compare with those tokens."""
+    found = agreement(torch.tensor([argmax]), torch.tensor([reference]))
+    return {"same_tokens_as_one_gpu": found.pop("same_tokens"), **found}
 
 
 def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, reference: dict | None) -> dict[str, Any]:

@@ -221,3 +221,26 @@ def test_compiled_cache_update_stores_what_eager_stores(name):
         assert torch.equal(a, b)
     layers = compiled_cache.layers[0], eager_cache.layers[0]
     torch.testing.assert_close(layers[0].window, layers[1].window, atol=0, rtol=0)  # window and sink rows
+
+
+@pytest.mark.slow
+def test_the_e2e_records_check_feeds_eager_tokens_to_the_compiled_decode(monkeypatch):
+    """``benchmarks/decode_e2e.py --check-tokens`` (the GPU record's compiled-against-eager check) on CPU: compiled
+    HeadQ, fed eager HeadQ's greedy tokens of a left-padded batch, agrees at every step (inductor matches eager bit
+    for bit on the tiny model); a token that differs is counted at its step."""
+    import os
+
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
+    from decode_e2e import agreement, check_tokens
+
+    from transformers_headq import HeadQCacheFactory
+
+    _fresh_compile_caches()
+    model = tiny_model()
+    factory = HeadQCacheFactory.from_pretrained(random_basis(model, 4), model, **CONFIGS["sink keys"].to_dict())
+    found = check_tokens(model, factory, new_tokens=10, prompt_len=16)
+    assert found["same_tokens"] and found["first_difference"] is None and found["argmax_agreement"] == 1.0
+    reference = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    flipped = reference.clone()
+    flipped[1, 1] = 0
+    assert agreement(flipped, reference) == {"same_tokens": False, "first_difference": 1, "argmax_agreement": 5 / 6}
