@@ -90,10 +90,12 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() / (ms / 1e3)
 
 
-def random_basis(rank: int):
+def random_basis(rank: int, fingerprint: dict[str, Any] | None = None):  # type: ignore[no-untyped-def]
+    """Seeded random orthonormal directions for every layer and KV head, the same in every process: for the
+    Llama-3-8B shapes here, or for a model's own ``fingerprint`` (a basis its cache's checks accept)."""
     from transformers_headq.basis import LayerBasis, QueryBasis
 
-    fp = {
+    fp = fingerprint or {
         "model_type": "llama",
         "num_hidden_layers": LAYERS,
         "num_attention_heads": Q_HEADS,
@@ -101,13 +103,12 @@ def random_basis(rank: int):
         "head_dim": HEAD_DIM,
         "rope": {},
     }
+    heads, dim = fp["num_key_value_heads"], fp["head_dim"]
     layers = []
-    for i in range(LAYERS):
+    for i in range(fp["num_hidden_layers"]):
         gen = torch.Generator().manual_seed(i)
-        u, _ = torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, generator=gen, dtype=torch.float64))
-        layers.append(
-            LayerBasis(u[..., :rank].float(), torch.ones(KV_HEADS, HEAD_DIM), torch.zeros(KV_HEADS, HEAD_DIM))
-        )
+        u, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))
+        layers.append(LayerBasis(u[..., :rank].float(), torch.ones(heads, dim), torch.zeros(heads, dim)))
     return QueryBasis(layers, fp)
 
 
@@ -316,15 +317,15 @@ def _write_profile(path: Path, cache_kind: str, batch: int, step) -> None:  # ty
         f.write(table.table(sort_by="self_device_time_total", row_limit=20) + "\n")
 
 
-def llama_3_8b_model():  # type: ignore[no-untyped-def]
-    """A Llama-3-8B-shaped model with random bf16 weights on the GPU (timing needs no trained weights)."""
+def llama_3_8b_model(device: str = "cuda"):  # type: ignore[no-untyped-def]
+    """A Llama-3-8B-shaped model with random bf16 weights on ``device`` (timing needs no trained weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_hidden_layers=LAYERS, num_attention_heads=Q_HEADS,
         num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=131072,
     )  # fmt: skip
-    with torch.device("cuda"):
+    with torch.device(device):
         return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
 
 

@@ -67,15 +67,15 @@ def _decode(
     mask[:, :prompt_len] = 1
     mask[1, : prompt_len // 8] = 0
     positions = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
+    passed = cache_kwargs(model, cache)
     with torch.no_grad():
-        logits = model(input_ids=prompt, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache))
+        logits = model(input_ids=prompt, attention_mask=mask, position_ids=positions, **passed)
         tokens = [logits.logits[:, -1].argmax(-1)]
         for t in range(prompt_len, prompt_len + new_tokens - 1):
             mask[:, t] = 1
             position = mask.sum(-1, keepdim=True) - 1
             fed = tokens[-1] if forced is None else forced[:, len(tokens) - 1].to(prompt.device)
-            logits = step(input_ids=fed[:, None], attention_mask=mask.clone(), position_ids=position,
-                          **cache_kwargs(model, cache))  # fmt: skip
+            logits = step(input_ids=fed[:, None], attention_mask=mask.clone(), position_ids=position, **passed)
             tokens.append(logits.logits[:, -1].argmax(-1))
     return torch.stack(tokens, 1).cpu()
 

@@ -35,32 +35,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from decode_bench import HEADQ, llama_3_8b_model, random_basis
 from decode_e2e import NAMES, agreement, parse_runs, software_versions, speed_fields
 
-from transformers_headq import HeadQCacheFactory, HeadQConfig, enable_headq_attention
-from transformers_headq.basis import LayerBasis, QueryBasis
+from transformers_headq import HeadQCacheFactory, enable_headq_attention
 from transformers_headq.fingerprint import model_fingerprint
 from transformers_headq.loading import cache_kwargs
 from transformers_headq.speed import compare_decode_speed, layer_devices
 
-# The library's GPU defaults (decode_bench.HEADQ); the fixed-capacity compiled rows need sink keys = 1.
-HEADQ = HeadQConfig(key_bits=2, value_bits=2, block_size=64, rank=16, side_bits=4, side_scale="block", sink_keys=1)
 PROMPT_TOKENS = 96
 
 
 def make_model(folder: Path) -> None:
     """Save a Llama-3-8B-shaped model with seeded random bf16 weights (timing needs no trained weights;
     every process loads the same file, as a split needs)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072,
-    )  # fmt: skip
     torch.manual_seed(0)
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(folder)
+    llama_3_8b_model("cuda" if torch.cuda.is_available() else "cpu").save_pretrained(folder)
 
 
 def load(folder: str, parallel: str, device_map: str) -> Any:
@@ -77,19 +67,6 @@ def load(folder: str, parallel: str, device_map: str) -> Any:
     if parallel == "one" and torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()
-
-
-def random_basis(model: Any, rank: int) -> QueryBasis:
-    """Seeded random orthonormal directions for every layer and KV head of the whole model (a rank's cache
-    takes its share): the same basis in every process."""
-    fp = model_fingerprint(model.config)
-    heads, dim = fp["num_key_value_heads"], fp["head_dim"]
-    layers = []
-    for i in range(fp["num_hidden_layers"]):
-        gen = torch.Generator().manual_seed(i)
-        u, _ = torch.linalg.qr(torch.randn(heads, dim, dim, generator=gen, dtype=torch.float64))
-        layers.append(LayerBasis(u[..., :rank].float(), torch.ones(heads, dim), torch.zeros(heads, dim)))
-    return QueryBasis(layers, fp)
 
 
 def next_tokens(model: Any, cache: Any, new_tokens: int, forced: list[int] | None = None) -> list[int]:
@@ -178,7 +155,9 @@ def main() -> None:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     writer = not dist.is_initialized() or dist.get_rank() == 0
     model = load(args.model, args.parallel, args.device_map)
-    factory = HeadQCacheFactory.from_pretrained(random_basis(model, HEADQ.rank or 0), model, **HEADQ.to_dict())
+    factory = HeadQCacheFactory.from_pretrained(
+        random_basis(HEADQ.rank or 0, model_fingerprint(model.config)), model, **HEADQ.to_dict()
+    )
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     processes = dist.get_world_size() if dist.is_initialized() else 1
     common = {"parallel": args.parallel, "gpus": gpus_used(model, args.parallel), "processes": processes,
