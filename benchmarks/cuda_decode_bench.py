@@ -233,6 +233,12 @@ def main() -> None:
         help="build the CUDA kernel from this folder (binding.cpp, decode.cu, "
         "decode.h) instead of the package's: to A/B a variant (give it its own TORCH_EXTENSIONS_DIR)",
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="time under torch.use_deterministic_algorithms(True): the kernel deals each split's tiles to its warps "
+        "instead of letting them claim tiles at run time",
+    )
     parser.add_argument("--commit", help="the commit the run is made at, for the markdown (a device copy has no git)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--markdown", type=Path)
@@ -241,13 +247,14 @@ def main() -> None:
         cuda_decode.SOURCES = args.sources.resolve()
     if args.launch:
         cuda_decode.LAUNCH.update(json.loads(args.launch))
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
     gpu = torch.cuda.get_device_name()
     peak = DATASHEET_BANDWIDTH.get(next((k for k in DATASHEET_BANDWIDTH if k in gpu), ""), 4.8e12)
     assert cuda_decode.extension() is not None, "the CUDA kernel did not build"
     checks = [] if args.no_check else check(only=args.check_only)
     rows: list[dict[str, Any]] = []
-    results: dict[str, Any] = {"gpu": gpu, "commit": args.commit, "launch": cuda_decode.LAUNCH, "checks": checks,
-                               "attention": rows}  # fmt: skip
+    results: dict[str, Any] = {"gpu": gpu, "commit": args.commit, "launch": cuda_decode.LAUNCH,
+                               "deterministic": args.deterministic, "checks": checks, "attention": rows}  # fmt: skip
     for context in map(int, args.contexts.split(",")):
         for batch in map(int, args.batches.split(",")):
             rows += grid_rows(context, batch, gpu, peak, tuple(args.caches.split(",")))

@@ -270,3 +270,75 @@ def test_cuda_kernel_takes_a_query_at_an_odd_offset(cuda_launches):
     aligned, _ = headq_attention_forward(MODULE, odd.contiguous(), k, v, None)
     assert cuda_launches == [True, True]
     torch.testing.assert_close(shifted, aligned, rtol=0, atol=0)
+
+
+def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got.float() - expected.float()).norm() / expected.float().norm()).item()
+
+
+@GPU
+@pytest.mark.parametrize(("tokens", "batch"), [(20000, 1), (9000, 3)])  # most tiles claimed at run time
+def test_claimed_and_dealt_tiles_both_match_reference_and_dealt_ones_repeat_bits(
+    monkeypatch, cuda_launches, tokens, batch
+):
+    """Warps claim their tiles at run time unless torch asks for deterministic algorithms, when each split's tiles
+    are dealt to its warps. Long enough that most tiles are claimed (splits x warps fixed first tiles are far
+    fewer), with sink keys (tile 0 must stay with split 0's warp 0) and a padding mask read by tile: both
+    schedules match the float32 path, and the dealt one gives the same bits at every launch."""
+    gen = torch.Generator().manual_seed(tokens)
+    config = DEFAULT.replace(sink_keys=4)
+    cache = HeadQCache(basis_from_tensors_for(16, 0, 128, kv_heads=8), config)
+    keys = torch.randn(batch, 8, tokens, 128, generator=gen) * torch.linspace(0.2, 3, 128)
+    cache.update(keys.cuda().bfloat16(), torch.randn(batch, 8, tokens, 128, generator=gen).cuda().bfloat16(), 0)
+    k, v = cache.update(*(torch.randn(batch, 8, 1, 128, generator=gen).cuda().bfloat16() for _ in range(2)), 0)
+    stored = cache.layers[0].stored_length
+    n_splits, per_split = splits(batch * 8, stored, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert n_splits * 4 * TILE < stored / 2, "most tiles should be claimed"
+    query = torch.randn(batch, 32, 1, 128, generator=gen).cuda().bfloat16()
+    mask = torch.ones(batch, 1, 1, stored, dtype=torch.bool, device="cuda")
+    mask[-1, ..., : per_split + 100] = False  # the last sequence's first split and a tile of the next: padding
+
+    claimed, _ = headq_attention_forward(MODULE, query, k, v, mask)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        dealt = [headq_attention_forward(MODULE, query, k, v, mask)[0] for _ in range(3)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference, _ = headq_attention_forward(MODULE, query.float(), k, v, mask)
+    assert cuda_launches == [True] * 4
+    assert _relative_error(claimed, reference) < 1e-2
+    assert _relative_error(dealt[0], reference) < 1e-2
+    assert all(torch.equal(d, dealt[0]) for d in dealt[1:])
+
+
+@GPU
+@pytest.mark.parametrize("held", [100, 1500, 6000])  # a block and a window; a few splits' worth; most of it
+@pytest.mark.parametrize("claimed", [True, False])
+def test_cuda_kernel_over_a_fixed_capacity_cache_matches_reference(monkeypatch, cuda_launches, held, claimed):
+    """The fixed-capacity op on the CUDA kernel: splits over a capacity of 8192 tokens, lengths read from the
+    device, tiles claimed by all splits (or dealt by split, the empty ones writing empty partials). It matches the
+    fixed layer's torch path and leaves the layer's kernel counters at zero for the next launch (a CUDA graph
+    replays it with the same counters)."""
+    from transformers_headq.kernels import STATE_COUNTS
+    from transformers_headq.static import StaticDecodeStates
+    from transformers_headq.static_attention import static_decode_attention
+
+    gen = torch.Generator().manual_seed(held)
+    cache = HeadQCache(basis_from_tensors_for(16, 0, 128, kv_heads=8), DEFAULT, num_layers=1, max_cache_len=8192)
+    states = torch.randn(2, 2, 8, held + 1, 128, generator=gen).cuda().bfloat16()
+    cache.update(states[0, :, :, :held], states[1, :, :, :held], 0)
+    out, _ = cache.update(states[0, :, :, held:], states[1, :, :, held:], 0)
+    assert isinstance(out, StaticDecodeStates)
+    query = torch.randn(2, 32, 1, 128, generator=gen).cuda().bfloat16()
+    torch.use_deterministic_algorithms(not claimed, warn_only=True)
+    try:
+        fused = static_decode_attention(out, query, None, 128**-0.5, None)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    counters = cache.layers[0].state[STATE_COUNTS:]
+    monkeypatch.setenv("HEADQ_KERNELS", "0")
+    reference = static_decode_attention(out, query.float(), None, 128**-0.5, None)
+    assert cuda_launches == [True]
+    assert _relative_error(fused, reference) < 1e-2
+    assert counters.numel() == 2 * 8 and not counters.any()

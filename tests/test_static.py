@@ -115,8 +115,8 @@ def test_memory_is_allocated_once_and_is_what_the_accounting_says():
     assert config.sink_keys == 1
     window = 2 * 4 * head_dim * 4  # a one-block window of keys and values, float32
     sink_row_values = head_dim * 4  # the sink key's row of the window buffer: its value half is not used
-    # quantized, fill and the overflow flag, then the CUDA kernel's split counters (int32, 3 x 2 heads) (int64)
-    counters = (3 + 3) * 8
+    # quantized, fill and the overflow flag, then the CUDA kernel's counters (an int64 a sequence and head: 3 x 2)
+    counters = (3 + 6) * 8
     assert allocated == len(cache.layers) * (3 * heads * (key + value + window + sink_row_values) + counters)
     with torch.no_grad():
         for t in range(5, 32):

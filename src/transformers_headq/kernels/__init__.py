@@ -211,13 +211,13 @@ class _DecodePlan:
 _PLANS: dict[tuple[DecodeSettings, torch.device], _DecodePlan] = {}
 _WORKSPACE: dict[tuple[torch.device, int], torch.Tensor] = {}
 # A fixed-capacity layer's device state: quantized tokens, window tokens, overflow flag, then the CUDA decode
-# kernel's split counters (int32, one a sequence and KV head, packed two to an int64 entry).
+# kernel's counters (an int64 entry a sequence and KV head: its int32 counts of finished splits and claimed tiles).
 STATE_COUNTS = 3
 
 
 def state_entries(batch_heads: int) -> int:
     """Entries (int64) of a fixed-capacity layer's state for ``batch_heads`` (sequence, KV head) pairs."""
-    return STATE_COUNTS + (batch_heads + 1) // 2
+    return STATE_COUNTS + batch_heads
 
 
 def split_partials(buf: torch.Tensor, rows: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -186,8 +186,9 @@ def store_launch(
 
     ``lengths``: ``None``, or a fixed-capacity layer's device state, whose first two entries count its stored
     and window tokens (then the splits cover the stores' capacity, and a CUDA graph can replay the launch).
-    ``counters``: a fixed-capacity layer's int32 counts of finished splits, one a (sequence, KV head), zero between
-    launches (the kernel leaves them so), with a fresh partials buffer a launch (a CUDA graph holds both);
+    ``counters``: a fixed-capacity layer's int32 counts of finished splits and claimed tiles, two a (sequence, KV
+    head), zero between launches (the kernel leaves them so), with a fresh partials buffer a launch (a CUDA graph
+    holds both);
     ``None``: the extension's buffers for the device and current stream. ``timeline``: from the build whose warps
     stamp their phases (``record_timeline``)."""
     ext = extension(timeline)

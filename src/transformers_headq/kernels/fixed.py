@@ -4,9 +4,11 @@
 whole capacity (with its layout), the one-block window, and the layer's device state (counts of quantized and
 window tokens first). Its splits are sized by the capacity, not by the tokens held, so one launch
 configuration serves every step and a CUDA graph can replay it; the kernel reads the counts from device memory
-(``DEVICE_LENGTHS``) and splits past them write empty partials. As a custom op it is one opaque
-node to ``torch.compile``: ``mode="reduce-overhead"`` captures it in the step's CUDA graph. Settings the
-CUDA kernel covers (``cuda_decode.fixed_covers``) run it (one launch, its split counters in the state);
+(``DEVICE_LENGTHS``) and its warps share the tiles held, however few. (Under
+``torch.use_deterministic_algorithms(True)``, as it stands when a graph is captured, tiles are dealt by split
+instead and splits past the tokens held write empty partials.) As a custom op it is one opaque node to
+``torch.compile``: ``mode="reduce-overhead"`` captures it in the step's CUDA graph. Settings the CUDA kernel
+covers (``cuda_decode.fixed_covers``) run it (one launch, its counters in the state);
 others run the Triton kernel and its merge.
 """
 
@@ -54,7 +56,7 @@ def fixed_decode_attention(
     encoder and decoder if ``rank``. ``window``: ``[B, H, block + sink_keys, D + D_v]``, keys then values,
     the last ``sink_keys`` rows holding the exact keys of the first stored slots (read once a block is
     quantized: the kernel checks the device count). ``state``: the layer's device counts of quantized and
-    window tokens, its overflow flag, then the CUDA kernel's split counters (which it leaves at zero).
+    window tokens, its overflow flag, then the CUDA kernel's counters (which it leaves at zero).
     ``rank=0``: no side code; ``softcap=0``: none.
     """
     import triton
@@ -80,7 +82,7 @@ def fixed_decode_attention(
             query, stored.decoder, QuantizedTokens(*stored.keys), QuantizedTokens(*stored.side) if rank else None,
             QuantizedTokens(*stored.values), window_keys, window_values, sinks if sink_keys else None, validity,
             block, scaling, softcap,
-            lengths=state, counters=state[STATE_COUNTS:].view(torch.int32),  # the layer's split counters
+            lengths=state, counters=state[STATE_COUNTS:].view(torch.int32),  # the layer's kernel counters
         )  # fmt: skip
         if out is not None:
             return out

@@ -67,8 +67,8 @@ bool stores_fit(const torch::Tensor& query, const OptionalTensor& decoder, const
 }
 
 // Buffers a growing cache's launches share on one device and stream: the splits' partials (each launch writes
-// them and its merge reads them before the next launch on the stream) and the counts of finished splits (zero
-// between launches: the merging split resets its own). Kept here rather than in Python, where finding the current
+// them and its merge reads them before the next launch on the stream) and the counts of finished splits and claimed
+// tiles (zero between launches: the merging split resets its own). Kept here rather than in Python, where finding the current
 // stream alone costs microseconds of every eager step. Never freed: they live as long as the process (a static
 // destructor would run after CUDA is torn down).
 struct Workspace {
@@ -90,8 +90,9 @@ Workspace& stream_workspace(c10::DeviceIndex device, cudaStream_t stream) {
 class StoreLaunch {
  public:
   // ``query``: a query of the steps to come (its shape, dtype and device). ``lengths``: a fixed-capacity layer's
-  // device counts of stored and window tokens, or none. ``counters``: that layer's split counters (a CUDA graph
-  // replays its launch) with ``fresh_partials``, a new partials buffer a launch; none: the stream's.
+  // device counts of stored and window tokens, or none. ``counters``: that layer's int32 counters, two a (sequence,
+  // KV head) (a CUDA graph replays its launch), with ``fresh_partials``, a new partials buffer a launch; none: the
+  // stream's.
   StoreLaunch(const torch::Tensor& query, const OptionalTensor& decoder, const torch::Tensor& key_codes,
               const torch::Tensor& key_scale, const torch::Tensor& key_zero, const OptionalTensor& side_codes,
               const OptionalTensor& side_scale, const OptionalTensor& side_zero, const torch::Tensor& value_codes,
@@ -102,11 +103,17 @@ class StoreLaunch {
     fits_ = stores_fit(query, decoder, key_codes, key_scale, key_zero, side_codes, side_scale, side_zero,
                        value_codes, value_scale, value_zero, sink_keys);
     if (!fits_) return;
-    if (counters.has_value()) counters_ = *counters;
     batch_ = query.size(0);
+    kv_heads_ = key_codes.size(1);
+    if (counters.has_value()) {
+      TORCH_CHECK(counters->scalar_type() == at::kInt && counters->is_contiguous() &&
+                      counters->device() == query.device() && counters->numel() >= 2 * batch_ * kv_heads_,
+                  "the decode kernel's counters must be a contiguous int32 tensor of 2 x batch x KV heads entries on "
+                  "the query's device");
+      counters_ = *counters;
+    }
     q_heads_ = query.size(1);
     head_dim_ = query.size(3);
-    kv_heads_ = key_codes.size(1);
     side_code_ = side_codes.has_value();
     partial_rows_ = batch_ * kv_heads_ * n_splits * headq::ROWS;
     headq::DecodeParams& p = params_;
@@ -194,8 +201,8 @@ class StoreLaunch {
     int* counters = counters_.defined() ? counters_.data_ptr<int>() : nullptr;
     if (counters == nullptr) {
       Workspace& shared = workspace(stream);
-      if (!shared.counters.defined() || shared.counters.numel() < batch_ * kv_heads_)
-        shared.counters = at::zeros({std::max<int64_t>(batch_ * kv_heads_, 64)}, query.options().dtype(at::kInt));
+      if (!shared.counters.defined() || shared.counters.numel() < 2 * batch_ * kv_heads_)
+        shared.counters = at::zeros({std::max<int64_t>(2 * batch_ * kv_heads_, 128)}, query.options().dtype(at::kInt));
       counters = shared.counters.data_ptr<int>();
     }
     const torch::Tensor out = at::empty({batch_, 1, q_heads_, head_dim_}, query.options());
@@ -221,6 +228,8 @@ class StoreLaunch {
     p.out = out.data_ptr();
     p.scaling = static_cast<float>(scaling);
     p.softcap = static_cast<float>(softcap);
+    // torch.use_deterministic_algorithms(True) asks for the same output bits every launch: tiles dealt, not claimed.
+    p.claim_tiles = !at::globalContext().deterministicAlgorithms();
     headq::launch_decode(p, dtype_ == at::kBFloat16, side_code_, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return out;

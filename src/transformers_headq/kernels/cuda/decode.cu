@@ -1,8 +1,9 @@
 // Fused decode attention over packed HeadQ codes on tensor cores (mma.sync m16n8k16, sm_80 and newer).
 //
-// A thread block of four warps handles one (sequence, KV head) and one split of the stored tokens, for the
-// query heads sharing the KV head: its warps take the split's tiles in turn and combine through shared
-// memory; the last split of a (sequence, KV head) to finish merges the splits (no second launch).
+// A thread block of four warps handles one (sequence, KV head) and one split, for the query heads sharing the KV
+// head: its warps claim the (sequence, KV head)'s tiles at run time (``TileSchedule``; or take the split's own tiles
+// in turn) and combine through shared memory; the last split of a (sequence, KV head) to finish merges the splits
+// (no second launch).
 // Covered: head dim 128, 2-bit keys with a float16 scale and zero per channel and block (a multiple of 64
 // tokens), optionally a rank-16 side code of 4-bit codes with a scale and zero per direction and block,
 // 2-bit values with a float16 scale and zero per token, up to 16 exact sink keys, a key-validity mask,
@@ -347,13 +348,13 @@ template <bool SIDE>
 struct TileCopies {
   static constexpr uint32_t BYTES =  // what a tile's copies bring (the barrier's transaction count)
       sizeof(Stage) - (SIDE ? 0 : sizeof(Stage::side) + sizeof(Stage::side_scale) + sizeof(Stage::side_zero));
-  uint32_t ready;  // shared-memory address of STAGES 8-byte mbarriers (bulk copies)
+  uint32_t ready;  // shared-memory address of STAGES + 1 8-byte mbarriers (bulk copies; the last the prologue's)
 
   __device__ __forceinline__ explicit TileCopies(uint64_t* barriers, int lane) : ready(shared_address(barriers)) {
 #if HEADQ_BULK_COPIES
     if (lane == 0) {
 #pragma unroll
-      for (int s = 0; s < STAGES; ++s)
+      for (int s = 0; s <= STAGES; ++s)
         asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(ready + 8 * s) : "memory");
       asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // seen by the copy engine
     }
@@ -394,12 +395,82 @@ struct TileCopies {
     __syncwarp();
   }
 
+#if HEADQ_BULK_COPIES
+  // One bulk copy of ``bytes`` the prologue reads once (by lane 0; counted on barrier STAGES), and its wait.
+  __device__ __forceinline__ void issue_once(void* dst, const void* src, uint32_t bytes, int lane) {
+    if (lane == 0) {
+      const uint32_t barrier = ready + 8 * STAGES;
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(barrier), "r"(bytes) : "memory");
+      bulk_copy(dst, src, bytes, barrier);
+    }
+  }
+  __device__ __forceinline__ void wait_once() {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT_ONCE:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], 0;\n@!done bra "
+        "WAIT_ONCE;\n}\n" ::"r"(ready + 8 * STAGES)
+        : "memory");
+    __syncwarp();
+  }
+#endif
+
   // No copies are in flight after this (the stages' memory is reused).
   __device__ __forceinline__ void drain() {
 #if !HEADQ_BULK_COPIES
     copies_wait<0>();
 #endif
     __syncwarp();
+  }
+};
+
+// Which tiles a warp computes. Claimed (``claim_tiles``): each warp's first tile is fixed (warp w of split s: tile
+// WARPS s + w, so tile 0 and its sinks are split 0's warp 0's), and the others are taken from its (sequence, KV
+// head)'s claim counter as the warp gets to them. An SM runs the blocks it got first ahead of its later ones (on the
+// H200 an SM's three blocks of equal splits end at 57, 64 and 70 us of 75: records/cuda-decode-session13-h200.md),
+// so fixed splits leave the early ones idle at the end; claimed tiles keep every warp busy until the last tile, and a
+// fixed-capacity cache holding fewer tokens than its capacity spreads them over all splits. Which warp sums a tile
+// then changes between launches, and the output's last bits with it. Dealt (torch.use_deterministic_algorithms, and
+// launches of one split a (sequence, KV head), where only one block's warps would share tiles: 2% slower claimed at
+// 32k x 32): the split's own tiles round-robin to its warps, the same sums every launch.
+struct TileSchedule {
+  int limit;  // tiles starting at or past this token are not computed
+  int start;  // the first tile (first token) of the block's warp 0
+  int claimed_from;  // claimed: the first token of claim 0; dealt: -1
+
+  __device__ __forceinline__ TileSchedule(const DecodeParams& p, int split, int n_tokens) {
+    if (p.claim_tiles && p.n_splits > 1) {
+      limit = n_tokens;
+      start = split * WARPS * TILE;
+      claimed_from = p.n_splits * WARPS * TILE;
+    } else {
+      start = split * p.tokens_per_split;
+      limit = min(start + p.tokens_per_split, n_tokens);
+      claimed_from = -1;
+    }
+  }
+
+  __device__ __forceinline__ int first(int warp) const { return start + TILE * warp; }
+
+  // Lane 0 claims the tile to follow ``previous`` (its ticket, read by ``after`` a loop step later, so that the
+  // atomic's round trip hides behind a tile's products), if ``previous`` is computed at all: every claimed tile is
+  // then computed. The other lanes' tickets are unused.
+  __device__ __forceinline__ int claim(const DecodeParams& p, int bh, int previous, int lane) const {
+    // An increment that wraps at 2^31 - 1 (never reached: the launch resets it), not an add: ptxas turns a one-lane
+    // add (or an increment wrapping at 2^32 - 1, the same thing) into a warp-aggregated atomic whose result it
+    // shuffles at once, and the warp waited for the atomic's round trip every tile (10% slower at 32k x 32).
+    uint32_t ticket = 0;
+    if (claimed_from >= 0 && previous < limit && lane == 0)
+      asm volatile("atom.relaxed.gpu.global.inc.u32 %0, [%1], %2;\n"
+                   : "=r"(ticket)
+                   : "l"(p.counters + 2 * bh + 1), "r"(0x7fffffffu));
+    return static_cast<int>(ticket);
+  }
+
+  // The tile after ``previous``: the next dealt one, or the claimed one (``ticket`` from lane 0); at or past the
+  // limit once ``previous`` is (a warp claims nothing more then). ``previous`` is the same across the warp.
+  __device__ __forceinline__ int after(int previous, int ticket) const {
+    if (claimed_from < 0) return previous + TILE * WARPS;
+    if (previous >= limit) return previous;
+    return claimed_from + TILE * __shfl_sync(0xffffffffu, ticket, 0);
   }
 };
 
@@ -452,8 +523,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     n_window = static_cast<int>(p.lengths[1]);
   }
   const T* query = reinterpret_cast<const T*>(p.query) + b * p.s_qb + h * G * p.s_qh;
-  const int start = split * p.tokens_per_split;
-  const int end = min(start + p.tokens_per_split, n_tokens);
+  const TileSchedule schedule(p, split, n_tokens);
   // ---- The first tiles' copies start now: they fly while the prologue reads the query and computes qW. The
   // rows' addresses live in shared memory (read at each fetch), not in 18 registers through the loop.
   __shared__ StoredRows rows_shared;
@@ -473,25 +543,43 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   HEADQ_STAMP(1);
   const auto block_row = [&p](int tile) { return static_cast<int>(__umulhi(tile, p.block_mul) >> p.block_shift); };
   WarpSpace& own = space[warp];
-  __shared__ uint64_t stage_ready[WARPS][STAGES];
+  __shared__ uint64_t stage_ready[WARPS][STAGES + 1];
   TileCopies<SIDE> copies(stage_ready[warp], lane);
-  constexpr int STRIDE = TILE * WARPS;  // a warp's tiles are STRIDE tokens apart
-  const int first_tile = start + TILE * warp;
-#pragma unroll
-  for (int k = 0; k < STAGES - 1; ++k) {
-    const int tile = first_tile + k * STRIDE;
-    copies.issue(stored, own.stage[k], k, tile, block_row(tile), tile < end, lane);
+  // ---- The prologue's own reads go first, so that their round trips overlap each other and do not queue behind
+  // the tiles': the rows of W this warp multiplies the query by (channels 32 warp ... + 31, 2 KB: Hopper copies them
+  // into the warp's last stage, which no tile fills before loop step 0), and the query of head g = r (this lane's
+  // operand column) at the channels 32pp + 8j + e its key bytes hold (16-byte loads).
+  const float* w_rows = nullptr;
+  if constexpr (SIDE) {
+    const float* global_rows = p.decoder + (static_cast<int64_t>(h) * D + 32 * warp) * SIDE_RANK;
+#if HEADQ_BULK_COPIES
+    w_rows = reinterpret_cast<const float*>(&own.stage[STAGES - 1]);
+    copies.issue_once(&own.stage[STAGES - 1], global_rows, 32 * SIDE_RANK * sizeof(float), lane);
+#else
+    w_rows = global_rows;
+#endif
   }
+  uint4 query_bits[4];
+#pragma unroll
+  for (int pp = 0; pp < 4; ++pp)
+    query_bits[pp] =
+        r < G ? *reinterpret_cast<const uint4*>(query + r * p.s_qh + 32 * pp + 8 * j) : make_uint4(0u, 0u, 0u, 0u);
+  int upcoming[STAGES];  // the tiles (first tokens) of loop steps step .. step + STAGES - 1, the last not yet issued
+  upcoming[0] = schedule.first(warp);
+#pragma unroll
+  for (int k = 1; k < STAGES - 1; ++k)
+    upcoming[k] = schedule.after(upcoming[k - 1], schedule.claim(p, bh, upcoming[k - 1], lane));
+#pragma unroll
+  for (int k = 0; k < STAGES - 1; ++k)
+    copies.issue(stored, own.stage[k], k, upcoming[k], block_row(upcoming[k]), upcoming[k] < schedule.limit, lane);
+  int ticket = schedule.claim(p, bh, upcoming[STAGES - 2], lane);  // the tile after them, read a step later
 
   HEADQ_STAMP(2);
-  // ---- The query of head g = r (this lane's operand column) at the channels 32pp + 8j + e its key bytes hold
-  // (16-byte loads), over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
+  // ---- The query over its largest magnitude (and that of qW), as float16 pairs (e, e + 2) for e = 4u + s.
   float q[4][8];
 #pragma unroll
   for (int pp = 0; pp < 4; ++pp) {
-    const uint4 bits =
-        r < G ? *reinterpret_cast<const uint4*>(query + r * p.s_qh + 32 * pp + 8 * j) : make_uint4(0u, 0u, 0u, 0u);
-    const T* x = reinterpret_cast<const T*>(&bits);
+    const T* x = reinterpret_cast<const T*>(&query_bits[pp]);
 #pragma unroll
     for (int e = 0; e < 8; ++e) q[pp][e] = M::to_float(x[e]);
   }
@@ -514,13 +602,15 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     float partial[16];
 #pragma unroll
     for (int k = 0; k < 16; ++k) partial[k] = 0.f;
-    const float* w = p.decoder + static_cast<int64_t>(h) * D * SIDE_RANK;
+#if HEADQ_BULK_COPIES
+    copies.wait_once();
+#endif
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const float4* row = reinterpret_cast<const float4*>(w + (32 * warp + 8 * j + e) * SIDE_RANK);
+      const float4* row = reinterpret_cast<const float4*>(w_rows + (8 * j + e) * SIDE_RANK);
 #pragma unroll
       for (int v = 0; v < 4; ++v) {
-        const float4 x = __ldg(row + v);
+        const float4 x = row[v];
         partial[4 * v] += own_q[e] * x.x;
         partial[4 * v + 1] += own_q[e] * x.y;
         partial[4 * v + 2] += own_q[e] * x.z;
@@ -578,7 +668,7 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   // 16-token product in the model dtype (as sdpa computes them).
   // Kept in shared memory until the first tile, not in 4 registers through the loop.
   __shared__ float4 sink_logits[32];
-  const bool has_sinks = p.n_sinks > 0 && start == 0 && end > 0 && warp == 0;
+  const bool has_sinks = p.n_sinks > 0 && upcoming[0] == 0 && schedule.limit > 0;  // tile 0 is always warp 0's
   if (has_sinks) {
     uint32_t q_exact[8][2];
     exact_query_operand<T>(q_exact, query, p.s_qh, G, r, j);
@@ -600,11 +690,15 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
   float value_norm = 1e-30f;  // the largest value scale so far: p * scale / value_norm fits float16
 
   HEADQ_STAMP(5);
-  // Step k computes the tile in stage k % STAGES; the stage before it (done) takes the tile STAGES - 1 ahead.
-  for (int tile = first_tile, step = 0; tile < end; tile += STRIDE, ++step) {
-    const int ahead = tile + (STAGES - 1) * STRIDE;
+  // Step k computes the tile in stage k % STAGES; the stage before it (done) takes the tile STAGES - 1 ahead, whose
+  // claim was made a step ago (its atomic's round trip hidden behind that step's products). The next claim goes
+  // after the copies: their proxy fence would otherwise wait for the atomic to return.
+  for (int step = 0; upcoming[0] < schedule.limit; ++step) {
+    const int tile = upcoming[0];
+    const int ahead = upcoming[STAGES - 1] = schedule.after(upcoming[STAGES - 2], ticket);
     const int ahead_slot = (step + STAGES - 1) % STAGES;
-    copies.issue(stored, own.stage[ahead_slot], ahead_slot, ahead, block_row(ahead), ahead < end, lane);
+    copies.issue(stored, own.stage[ahead_slot], ahead_slot, ahead, block_row(ahead), ahead < schedule.limit, lane);
+    ticket = schedule.claim(p, bh, ahead, lane);
     copies.wait(step);  // this tile's copies have landed (the next tiles' are in flight)
     const Stage& stage = own.stage[step % STAGES];
     uint4 scale_bits[4], zero_bits[4];
@@ -784,6 +878,8 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
       }
     }
     __syncwarp();  // every lane is done with this stage before it is refilled
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) upcoming[k] = upcoming[k + 1];
   }
   copies.drain();
   HEADQ_STAMP(6);
@@ -907,13 +1003,16 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     }
   }
   HEADQ_STAMP(8);
-  if (p.n_splits == 1) return;
+  if (p.n_splits == 1) {
+    if (threadIdx.x == 0) p.counters[2 * bh + 1] = 0;  // every warp claimed its last tile before the barrier above
+    return;
+  }
 
   // ---- The last split of this (sequence, KV head) to finish merges them all. One thread counts the block's split
   // as done with an acquire-release atomic: release, after the barrier, publishes every warp's partials (the
   // barrier orders them before it); acquire, before the next barrier, lets the merging block read all the others'.
   __syncthreads();
-  if (threadIdx.x == 0) last_split = count_split(p.counters + bh) == p.n_splits - 1;
+  if (threadIdx.x == 0) last_split = count_split(p.counters + 2 * bh) == p.n_splits - 1;
   __syncthreads();
   if (!last_split) return;
   HEADQ_STAMP(9);
@@ -962,7 +1061,10 @@ __global__ void __launch_bounds__(WARPS * 32, HEADQ_BLOCKS_PER_SM) decode_kernel
     *reinterpret_cast<uint2*>(out + g * D + 4 * lane) = packed;
   }
   HEADQ_STAMP(10);
-  if (threadIdx.x == 0) p.counters[bh] = 0;  // ready for the next launch
+  if (threadIdx.x == 0) {  // ready for the next launch: every split counted itself after its last claim
+    p.counters[2 * bh] = 0;
+    p.counters[2 * bh + 1] = 0;
+  }
 }
 
 template <typename T, bool SIDE, bool SOFTCAP>

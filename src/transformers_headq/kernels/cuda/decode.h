@@ -9,7 +9,7 @@ namespace headq {
 // Query-head rows a split's partials hold (a product's n side: the most query heads a KV head may have).
 constexpr int ROWS = 8;
 
-// Warps a thread block: one split, its tiles dealt round-robin to the warps.
+// Warps a thread block (one split; decode.cu's TileSchedule says which tiles each computes).
 constexpr int WARPS = 4;
 
 // A warp's slots in a HEADQ_TIMELINE build's timeline: globaltimer ns of stamp k in k, its SM in 15, clock64 in 16 + k.
@@ -47,7 +47,9 @@ struct DecodeParams {
   float* part_m;  // [B*Hkv*splits*8] each split's running max (log2 units), 8 query-head rows a split
   float* part_l;  // [B*Hkv*splits*8] normaliser
   float* part_acc;  // [B*Hkv*splits*8, D] unnormalised output
-  int* counters;  // [B*Hkv] splits finished (zero between launches)
+  // [B*Hkv, 2] each (sequence, KV head)'s splits finished and tiles claimed (zero between launches: the kernel
+  // leaves them so)
+  int* counters;
   void* out;  // [B, 1, Hq, D] model dtype, contiguous
   // [splits, B*Hkv, WARPS, STAMPS] each warp's phase stamps, or null; written only by a HEADQ_TIMELINE build
   // (decode.cu says the phases; benchmarks/cuda_decode_timeline.py reads them)
@@ -56,6 +58,7 @@ struct DecodeParams {
   uint32_t block_mul, block_shift;  // tile / block == umulhi(tile, block_mul) >> block_shift (block >= 2)
   int n_tokens, n_window, tokens_per_split, n_splits;
   float scaling, softcap;  // softcap <= 0: none
+  bool claim_tiles;  // warps claim tiles at run time (faster; the last bits vary between launches), else dealt
 };
 
 // Launches the kernel (one thread block of 4 warps a split; the last split of a (sequence, KV head) merges
