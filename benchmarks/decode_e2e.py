@@ -32,7 +32,7 @@ NAMES = {"dynamic-flash": "dynamic-bf16-flash", "static-compiled": "static-bf16-
 
 def parse_runs(text: str) -> list[tuple[str, int, int]]:
     runs = []
-    for item in text.split(","):
+    for item in filter(None, text.split(",")):
         cache, _, shape = item.partition("@")
         context, _, batch = shape.partition("x")
         runs.append((cache.strip(), int(context), int(batch)))
@@ -42,26 +42,42 @@ def parse_runs(text: str) -> list[tuple[str, int, int]]:
 def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, prompt_len: int = 300) -> dict[str, Any]:
     """Compiled HeadQ decode (fixed capacity) against eager, from one left-padded batch of two prompts: eager's
     greedy tokens, and compiled's argmax at each step fed eager's tokens (so that one flipped argmax, as the
-    compiled model's fused arithmetic rounding a near-tie the other way, does not change every later step)."""
-    device = model.device
+    compiled model's fused arithmetic rounding a near-tie the other way, does not change every later step).
+
+    The same check of transformers' bf16 ``StaticCache`` is the control: a random-weight model's top logits are
+    near-ties, so how often compiled and eager argmax agree says little alone; the logits' relative error, against
+    the control's, says whether HeadQ's compiled step adds error of its own."""
+    from transformers import StaticCache
+
     prompt = torch.randint(0, model.config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(0))
     capacity = prompt_len + new_tokens
-    eager = _decode(model, model, factory(max_cache_len=capacity), prompt.to(device), new_tokens)
+    headq = _compiled_against_eager(model, lambda: factory(max_cache_len=capacity), prompt, new_tokens)
+    control = _compiled_against_eager(
+        model, lambda: StaticCache(config=model.config, max_cache_len=capacity), prompt, new_tokens
+    )
+    return {"check": "compiled HeadQ's argmax fed eager HeadQ's greedy tokens", "new_tokens": new_tokens, **headq,
+            "control": {"cache": "StaticCache (bf16), compiled against eager", **control}}  # fmt: skip
+
+
+def _compiled_against_eager(model: Any, make_cache: Any, prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
+    """Eager greedy decode of ``prompt`` with a cache from ``make_cache``, then the compiled decode fed its tokens:
+    their :func:`agreement` and :func:`logit_error`."""
+    device = model.device
+    eager, eager_logits = _decode(model, model, make_cache(), prompt.to(device), new_tokens)
     torch._dynamo.reset()
     mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on the GPU, as a user compiles it
     compiled_forward = torch.compile(model.forward, mode=mode, fullgraph=True)
-    compiled = _decode(model, compiled_forward, factory(max_cache_len=capacity), prompt.to(device), new_tokens, eager)
-    return {"check": "compiled HeadQ's argmax fed eager HeadQ's greedy tokens", "new_tokens": new_tokens,
-            **agreement(compiled, eager)}  # fmt: skip
+    compiled, logits = _decode(model, compiled_forward, make_cache(), prompt.to(device), new_tokens, eager)
+    return {**agreement(compiled, eager), **logit_error(logits, eager_logits)}
 
 
 def _decode(
     model: Any, step: Any, cache: Any, prompt: torch.Tensor, new_tokens: int, forced: torch.Tensor | None = None
-) -> torch.Tensor:
-    """``[2, new_tokens]`` argmax tokens: the prefill by ``model``, then decode steps by ``step`` fed their own
-    argmax (greedy) or ``forced``'s tokens. The second prompt is left-padded. The 2-D attention mask spans the
-    whole capacity from the start (ones where a token is), so a compiled step sees the same shapes at every step,
-    as ``generate`` arranges for static caches."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[2, new_tokens]`` argmax tokens and their float32 logits ``[2, new_tokens, vocab]``: the prefill by
+    ``model``, then decode steps by ``step`` fed their own argmax (greedy) or ``forced``'s tokens. The second
+    prompt is left-padded. The 2-D attention mask spans the whole capacity from the start (ones where a token is),
+    so a compiled step sees the same shapes at every step, as ``generate`` arranges for static caches."""
     prompt_len = prompt.shape[1]
     mask = torch.zeros(2, prompt_len + new_tokens, dtype=torch.long, device=prompt.device)
     mask[:, :prompt_len] = 1
@@ -69,15 +85,28 @@ def _decode(
     positions = (mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)
     passed = cache_kwargs(model, cache)
     with torch.no_grad():
-        logits = model(input_ids=prompt, attention_mask=mask, position_ids=positions, **passed)
-        tokens = [logits.logits[:, -1].argmax(-1)]
+        out = model(input_ids=prompt, attention_mask=mask, position_ids=positions, **passed)
+        logits = [out.logits[:, -1].float()]
         for t in range(prompt_len, prompt_len + new_tokens - 1):
             mask[:, t] = 1
             position = mask.sum(-1, keepdim=True) - 1
-            fed = tokens[-1] if forced is None else forced[:, len(tokens) - 1].to(prompt.device)
-            logits = step(input_ids=fed[:, None], attention_mask=mask.clone(), position_ids=position, **passed)
-            tokens.append(logits.logits[:, -1].argmax(-1))
-    return torch.stack(tokens, 1).cpu()
+            fed = logits[-1].argmax(-1) if forced is None else forced[:, len(logits) - 1].to(prompt.device)
+            out = step(input_ids=fed[:, None], attention_mask=mask.clone(), position_ids=position, **passed)
+            logits.append(out.logits[:, -1].float())
+    stacked = torch.stack(logits, 1)
+    return stacked.argmax(-1).cpu(), stacked
+
+
+def logit_error(logits: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """How far logits ``[B, N, V]`` are from ``reference``'s: the relative error of each step's logit vector
+    (median and largest), the median largest entry error, and the median gap between the reference's two top
+    logits (an argmax flips where the error at those two entries exceeds the gap)."""
+    error = (logits - reference).flatten(0, 1)
+    relative = error.norm(dim=-1) / reference.flatten(0, 1).norm(dim=-1)
+    top2 = reference.flatten(0, 1).topk(2, dim=-1).values
+    return {"logit_relative_error_median": relative.median().item(), "logit_relative_error_max": relative.max().item(),
+            "logit_max_abs_error_median": error.abs().amax(-1).median().item(),
+            "top2_gap_median": (top2[:, 0] - top2[:, 1]).median().item()}  # fmt: skip
 
 
 def agreement(argmax: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
@@ -110,7 +139,7 @@ def speed_fields(speed: DecodeSpeed, weights_gib: float, layers: int) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="CACHE@CONTEXTxBATCH rows, ',' separated")
+    parser.add_argument("--run", default="", help="CACHE@CONTEXTxBATCH rows, ',' separated (none: the check alone)")
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--check-tokens", type=int, default=0)
     parser.add_argument("--sink-keys", type=int, default=HEADQ.sink_keys, help="HeadQ rows' exact first keys")

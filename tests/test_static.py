@@ -231,7 +231,7 @@ def test_the_e2e_records_check_feeds_eager_tokens_to_the_compiled_decode(monkeyp
     import os
 
     monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks"))
-    from decode_e2e import agreement, check_tokens
+    from decode_e2e import agreement, check_tokens, logit_error
 
     from transformers_headq import HeadQCacheFactory
 
@@ -239,8 +239,14 @@ def test_the_e2e_records_check_feeds_eager_tokens_to_the_compiled_decode(monkeyp
     model = tiny_model()
     factory = HeadQCacheFactory.from_pretrained(random_basis(model, 4), model, **CONFIGS["sink keys"].to_dict())
     found = check_tokens(model, factory, new_tokens=10, prompt_len=16)
-    assert found["same_tokens"] and found["first_difference"] is None and found["argmax_agreement"] == 1.0
+    for check in found, found["control"]:  # HeadQ, then the StaticCache control; float32: rounding apart
+        assert check["same_tokens"] and check["first_difference"] is None and check["argmax_agreement"] == 1.0
+        assert 0 <= check["logit_relative_error_max"] < 1e-5 and check["top2_gap_median"] > 0
     reference = torch.tensor([[1, 2, 3], [4, 5, 6]])
     flipped = reference.clone()
     flipped[1, 1] = 0
     assert agreement(flipped, reference) == {"same_tokens": False, "first_difference": 1, "argmax_agreement": 5 / 6}
+    logits = torch.tensor([[[3.0, 1.0, 0.0]], [[0.0, 4.0, 0.0]]])
+    error = logit_error(logits + torch.tensor([0.0, 0.0, 0.5]), logits)
+    assert error["logit_relative_error_max"] == pytest.approx(0.5 / 10**0.5)  # norms 10**0.5 and 4
+    assert error["logit_max_abs_error_median"] == 0.5 and error["top2_gap_median"] == 2.0  # gaps 2 and 4
