@@ -44,31 +44,42 @@ def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, prompt
     greedy tokens, and compiled's argmax at each step fed eager's tokens (so that one flipped argmax, as the
     compiled model's fused arithmetic rounding a near-tie the other way, does not change every later step).
 
-    The same check of transformers' bf16 ``StaticCache`` is the control: a random-weight model's top logits are
-    near-ties, so how often compiled and eager argmax agree says little alone; the logits' relative error, against
-    the control's, says whether HeadQ's compiled step adds error of its own."""
+    A random-weight model's top logits are near-ties and its states sensitive, so two more decodes, fed the same
+    tokens, say what the numbers mean: transformers' bf16 ``StaticCache`` compiled against eager (``control``: the
+    difference compiling alone makes), and eager bf16 as the full-precision reference for both HeadQ decodes
+    (``headq_eager_vs_bf16``, ``headq_compiled_vs_bf16``): a 2-bit code at a rounding tie may store the other way
+    when compiled, which moves the logits more than bf16's last bits, but it must not make HeadQ further from full
+    precision than eager HeadQ is."""
     from transformers import StaticCache
 
-    prompt = torch.randint(0, model.config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(0))
-    capacity = prompt_len + new_tokens
-    headq = _compiled_against_eager(model, lambda: factory(max_cache_len=capacity), prompt, new_tokens)
-    control = _compiled_against_eager(
-        model, lambda: StaticCache(config=model.config, max_cache_len=capacity), prompt, new_tokens
-    )
-    return {"check": "compiled HeadQ's argmax fed eager HeadQ's greedy tokens", "new_tokens": new_tokens, **headq,
-            "control": {"cache": "StaticCache (bf16), compiled against eager", **control}}  # fmt: skip
-
-
-def _compiled_against_eager(model: Any, make_cache: Any, prompt: torch.Tensor, new_tokens: int) -> dict[str, Any]:
-    """Eager greedy decode of ``prompt`` with a cache from ``make_cache``, then the compiled decode fed its tokens:
-    their :func:`agreement` and :func:`logit_error`."""
     device = model.device
-    eager, eager_logits = _decode(model, model, make_cache(), prompt.to(device), new_tokens)
+    prompt = torch.randint(0, model.config.vocab_size, (2, prompt_len), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    capacity = prompt_len + new_tokens
+
+    def bf16() -> StaticCache:
+        return StaticCache(config=model.config, max_cache_len=capacity)
+
+    eager, eager_logits = _decode(model, model, factory(max_cache_len=capacity), prompt, new_tokens)
+    reference = _decode(model, model, bf16(), prompt, new_tokens, eager)[1]
+    compiled_forward = _compiled(model)
+    compiled, compiled_logits = _decode(
+        model, compiled_forward, factory(max_cache_len=capacity), prompt, new_tokens, eager
+    )
+    control, control_logits = _decode(model, _compiled(model), bf16(), prompt, new_tokens, eager)
+    return {"check": "compiled HeadQ's argmax fed eager HeadQ's greedy tokens", "new_tokens": new_tokens,
+            **agreement(compiled, eager), **logit_error(compiled_logits, eager_logits),
+            "control": {"cache": "StaticCache (bf16), compiled against eager, fed the same tokens",
+                        **agreement(control, reference.argmax(-1).cpu()), **logit_error(control_logits, reference)},
+            "headq_eager_vs_bf16": logit_error(eager_logits, reference),
+            "headq_compiled_vs_bf16": logit_error(compiled_logits, reference)}  # fmt: skip
+
+
+def _compiled(model: Any) -> Any:
+    """``model.forward`` compiled as a user compiles a fixed-capacity decode (CUDA graphs on the GPU), afresh."""
     torch._dynamo.reset()
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CUDA graphs on the GPU, as a user compiles it
-    compiled_forward = torch.compile(model.forward, mode=mode, fullgraph=True)
-    compiled, logits = _decode(model, compiled_forward, make_cache(), prompt.to(device), new_tokens, eager)
-    return {**agreement(compiled, eager), **logit_error(logits, eager_logits)}
+    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    return torch.compile(model.forward, mode=mode, fullgraph=True)
 
 
 def _decode(
