@@ -49,7 +49,9 @@ def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, prompt
     difference compiling alone makes), and eager bf16 as the full-precision reference for both HeadQ decodes
     (``headq_eager_vs_bf16``, ``headq_compiled_vs_bf16``): a 2-bit code at a rounding tie may store the other way
     when compiled, which moves the logits more than bf16's last bits, but it must not make HeadQ further from full
-    precision than eager HeadQ is."""
+    precision than eager HeadQ is. ``headq_eager_again`` decodes eagerly once more: the CUDA kernel's claimed tiles
+    sum in run-dependent order (``torch.use_deterministic_algorithms(True)`` deals them instead), and a random model
+    may amplify those last bits."""
     from transformers import StaticCache
 
     device = model.device
@@ -61,6 +63,7 @@ def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, prompt
         return StaticCache(config=model.config, max_cache_len=capacity)
 
     eager, eager_logits = _decode(model, model, factory(max_cache_len=capacity), prompt, new_tokens)
+    again, again_logits = _decode(model, model, factory(max_cache_len=capacity), prompt, new_tokens, eager)
     reference = _decode(model, model, bf16(), prompt, new_tokens, eager)[1]
     compiled_forward = _compiled(model)
     compiled, compiled_logits = _decode(
@@ -71,6 +74,7 @@ def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, prompt
             **agreement(compiled, eager), **logit_error(compiled_logits, eager_logits),
             "control": {"cache": "StaticCache (bf16), compiled against eager, fed the same tokens",
                         **agreement(control, reference.argmax(-1).cpu()), **logit_error(control_logits, reference)},
+            "headq_eager_again": {**agreement(again, eager), **logit_error(again_logits, eager_logits)},
             "headq_eager_vs_bf16": logit_error(eager_logits, reference),
             "headq_compiled_vs_bf16": logit_error(compiled_logits, reference)}  # fmt: skip
 
@@ -155,7 +159,11 @@ def main() -> None:
     parser.add_argument("--check-tokens", type=int, default=0)
     parser.add_argument("--sink-keys", type=int, default=HEADQ.sink_keys, help="HeadQ rows' exact first keys")
     parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument(
+        "--deterministic", action="store_true", help="torch.use_deterministic_algorithms: kernels sum in fixed order"
+    )
     args = parser.parse_args()
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
 
     model = llama_3_8b_model()
     weights_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30

@@ -342,3 +342,39 @@ def test_cuda_kernel_over_a_fixed_capacity_cache_matches_reference(monkeypatch, 
     assert cuda_launches == [True]
     assert _relative_error(fused, reference) < 1e-2
     assert counters.numel() == 2 * 8 and not counters.any()
+
+
+@GPU
+@pytest.mark.slow
+def test_compiled_model_decode_on_the_kernel_is_as_close_to_bf16_as_eager_decode(monkeypatch):
+    """A small bf16 Llama with the kernel's shapes (head dim 128, 4 query heads a KV head, blocks of 64), fixed
+    capacity, through ``benchmarks/decode_e2e.py``'s check: compiled (CUDA graphs) HeadQ and a second eager HeadQ
+    decode, fed eager HeadQ's greedy tokens, against eager bf16. With tiles dealt (deterministic) a second eager
+    decode repeats eager's logits to the bit; compiling may store a code at a rounding tie the other way, but must
+    not take HeadQ further from bf16 than eager HeadQ is, give or take what compiling moves bf16's own logits by."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from transformers_headq import HeadQCacheFactory, enable_headq_attention
+    from transformers_headq.fingerprint import model_fingerprint
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    from decode_bench import HEADQ, random_basis
+    from decode_e2e import check_tokens
+
+    assert cuda_decode.extension() is not None, "the CUDA kernel did not build"
+    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
+                         num_key_value_heads=4, head_dim=128, vocab_size=2000)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    enable_headq_attention(model)
+    factory = HeadQCacheFactory(random_basis(16, model_fingerprint(model.config)), HEADQ, model.config)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        found = check_tokens(model, factory, new_tokens=64, prompt_len=200)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert found["headq_eager_again"]["same_tokens"] and found["headq_eager_again"]["logit_relative_error_max"] == 0
+    eager, compiled, control = found["headq_eager_vs_bf16"], found["headq_compiled_vs_bf16"], found["control"]
+    for statistic in "logit_relative_error_median", "logit_relative_error_max":
+        assert compiled[statistic] <= eager[statistic] + control[statistic], (statistic, found)

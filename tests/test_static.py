@@ -242,6 +242,8 @@ def test_the_e2e_records_check_feeds_eager_tokens_to_the_compiled_decode(monkeyp
     for check in found, found["control"]:  # HeadQ, then the StaticCache control; float32: rounding apart
         assert check["same_tokens"] and check["first_difference"] is None and check["argmax_agreement"] == 1.0
         assert 0 <= check["logit_relative_error_max"] < 1e-5 and check["top2_gap_median"] > 0
+    again = found["headq_eager_again"]  # the CPU path sums in one order
+    assert again["same_tokens"] and again["logit_relative_error_max"] == 0.0
     to_full = found["headq_eager_vs_bf16"], found["headq_compiled_vs_bf16"]  # HeadQ's own error, compiled or not
     assert to_full[0]["logit_relative_error_max"] > 1e-3
     assert to_full[1]["logit_relative_error_max"] == pytest.approx(to_full[0]["logit_relative_error_max"], rel=1e-4)
