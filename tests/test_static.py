@@ -255,3 +255,4 @@ def test_the_e2e_records_check_feeds_eager_tokens_to_the_compiled_decode(monkeyp
     error = logit_error(logits + torch.tensor([0.0, 0.0, 0.5]), logits)
     assert error["logit_relative_error_max"] == pytest.approx(0.5 / 10**0.5)  # norms 10**0.5 and 4
     assert error["logit_max_abs_error_median"] == 0.5 and error["top2_gap_median"] == 2.0  # gaps 2 and 4
+    assert error["logit_relative_error_by_step"] == [round(0.5 / 10**0.5, 5)]  # one step: the batch's largest
