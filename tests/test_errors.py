@@ -161,3 +161,24 @@ def test_the_command_line_ends_bad_input_with_its_message_not_a_traceback(tmp_pa
     message = " ".join(done.stderr.split("error:", 1)[1].split())
     expect = "neither a local basis folder" if case == "missing basis" else "calibrate one with `headq calibrate`"
     assert expect in message
+
+
+def test_a_sub_basis_loads_from_beside_the_basis_and_a_missing_or_broken_one_is_said(saved_basis, capsys):
+    """``subfolder`` (``key-pca``, ``oblique``) loads the sub-basis ``headq calibrate`` writes beside the basis; one
+    that is not there is :class:`BasisNotAvailableError` (the eval skips its rows quietly), and a corrupt one is
+    named on the console instead of passing for absent."""
+    from transformers_headq.cli import _beside
+    from transformers_headq.hub import BasisNotAvailableError
+
+    model, path = saved_basis
+    control = random_basis(model, 4)
+    control.save_pretrained(path / "key-pca")
+    loaded = QueryBasis.from_pretrained(path, subfolder="key-pca")
+    assert torch.equal(loaded.layers[0].U, control.layers[0].U)
+    with pytest.raises(BasisNotAvailableError, match="has no sub-basis 'oblique'"):
+        QueryBasis.from_pretrained(path, subfolder="oblique")
+    assert _beside(str(path), "oblique") is None and capsys.readouterr().out == ""
+    weights = path / "key-pca" / "basis.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert _beside(str(path), "key-pca") is None
+    assert "the key-pca basis beside" in " ".join(capsys.readouterr().out.split())

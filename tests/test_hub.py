@@ -108,6 +108,42 @@ def test_offline_use_from_the_cache_and_a_clear_error_when_missing(hub, tmp_path
     assert "not in the local Hugging Face cache" in out and "headq pull org/never-downloaded" in out
 
 
+def test_a_sub_basis_is_fetched_alone_and_a_missing_one_is_said(hub, tmp_path):
+    """``QueryBasis.from_pretrained(repo, subfolder="key-pca")`` fetches only that sub-basis's files (what
+    ``push_to_hub(extra_folders=...)`` uploads beside the basis); a sub-basis the repo lacks is named as such."""
+    model = tiny_model()
+    folder = random_basis(model, rank=4).save_pretrained(tmp_path / "with-control")
+    random_basis(model, rank=4).save_pretrained(folder / "key-pca")
+    commit = hub.publish("org/with-control", folder)
+    out = run_client(
+        hub.endpoint,
+        tmp_path / "cache",
+        """
+        from transformers_headq import QueryBasis
+        from transformers_headq.hub import BasisNotAvailableError
+
+        print("RANK", QueryBasis.from_pretrained("org/with-control", subfolder="key-pca").rank)
+        try:
+            QueryBasis.from_pretrained("org/with-control", subfolder="oblique")
+        except BasisNotAvailableError as err:
+            print("ERROR", err)
+        """,
+    )
+    assert "RANK 4" in out and "ERROR the basis 'org/with-control' has no sub-basis 'oblique'" in out
+    snapshot = tmp_path / "cache" / "models--org--with-control" / "snapshots" / commit
+    assert sorted(str(p.relative_to(snapshot)) for p in snapshot.rglob("*") if p.is_file()) == [
+        "key-pca/basis.safetensors",
+        "key-pca/config.json",
+    ]
+    pull = "from transformers_headq.cli import app; app(['pull', 'org/with-control'])"
+    pulled = run_client(hub.endpoint, tmp_path / "pulled", pull)
+    assert "; with key-pca" in " ".join(pulled.split())
+    offline = (
+        'from transformers_headq import QueryBasis; QueryBasis.from_pretrained("org/with-control", subfolder="key-pca")'
+    )
+    run_client("http://127.0.0.1:9", tmp_path / "pulled", offline, offline=True)  # pulled: no network needed
+
+
 def _other_model_basis(tmp_path: Path) -> Path:
     return random_basis(tiny_model(layers=3), rank=4).save_pretrained(tmp_path / "other")
 

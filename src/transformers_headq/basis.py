@@ -222,17 +222,23 @@ class QueryBasis:
         local_files_only: bool = False,
         token: str | bool | None = None,
         force_download: bool = False,
+        subfolder: str | None = None,
     ) -> QueryBasis:
         """Load a basis from a local folder, or from a Hub repo id into the standard HF cache.
 
         Hub downloads honour ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``; ``revision`` may be a branch,
         tag or commit hash. A download that is not a valid basis is removed from the cache.
+        ``subfolder`` loads a sub-basis saved beside the basis (``key-pca``, ``oblique``: what
+        ``headq calibrate`` writes and ``push_to_hub(extra_folders=...)`` uploads); one that is not
+        there raises :class:`~transformers_headq.hub.BasisNotAvailableError`.
         """
-        from .hub import download_basis, load_downloaded
+        from .hub import BasisNotAvailableError, download_basis, load_downloaded
 
         path = Path(path_or_repo_id)
         if path.is_dir():
-            return cls.from_folder(path)
+            if subfolder is not None and not (path / subfolder).is_dir():
+                raise BasisNotAvailableError(f"the basis folder {str(path)!r} has no sub-basis {subfolder!r}")
+            return cls.from_folder(path / (subfolder or ""))
         repo_id = str(path_or_repo_id)
         snapshot = download_basis(
             repo_id,
@@ -241,8 +247,9 @@ class QueryBasis:
             local_files_only=local_files_only,
             token=token,
             force_download=force_download,
+            subfolder=subfolder,
         )
-        return load_downloaded(repo_id, snapshot, cache_dir, cls.from_folder)
+        return load_downloaded(repo_id, snapshot, cache_dir, lambda root: cls.from_folder(root / (subfolder or "")))
 
     def push_to_hub(
         self,

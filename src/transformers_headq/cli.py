@@ -406,12 +406,17 @@ def _settings(items: list[str]) -> dict[str, Any]:
 
 
 def _beside(basis: str, name: str) -> QueryBasis | None:
-    """The basis ``name`` (key-pca, oblique) calibrated beside ``basis``, or ``None`` (its rows are skipped)."""
+    """The basis ``name`` (key-pca, oblique) calibrated beside ``basis``, or ``None``: its rows are then skipped,
+    silently where there is none (an older calibration), with the reason where it is there but unusable."""
+    from .hub import BasisNotAvailableError
     from .shipped import resolve_basis
 
     try:
         return resolve_basis(basis, control=name)
-    except Exception:  # an older or partial basis folder
+    except BasisNotAvailableError:
+        return None
+    except HeadQError as err:  # corrupt, or of another model: the rows that need it are skipped
+        console.print(f"[yellow]the {name} basis beside {basis} is not used: {err}[/yellow]")
         return None
 
 
@@ -517,16 +522,25 @@ def pull(
     cache_dir: Annotated[Path | None, typer.Option(help="HF cache folder (default: the standard one)")] = None,
     token: Annotated[str | None, typer.Option(help="Hub token for private repos")] = None,
 ) -> None:
-    """Download a basis into the HF cache (for offline use later) and check that it loads."""
-    from .hub import download_basis, load_downloaded
+    """Download a basis, and the sub-bases beside it (key-pca, oblique) where the repo has them, into the HF
+    cache (for offline use later) and check that they load."""
+    from .hub import BasisNotAvailableError, download_basis, load_downloaded
 
     path = download_basis(repo_id, revision=revision, cache_dir=cache_dir, token=token)
     loaded = load_downloaded(repo_id, path, cache_dir, QueryBasis.from_folder)
+    beside = []
+    for name in BESIDE:
+        try:
+            QueryBasis.from_pretrained(repo_id, revision=revision, cache_dir=cache_dir, token=token, subfolder=name)
+        except BasisNotAvailableError:
+            continue
+        beside.append(name)
     fp = loaded.fingerprint
     console.print(
         f"{repo_id} -> {path}\n  {fp['model_type']}, {fp['num_hidden_layers']} layers, "
         f"{fp['num_key_value_heads']} KV heads, head dim {fp['head_dim']}, rank {loaded.rank}; "
         f"calibrated for {loaded.metadata.get('model_id', '?')} on {loaded.metadata.get('corpus', '?')}"
+        + (f"; with {', '.join(beside)}" if beside else "")
     )
 
 

@@ -40,8 +40,10 @@ def download_basis(
     local_files_only: bool = False,
     token: str | bool | None = None,
     force_download: bool = False,
+    subfolder: str | None = None,
 ) -> Path:
-    """Fetch a basis repo's files into the HF cache and return the snapshot folder.
+    """Fetch a basis repo's files into the HF cache and return the snapshot folder; with ``subfolder``, only that
+    sub-basis's files (uploaded beside the basis), and it must be there.
 
     ``revision`` may be a branch, a tag or a commit hash (pin a hash for reproducible runs).
     """
@@ -62,7 +64,7 @@ def download_basis(
             local_files_only=local_files_only,
             token=token,
             force_download=force_download,
-            allow_patterns=BASIS_FILES,
+            allow_patterns=[f"{subfolder}/{name}" for name in BASIS_FILES] if subfolder else BASIS_FILES,
             library_name="transformers-headq",
         )
     except HFValidationError:
@@ -82,6 +84,10 @@ def download_basis(
             f"(`headq pull {repo_id}`), or pass a local basis folder."
         ) from None
     path = Path(folder)
+    if subfolder:
+        if not (path / subfolder / "basis.safetensors").is_file():  # the repo's basis itself may be fine
+            raise BasisNotAvailableError(f"the basis {where} has no sub-basis {subfolder!r}")
+        return path
     if not (path / "basis.safetensors").is_file():
         _forget(repo_id, path, cache_dir)
         raise BasisFormatError(_missing_weights_message(repo_id, revision, token, local_files_only))

@@ -20,6 +20,4 @@ def resolve_basis(spec: str, control: str | None = None) -> QueryBasis:
     """Load ``spec`` (``"shipped"``, a folder or a Hub id); ``control`` names a sub-basis such as ``key-pca``."""
     if spec == SHIPPED:
         spec = str(shipped_path())
-    if control is None:
-        return QueryBasis.from_pretrained(spec)
-    return QueryBasis.from_pretrained(str(Path(spec) / control))
+    return QueryBasis.from_pretrained(spec, subfolder=control)
