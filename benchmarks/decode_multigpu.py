@@ -41,7 +41,8 @@ from decode_e2e import NAMES, agreement, parse_runs, software_versions, speed_fi
 from transformers_headq import HeadQCacheFactory, enable_headq_attention
 from transformers_headq.fingerprint import model_fingerprint
 from transformers_headq.loading import cache_kwargs
-from transformers_headq.speed import compare_decode_speed, layer_devices
+from transformers_headq.parallel import layer_devices
+from transformers_headq.speed import compare_decode_speed
 
 PROMPT_TOKENS = 96
 

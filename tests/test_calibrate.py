@@ -53,6 +53,25 @@ def test_captured_queries_are_post_rope_and_pooled():
     assert model.config._attn_implementation == "sdpa"  # restored
 
 
+def test_each_layers_sums_are_kept_on_its_layers_device(monkeypatch):
+    """Under ``device_map`` a layer's queries and keys are summed on that layer's device, not carried to the first
+    one (``meta`` stands in for a second GPU: the layer placement is read from ``parallel.layer_devices``); the sums
+    of a layer on the first device are those of a one-device run."""
+    from transformers_headq import calibrate as calibration
+
+    model = tiny_model()
+    ids = torch.randint(3, 97, (2, 12), generator=torch.Generator().manual_seed(0))
+    one_device = calibration.accumulate_moments(model, [ids])
+    monkeypatch.setattr(calibration, "layer_devices", lambda m: [torch.device("cpu"), torch.device("meta")])
+    spread = calibration.accumulate_moments(model, [ids])
+    queries, keys, errors, ranges = spread
+    for sums in ([m.sum for m in queries], [m.sum for m in keys], [r.sum_square for r in ranges]):
+        assert [t.device.type for t in sums] == ["cpu", "meta"]
+    assert errors == []  # no key quantizer given
+    assert torch.equal(spread[0][0].sum_outer, one_device[0][0].sum_outer)
+    assert torch.equal(spread[3][0].sum_square, one_device[3][0].sum_square)
+
+
 def test_calibrated_basis_is_the_eigenbasis():
     model = tiny_model()
     bases = calibrate(model, batches(IDS, 4), metadata={"corpus": "random ids"})

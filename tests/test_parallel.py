@@ -222,7 +222,8 @@ def test_speed_fills_each_layer_on_the_device_of_its_weights():
     layer's attention will read it (``meta`` stands in for a second GPU)."""
     from transformers import DynamicCache
 
-    from transformers_headq.speed import fill_with_random_states, layer_devices
+    from transformers_headq.parallel import layer_devices
+    from transformers_headq.speed import fill_with_random_states
 
     model = tiny_model("llama")
     model.model.layers[1].to("meta")

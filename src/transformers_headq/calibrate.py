@@ -23,7 +23,7 @@ import torch
 
 from .basis import OBLIQUE, LayerBasis, QueryBasis, basis_from_second_moment, oblique_code
 from .fingerprint import check_supported, model_fingerprint, text_config
-from .parallel import tensor_parallel_kv_heads
+from .parallel import layer_devices, tensor_parallel_kv_heads
 from .quantize import GroupQuantizer
 
 CAPTURE_ATTENTION = "headq_capture"
@@ -191,15 +191,15 @@ def accumulate_moments(
     On a tensor-parallel model the ranks of one model replica pass the same batches, each adds the
     KV heads it computes, and the all-reduce assembles every head: the basis is the full model's.
     """
-    config = text_config(model.config)
     fp = model_fingerprint(model.config)
     device = next(model.parameters()).device
+    devices = layer_devices(model)  # each layer's sums beside its layer: under device_map no query crosses GPUs
     shape = (fp["num_key_value_heads"], fp["head_dim"])
-    queries = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
-    keys = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)]
-    errors = [QueryMoments(*shape, device=device) for _ in range(config.num_hidden_layers)] if key_quantizer else []
+    queries = [QueryMoments(*shape, device=d) for d in devices]
+    keys = [QueryMoments(*shape, device=d) for d in devices]
+    errors = [QueryMoments(*shape, device=d) for d in devices] if key_quantizer else []
     block = key_quantizer.group if key_quantizer is not None and key_quantizer.grouping == "channel" else 64
-    ranges = [ChannelRanges(*shape, block, device=device) for _ in range(config.num_hidden_layers)]
+    ranges = [ChannelRanges(*shape, block, device=d) for d in devices]
 
     heads = tensor_parallel_kv_heads(model)
 
@@ -253,8 +253,8 @@ def calibrate(
     rank = fp["head_dim"] if rank is None else rank
     started = time.perf_counter()
     queries, keys, errors, ranges = accumulate_moments(model, batches, progress, key_quantizer)
-    if queries[0].sum.is_cuda:
-        torch.cuda.synchronize()
+    for device in {m.sum.device for m in queries if m.sum.is_cuda}:  # every GPU the layers use
+        torch.cuda.synchronize(device)
     meta = dict(metadata or {})
     meta["calibration_seconds"] = round(time.perf_counter() - started, 3)  # forwards + all-reduce, not loading
     meta["calibration_tokens"] = int(

@@ -1,4 +1,5 @@
-"""Which KV heads of a model this process computes: tensor parallelism slices them.
+"""Where a model's work runs: which KV heads this process computes (tensor parallelism slices them), and on
+which device each decoder layer sits (``device_map`` spreads them).
 
 Under ``from_pretrained(..., distributed_config=DistributedConfig(tp_plan="auto"))`` (or the older
 ``tp_plan="auto"``) transformers splits each ``k_proj``/``v_proj`` column-wise over the ranks of its
@@ -14,6 +15,8 @@ weight (a check that the split is the one the plan names).
 from __future__ import annotations
 
 from typing import Any
+
+import torch
 
 from .errors import UnsupportedModelError
 from .fingerprint import model_fingerprint
@@ -92,3 +95,15 @@ def tensor_parallel_kv_heads(model: Any) -> slice | None:
         )
     rank = _tensor_parallel_rank(model)
     return slice(rank * per_rank, (rank + 1) * per_rank)
+
+
+def layer_devices(model: Any) -> list[torch.device]:
+    """The device of each decoder layer's weights, in layer order (``device_map`` may spread them).
+
+    Models whose decoder holds no ``layers`` list of one module a layer fall back to ``model.device``."""
+    count = model_fingerprint(model.config)["num_hidden_layers"]
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) != count:
+        return [model.device] * count
+    return [next(layer.parameters()).device for layer in layers]

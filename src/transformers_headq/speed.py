@@ -32,7 +32,7 @@ import torch
 
 from .fingerprint import model_fingerprint, text_config
 from .loading import cache_kwargs
-from .parallel import tensor_parallel_kv_heads
+from .parallel import layer_devices, tensor_parallel_kv_heads
 
 CACHE_KINDS = ("dynamic", "dynamic-flash", "static-compiled", "quanto", "headq", "headq-compiled")
 COMPILED_KINDS = ("static-compiled", "headq-compiled")
@@ -213,18 +213,6 @@ def fill_with_random_states(model: Any, cache: Any, batch: int, context: int) ->
             keys = torch.randn(shape[0], shape[1], n, shape[2], device=device, dtype=dtype) * channel_scale
             values = torch.randn(shape[0], shape[1], n, shape[2], device=device, dtype=dtype)
             cache.update(keys, values, layer)
-
-
-def layer_devices(model: Any) -> list[torch.device]:
-    """The device of each decoder layer's weights, in layer order (``device_map`` may spread them).
-
-    Models whose decoder holds no ``layers`` list of one module a layer fall back to ``model.device``."""
-    count = model_fingerprint(model.config)["num_hidden_layers"]
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if layers is None or len(layers) != count:
-        return [model.device] * count
-    return [next(layer.parameters()).device for layer in layers]
 
 
 def local_kv_heads(model: Any) -> int:
