@@ -65,9 +65,8 @@ def check_tokens(model: Any, factory: HeadQCacheFactory, new_tokens: int, prompt
     eager, eager_logits = _decode(model, model, factory(max_cache_len=capacity), prompt, new_tokens)
     again, again_logits = _decode(model, model, factory(max_cache_len=capacity), prompt, new_tokens, eager)
     reference = _decode(model, model, bf16(), prompt, new_tokens, eager)[1]
-    compiled_forward = _compiled(model)
     compiled, compiled_logits = _decode(
-        model, compiled_forward, factory(max_cache_len=capacity), prompt, new_tokens, eager
+        model, _compiled(model), factory(max_cache_len=capacity), prompt, new_tokens, eager
     )
     control, control_logits = _decode(model, _compiled(model), bf16(), prompt, new_tokens, eager)
     return {"check": "compiled HeadQ's argmax fed eager HeadQ's greedy tokens", "new_tokens": new_tokens,

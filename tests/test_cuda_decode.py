@@ -352,21 +352,16 @@ def test_compiled_model_decode_on_the_kernel_is_as_close_to_bf16_as_eager_decode
     decode, fed eager HeadQ's greedy tokens, against eager bf16. With tiles dealt (deterministic) a second eager
     decode repeats eager's logits to the bit; compiling may store a code at a rounding tie the other way, but must
     not take HeadQ further from bf16 than eager HeadQ is, give or take what compiling moves bf16's own logits by."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from transformers_headq import HeadQCacheFactory, enable_headq_attention
     from transformers_headq.fingerprint import model_fingerprint
 
     monkeypatch.syspath_prepend(str(Path(__file__).parent.parent / "benchmarks"))
+    from compiled_vs_eager_sensitivity import random_llama
     from decode_bench import HEADQ, random_basis
     from decode_e2e import check_tokens
 
     assert cuda_decode.extension() is not None, "the CUDA kernel did not build"
-    config = LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=16,
-                         num_key_value_heads=4, head_dim=128, vocab_size=2000)  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+    model = random_llama(0.02, layers=4, device="cuda")  # transformers' default initialisation
     enable_headq_attention(model)
     factory = HeadQCacheFactory(random_basis(16, model_fingerprint(model.config)), HEADQ, model.config)
     torch.use_deterministic_algorithms(True, warn_only=True)
